@@ -1,0 +1,245 @@
+"""`edgefa ...`: one entry point for host and device.
+
+Host commands import torch-based modules inside their bodies, never at the top, so the device
+commands run where torch is not installed. The CLI parses, calls the library and renders.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import EdgefaError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def progress_bar(transient: bool = False) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                    console=err_console, transient=transient)
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+@click.group()
+@click.version_option(__version__, prog_name="edgefa")
+def cli() -> None:
+    """Train with feedback alignment on the host; fine-tune with DFA on the device without torch."""
+
+
+# --- host ------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--method", type=click.Choice(["bp", "fa", "dfa"]), default="dfa", show_default=True)
+@click.option("--dataset", default="digits", show_default=True,
+              help="digits | npz:FILE (arrays X, y) | mnist:DIR (IDX files)")
+@click.option("--hidden", default="256,256", show_default=True, help="hidden widths, comma-separated")
+@click.option("--activation", type=click.Choice(["relu", "tanh"]), default="relu", show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--feedback-seed", type=int, default=1, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when present) | cpu | cuda")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="run directory to write")
+def train(method, dataset, hidden, activation, epochs, batch_size, lr, momentum, seed, feedback_seed,
+          device, out):
+    """Train an MLP on the host with bp, fa or dfa; write checkpoint.pt and metrics.json."""
+    from .training.trainer import TrainConfig, save_run, train as run_training
+
+    widths = [int(w) for w in hidden.split(",") if w.strip()]
+    config = TrainConfig(method, dataset, widths, activation, epochs, batch_size, lr, momentum, seed,
+                         feedback_seed, device=device)
+    with progress_bar() as bar:
+        task = bar.add_task(f"train {method}", total=epochs, status="")
+
+        def on_epoch(epoch, row):
+            bar.update(task, completed=epoch,
+                       status=f"loss {row['batch_loss_mean']:.3f}  test {pct(row['test_accuracy'])}")
+
+        run = run_training(config, on_epoch)
+    path = save_run(run, out)
+    console.print(f"final test accuracy [bold]{pct(run.metrics['final_test_accuracy'])}[/] "
+                  f"({method}, {run.metrics['dataset']}, {epochs} epochs on {run.metrics['device']}) -> {path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="bundle directory to write")
+@click.option("--momentum", type=float, default=None, help="device SGD momentum (default: the run's)")
+@click.option("--lr", type=float, default=None, help="device default learning rate (default: the run's)")
+def export(run_dir, out, momentum, lr):
+    """Export a trained run as a bundle: infer.onnx, train_step.onnx, weights, feedback, manifest."""
+    from .exporters.export import export_bundle
+    from .training.trainer import load_run
+
+    path = export_bundle(load_run(run_dir), out, momentum=momentum, lr=lr)
+    _show_bundle(path)
+
+
+# --- device ----------------------------------------------------------------------------------
+
+@cli.group()
+def device() -> None:
+    """Device-side commands (numpy + onnxruntime; no torch needed)."""
+
+
+def _show_bundle(path) -> None:
+    from .bundle import read_bundle
+
+    b = read_bundle(path)
+    m, opt = b.manifest, b.manifest["optimizer"]
+    table = Table(title=f"bundle {b.path}", show_header=False)
+    table.add_row("model", " -> ".join([str(m["model"]["in_features"])] + [str(l["out"]) for l in m["model"]["layers"]])
+                  + f"  ({m['model']['activation']})")
+    table.add_row("update rule", f"{m['update_rule']}  (feedback: {m['feedback']['distribution']}, "
+                  f"std {m['feedback']['std']:.3g}, seed {m['feedback']['seed']}; {m['feedback']['source']})")
+    table.add_row("optimizer", f"{opt['name']}  lr {opt['lr']}  momentum {opt['momentum']}")
+    for name, f in m["files"].items():
+        table.add_row(name, f"{human_bytes(f['bytes'])}  sha256 {f['sha256'][:16]}…")
+    table.add_row("size", human_bytes(b.size_bytes()))
+    console.print(table)
+
+
+@device.command()
+@click.argument("bundle", type=click.Path())
+def verify(bundle):
+    """Verify a bundle (hashes, version, shapes) and show what it holds."""
+    _show_bundle(bundle)
+
+
+@device.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR")
+@click.option("--steps", type=int, required=True, help="total steps to reach (resumes from state/)")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--max-refusals", type=int, default=3, show_default=True,
+              help="stop after this many steps refused for NaN/Inf")
+@click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+@click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the report as JSON")
+def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads,
+             eval_spec, report):
+    """Fine-tune a bundle on this device with DFA (onnxruntime), checkpointing into BUNDLE/state/."""
+    from .bundle import read_bundle
+    from .data.datasets import load_dataset
+    from .runtime.finetune import FinetuneConfig, finetune as run_finetune
+
+    b = read_bundle(bundle)
+    train_data = load_dataset(data_spec)
+    eval_data = load_dataset(eval_spec) if eval_spec else None
+    config = FinetuneConfig(steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads)
+    with progress_bar() as bar:
+        task = bar.add_task("device dfa", total=steps, status="")
+        result = run_finetune(b, train_data, config, eval_data,
+                              on_step=lambda s, loss: bar.update(task, completed=s, status=f"loss {loss:.3f}"))
+        bar.update(task, completed=result["final_step"])
+    if report:
+        Path(report).write_text(json.dumps(result, indent=2))
+    table = Table(title="device fine-tuning (DFA, onnxruntime)", show_header=False)
+    table.add_row("steps", f"{result['resumed_from_step']} -> {result['final_step']}"
+                  + (f"  (resumed)" if result["resumed_from_step"] else ""))
+    if result["loss_first"] is not None:
+        table.add_row("loss", f"{result['loss_first']:.4f} -> {result['loss_last']:.4f}")
+    if result["accuracy_before"] is not None:
+        table.add_row("accuracy", f"{pct(result['accuracy_before'])} -> {pct(result['accuracy_after'])}")
+    if result["step_time_ms_median"] is not None:
+        table.add_row("step time", f"median {result['step_time_ms_median']:.2f} ms, p95 {result['step_time_ms_p95']:.2f} ms")
+    table.add_row("refused steps", str(len(result["refused_steps"])))
+    table.add_row("peak RSS", human_bytes(result["peak_rss_bytes"]))
+    table.add_row("providers", ", ".join(result["providers"]))
+    console.print(table)
+
+
+@device.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--data", "data_spec", required=True, help="FILE.npz (X, y) or mnist:DIR")
+def evaluate(bundle, data_spec):
+    """Accuracy of the bundle's current weights (its device state when present)."""
+    from .bundle import read_bundle
+    from .data.datasets import load_dataset
+    from .runtime.finetune import evaluate as run_evaluate
+
+    result = run_evaluate(read_bundle(bundle), load_dataset(data_spec))
+    console.print(f"accuracy [bold]{pct(result['accuracy'])}[/] on {result['samples']} samples "
+                  f"(device state at step {result['step']})")
+
+
+# --- the demo --------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True, help="host pre-training epochs")
+@click.option("--steps", type=int, default=200, show_default=True, help="device fine-tuning steps")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(out, epochs, steps, seed):
+    """Pretrain with DFA on digits, export, fine-tune on a shifted sensor in a torch-free device
+    process, and compare with BP fine-tuning on the host."""
+    from .demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(out=Path(out), epochs=epochs, steps=steps, seed=seed),
+                      progress=progress_bar, say=err_console.print)
+    table = Table(title=f"edgefa demo: digits seen through a shifted sensor ({result['shift']})")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("host DFA pre-training, clean test accuracy", pct(result["host_clean_accuracy"]))
+    table.add_row("shifted test, before fine-tuning", pct(result["before"]))
+    table.add_row("shifted test, after DFA fine-tuning on the device", f"[bold]{pct(result['after_device_dfa'])}[/]")
+    table.add_row("shifted test, after BP fine-tuning on the host (reference)", pct(result["after_host_bp"]))
+    table.add_row("gain from device fine-tuning", f"{100 * (result['after_device_dfa'] - result['before']):+.1f} points")
+    table.add_row("device step time (median)", f"{result['device_step_ms_median']:.2f} ms")
+    table.add_row("device process peak RSS", human_bytes(result["device_peak_rss_bytes"]))
+    table.add_row("bundle size", human_bytes(result["bundle_bytes"]))
+    table.add_row("device samples (train / test)", f"{result['n_device_train']} / {result['n_device_test']}")
+    console.print(table)
+    console.print(f"report: {result['report_path']}")
+
+
+def main(argv: list[str] | None = None, prog_name: str = "edgefa") -> None:
+    """Entry point: bad input becomes one line on stderr and exit status 2, never a traceback."""
+    warnings.showwarning = _one_line_warnings
+    try:
+        cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except EdgefaError as exc:
+        err_console.print(f"[red]edgefa: error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Data: datasets and loaders, a stratified split, a global standardizer and a simulated sensor shift."""
+
+from edgefa.data.datasets import (
+    Dataset,
+    Standardizer,
+    load_dataset,
+    load_digits,
+    load_idx,
+    load_mnist_dir,
+    load_npz,
+    save_npz,
+    stratified_split,
+)
+from edgefa.data.shift import SensorShift, rotate_images, translate_images
+
+__all__ = [
+    "Dataset",
+    "SensorShift",
+    "Standardizer",
+    "load_dataset",
+    "load_digits",
+    "load_idx",
+    "load_mnist_dir",
+    "load_npz",
+    "rotate_images",
+    "save_npz",
+    "stratified_split",
+    "translate_images",
+]

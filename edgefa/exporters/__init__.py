@@ -1,0 +1,1 @@
+"""Host-side exporters: ONNX graphs and bundles (needs torch and onnx)."""

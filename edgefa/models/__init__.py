@@ -1,0 +1,3 @@
+from .mlp import MLP, MLPConfig
+
+__all__ = ["MLP", "MLPConfig"]

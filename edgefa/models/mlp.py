@@ -1,0 +1,100 @@
+"""A multilayer perceptron trainable with bp, fa or dfa (see training/rules.py)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..training.rules import RULES, dfa_output, draw_feedback, fa_linear
+
+ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+
+
+@dataclass
+class MLPConfig:
+    in_features: int
+    hidden: list[int]
+    n_classes: int
+    activation: str = "relu"
+    rule: str = "dfa"
+    feedback_seed: int = 1
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected relu or tanh")
+        if not self.hidden:
+            raise ValueError("an MLP needs at least one hidden layer")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dfa_feedback_std(n_classes: int) -> float:
+    """B_l ~ N(0, 1/classes): e @ B_l then has the scale of e's norm, whatever the class count."""
+    return 1.0 / math.sqrt(n_classes)
+
+
+class MLP(nn.Module):
+    """Hidden layers `fc0..fc{L-1}` (Linear + activation) and a linear `head`.
+
+    Feedback matrices are registered buffers, so they live in state_dict and in every checkpoint:
+      dfa: `feedback_fc{l}`  [n_classes, width_l]   (output error -> hidden layer l)
+      fa:  `feedback_fc{l}`, `feedback_head`  with each layer's weight shape (W^T's stand-in)
+    """
+
+    def __init__(self, config: MLPConfig):
+        super().__init__()
+        self.config = config
+        widths = [config.in_features, *config.hidden]
+        self.hidden_layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:]))
+        self.head = nn.Linear(widths[-1], config.n_classes)
+        self.act = ACTIVATIONS[config.activation]
+
+        if config.rule == "dfa":
+            shapes = [(config.n_classes, w) for w in config.hidden]
+            stds = [dfa_feedback_std(config.n_classes)] * len(shapes)
+        elif config.rule == "fa":
+            shapes = [tuple(lin.weight.shape) for lin in self.linears()]
+            stds = [1.0 / math.sqrt(s[1]) for s in shapes]  # the scale of the default W init
+        else:
+            shapes, stds = [], []
+        for name, b in zip(self.feedback_names(), draw_feedback(shapes, config.feedback_seed, stds)):
+            self.register_buffer(name, b)
+
+    def linears(self) -> list[nn.Linear]:
+        return [*self.hidden_layers, self.head]
+
+    def layer_names(self) -> list[str]:
+        return [f"fc{i}" for i in range(len(self.hidden_layers))] + ["head"]
+
+    def feedback_names(self) -> list[str]:
+        if self.config.rule == "dfa":
+            return [f"feedback_{n}" for n in self.layer_names()[:-1]]
+        if self.config.rule == "fa":
+            return [f"feedback_{n}" for n in self.layer_names()]
+        return []
+
+    def feedback(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self.feedback_names()]
+
+    def forward(self, x: Tensor) -> Tensor:
+        rule = self.config.rule
+        if rule == "dfa":
+            hidden, h = [], x
+            for lin in self.hidden_layers:
+                h = self.act(lin(h.detach()))  # cut: no input gradient is ever computed
+                hidden.append(h)
+            return dfa_output(self.head(h.detach()), self.feedback(), hidden)
+        h = x
+        if rule == "fa":
+            for lin, b in zip(self.hidden_layers, self.feedback()):
+                h = self.act(fa_linear(h, lin.weight, lin.bias, b))
+            return fa_linear(h, self.head.weight, self.head.bias, self.feedback()[-1])
+        for lin in self.hidden_layers:
+            h = self.act(lin(h))
+        return self.head(h)

@@ -1,0 +1,1 @@
+"""Latency, memory and energy measurement (device and host). numpy only."""

@@ -1,0 +1,59 @@
+"""Shared fixtures: one small trained run and its bundle, made once per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_edgefa(*args: str, without_torch: bool = False, cwd: Path | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real CLI in a second process; `without_torch` makes `import torch` fail there."""
+    entry = "edgefa.without_torch" if without_torch else "edgefa.cli"
+    env = dict(os.environ, COLUMNS="120", PYTHONWARNINGS="default")
+    return subprocess.run([sys.executable, "-m", entry, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A DFA run on digits: 64 -> 32 -> 16 -> 10, 3 epochs (a second or two on the CPU)."""
+    from edgefa.training.trainer import TrainConfig, save_run, train
+
+    run = train(TrainConfig(method="dfa", hidden=[32, 16], epochs=3, device="cpu"))
+    out = tmp_path_factory.mktemp("run")
+    save_run(run, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_master(tiny_run, tmp_path_factory):
+    from edgefa.exporters.export import export_bundle
+    from edgefa.training.trainer import load_run
+
+    return export_bundle(load_run(tiny_run), tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture
+def tiny_bundle(tiny_bundle_master, tmp_path) -> Path:
+    """A private copy of the session's bundle, free to corrupt or train."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_master, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def digits_npz(tmp_path_factory) -> Path:
+    """The digits as a device data file (raw pixels, as a sensor would give them)."""
+    from edgefa.data import load_digits, save_npz
+
+    path = tmp_path_factory.mktemp("data") / "digits.npz"
+    save_npz(path, load_digits())
+    return path
