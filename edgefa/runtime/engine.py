@@ -62,15 +62,12 @@ class OrtEngine:
             b.bind_ortvalue_output(next_name(n), ort.OrtValue.ortvalue_from_numpy(dst[n]))
         for layer, arr in self.feedback.items():
             b.bind_ortvalue_input(feedback_input_name(layer), ort.OrtValue.ortvalue_from_numpy(arr))
-        b.bind_output("loss")
-        b.bind_output("logits")
         return b
 
     def _bind_infer(self, k: int):
         b = self.infer_session.io_binding()
         for n in self.params:
             b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(self.sides[k][n]))
-        b.bind_output("logits")
         return b
 
     # -- training and inference ------------------------------------------------------------------
@@ -80,6 +77,10 @@ class OrtEngine:
         b.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
         b.bind_cpu_input("labels", np.ascontiguousarray(labels, dtype=np.int64))
         b.bind_cpu_input("lr", np.array(lr, dtype=np.float32))
+        # Outputs whose shape follows the batch are bound afresh each run: a binding reuses the
+        # previous run's buffer, which fails when the batch size changes.
+        b.bind_output("loss")
+        b.bind_output("logits")
         self.train_session.run_with_iobinding(b)
         loss_value, logits_value = b.get_outputs()[-2:]
         loss = float(loss_value.numpy())
@@ -98,6 +99,7 @@ class OrtEngine:
         out = []
         for i in range(0, len(x), batch_size):
             b.bind_cpu_input("x", np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32))
+            b.bind_output("logits")
             self.infer_session.run_with_iobinding(b)
             out.append(b.get_outputs()[0].numpy())
         return np.concatenate(out) if out else np.zeros((0, self.bundle.model["n_classes"]), np.float32)
