@@ -61,7 +61,7 @@ def cli() -> None:
 @click.option("--activation", type=click.Choice(["relu", "tanh"]), default="relu", show_default=True)
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--lr", type=float, default=0.003, show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--feedback-seed", type=int, default=1, show_default=True)

@@ -31,7 +31,7 @@ class DemoConfig:
     epochs: int = 30
     steps: int = 200
     batch_size: int = 32
-    lr: float = 0.01
+    lr: float = 0.003
     momentum: float = 0.9
     seed: int = 0
     device_test_fraction: float = 1 / 3       # 450 held-out digits -> 300 device-train, 150 device-test

@@ -34,7 +34,7 @@ class TrainConfig:
     activation: str = "relu"
     epochs: int = 30
     batch_size: int = 32
-    lr: float = 0.01
+    lr: float = 0.003
     momentum: float = 0.9
     seed: int = 0
     feedback_seed: int = 1

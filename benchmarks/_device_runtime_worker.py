@@ -1,0 +1,146 @@
+"""Runtime side of benchmarks/device_step.py: edgefa's OrtEngine.step, in a process without torch.
+
+    python benchmarks/_device_runtime_worker.py --bundle DIR [--threads 2] [--seed 0]
+
+Driven over stdin/stdout, one command per line, one JSON reply per line:
+    step        one OrtEngine.step on the next batch -> {"t": s, "t_check": s, "loss", "accepted"}
+    finish      -> peak RSS (VmHWM) and RSS of this process, read before anything else is built
+    profile N   N steps on a second engine with onnxruntime profiling on -> per-op times
+    quit
+"""
+
+import sys
+
+sys.modules["torch"] = None  # type: ignore[assignment]  # before anything else: `import torch` now fails
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's edgefa first
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from edgefa.bundle import read_bundle  # noqa: E402
+from edgefa.profiling.memory import peak_rss_bytes, rss_bytes  # noqa: E402
+from edgefa.runtime import engine as engine_mod  # noqa: E402
+
+BATCH = 128
+
+
+def batches(in_features: int, n_classes: int, seed: int) -> list:
+    """The same seeded random batches the torch worker uses (numpy's generator in both)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((BATCH, in_features), dtype=np.float32),
+             rng.integers(0, n_classes, BATCH).astype(np.int64)) for _ in range(4)]
+
+
+def reply(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def profile_steps(bundle, threads: int, data: list, lr: float, n: int) -> dict:
+    """Per-op kernel time from onnxruntime's own profiler, on the exact IOBinding path of
+    OrtEngine.step: a second engine whose sessions are built with enable_profiling (the module's
+    session factory is wrapped for this one construction; nothing in edgefa is changed)."""
+    original = engine_mod._session
+    prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"edgefa_ort_profile_{os.getpid()}")
+
+    def profiling_session(path, providers, threads_):
+        opts = ort.SessionOptions()
+        if threads_:
+            opts.intra_op_num_threads = threads_
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.enable_profiling = True
+        opts.profile_file_prefix = prefix
+        return ort.InferenceSession(str(path), opts, providers=list(providers))
+
+    engine_mod._session = profiling_session
+    try:
+        eng = engine_mod.OrtEngine(bundle, threads=threads)
+    finally:
+        engine_mod._session = original
+    for i in range(3 + n):  # 3 warm-up steps, dropped below by keeping only the last n runs
+        eng.step(*data[i % len(data)], lr)
+    path = eng.train_session.end_profiling()
+    events = json.loads(Path(path).read_text())
+    Path(path).unlink(missing_ok=True)
+    Path(eng.infer_session.end_profiling()).unlink(missing_ok=True)
+
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    keep_from = runs[-n]["ts"] if len(runs) >= n else 0
+    by_op, by_node = defaultdict(float), defaultdict(float)
+    op_of = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= keep_from:
+            node = e["name"][: -len("_kernel_time")]
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] += e["dur"] / n / 1e3
+            by_node[node] += e["dur"] / n / 1e3
+            op_of[node] = op
+    run_ms = [r["dur"] / 1e3 for r in runs[-n:]]
+    top_nodes = sorted(by_node.items(), key=lambda kv: -kv[1])[:25]
+    return {"steps": n, "model_run_ms_median": float(np.median(run_ms)),
+            "kernel_ms_per_step_total": sum(by_op.values()),
+            "kernel_ms_per_step_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "top_nodes_ms_per_step": [{"node": k, "op": op_of[k], "ms": v} for k, v in top_nodes],
+            "optimized_graph_nodes": {op: sum(1 for v in op_of.values() if v == op)
+                                      for op in sorted(set(op_of.values()))}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    rss_after_imports = rss_bytes()
+    bundle = read_bundle(args.bundle)
+    eng = engine_mod.OrtEngine(bundle, threads=args.threads)
+    lr = float(bundle.manifest["optimizer"]["lr"])
+    data = batches(bundle.model["in_features"], bundle.model["n_classes"], args.seed)
+    i, refused = 0, 0
+    reply({"ready": True, "momentum": eng.momentum, "providers": eng.providers})
+
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd:
+            continue
+        if cmd[0] == "step":
+            x, y = data[i % len(data)]
+            i += 1
+            t0 = time.perf_counter()
+            result = eng.step(x, y, lr)
+            t = time.perf_counter() - t0
+            refused += not result.accepted
+            # The acceptance check's share: the same np.sum pass over the new (now current)
+            # tensors that OrtEngine.step just ran, timed on its own.
+            t1 = time.perf_counter()
+            eng._all_finite(eng.sides[eng.current])
+            t_check = time.perf_counter() - t1
+            reply({"t": t, "t_check": t_check, "loss": result.loss, "accepted": result.accepted})
+        elif cmd[0] == "finish":
+            reply({"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(),
+                   "rss_after_imports_bytes": rss_after_imports, "steps": i, "refused": refused,
+                   "torch_imported": sys.modules.get("torch") is not None,
+                   "state_bytes": int(sum(a.nbytes for side in eng.sides for a in side.values())),
+                   "bundle_arrays_bytes": int(sum(a.nbytes for a in bundle.weights.values())
+                                              + sum(a.nbytes for a in bundle.feedback.values())),
+                   "threads": {"ort_intra_op": args.threads, "ort_inter_op": 1}})
+        elif cmd[0] == "profile":
+            reply(profile_steps(bundle, args.threads, data, lr, int(cmd[1])))
+        elif cmd[0] == "quit":
+            return
+        else:
+            reply({"error": f"unknown command {cmd[0]!r}"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Shared by the benchmarks: paired timing, per-pair ratio statistics, machine info, JSON output.
+
+numpy and the standard library only: the device benchmark's runtime worker imports this module,
+and it must never pull in torch.
+
+Why pairs: on a small shared machine the same step's time drifts by 30 % or more from minute to
+minute. Timing A and B back to back and taking the ratio *within* each pair cancels most of that
+drift; the median of the per-pair ratios is then far steadier than a ratio of two medians.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+def spread(values) -> dict:
+    """Median with its 25th-75th percentile and min-max (plus n), as plain floats for JSON."""
+    v = np.asarray(values, dtype=np.float64)
+    p25, med, p75 = np.percentile(v, [25, 50, 75])
+    return {"median": float(med), "p25": float(p25), "p75": float(p75),
+            "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+
+
+def ms(values) -> dict:
+    """`spread` of times given in seconds, reported in milliseconds."""
+    return spread(np.asarray(values, dtype=np.float64) * 1e3)
+
+
+def ratio_summary(a_times, b_times, a_name: str, b_name: str) -> dict:
+    """Per-pair ratio a/b (the number that answers 'how much faster') and each side's times."""
+    a, b = np.asarray(a_times, np.float64), np.asarray(b_times, np.float64)
+    return {"ratio": f"{a_name}/{b_name} per pair", "ratio_stats": spread(a / b),
+            f"{a_name}_ms": ms(a), f"{b_name}_ms": ms(b)}
+
+
+# --- alternation ------------------------------------------------------------------------------
+
+def run_pairs(contenders: dict[str, Callable[[], object]], pairs: int, warmup: int,
+              seed: int = 0) -> tuple[dict[str, list], list[list[str]]]:
+    """Call each contender once per pair, in an order shuffled per pair by a seeded RNG (so neither
+    side always runs right after the other's cache footprint). Warm-up pairs are run the same way
+    and discarded. Returns {name: [result per pair]} and the order used for each kept pair."""
+    rng = np.random.default_rng(seed)
+    names = list(contenders)
+    results = {n: [] for n in names}
+    orders = []
+    for i in range(warmup + pairs):
+        order = [names[j] for j in rng.permutation(len(names))]
+        got = {n: contenders[n]() for n in order}
+        if i >= warmup:
+            orders.append(order)
+            for n in names:
+                results[n].append(got[n])
+    return results, orders
+
+
+# --- machine info and output ------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(threads: dict) -> dict:
+    """CPU, core count, library versions (read from package metadata, so nothing gets imported),
+    the thread counts the benchmark set, the load average at the start, and the date."""
+    info = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(),
+            "versions": {d: _version(d) for d in ("torch", "onnxruntime", "numpy", "onnx")},
+            "threads": threads,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        info["loadavg_at_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def fmt(stats: dict, unit: str = "") -> str:
+    """One line for the console: median [p25-p75] (min-max)."""
+    return (f"{stats['median']:.3f}{unit} [{stats['p25']:.3f}-{stats['p75']:.3f}] "
+            f"(min {stats['min']:.3f}, max {stats['max']:.3f})")

@@ -1,0 +1,193 @@
+"""Device benchmark: edgefa's runtime DFA step (onnxruntime + numpy) vs torch's BP step.
+
+    .venv/bin/python benchmarks/device_step.py [--pairs N] [--quick]
+
+Same MLP as benchmarks/host_step.py (input 1024, 8 x 1024 ReLU, 10 classes), batch 128, 2
+intra-op threads on both sides, for plain SGD (momentum 0) and SGD momentum 0.9.
+
+Each contender runs in its OWN process, so peak RSS (VmHWM) is per contender:
+  runtime  benchmarks/_device_runtime_worker.py: OrtEngine.step on an exported bundle; it sets
+           sys.modules['torch'] = None before anything else, so it cannot import torch.
+  torch    benchmarks/_device_torch_worker.py: BP step, torch.optim.SGD via make_optimizer, the
+           bundle's initial weights.
+The parent builds the bundles (it may import torch; its own memory is not measured), starts both
+workers and drives them over stdin/stdout lines: one step on one worker, then one on the other,
+in an order shuffled per pair (seeded). Each worker times its own step, so pipe latency is not
+in the numbers.
+
+Targets: step time ratio runtime/torch <= 0.80 (both optimizers), peak RSS ratio <= 0.40.
+The runtime's step includes OrtEngine.step's NaN/Inf acceptance check (np.sum over every new
+tensor); its time is measured on its own as well and reported as a share of the step.
+Afterwards the runtime worker profiles a few steps with onnxruntime's profiler (per-op times).
+Writes benchmarks/results/device_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # this checkout's edgefa first
+
+import numpy as np  # noqa: E402
+
+from _pairs import fmt, machine_info, ms, ratio_summary, run_pairs, spread, write_json  # noqa: E402
+
+IN, HIDDEN, CLASSES, BATCH = 1024, [1024] * 8, 10, 128
+LR, THREADS, SEED = 0.01, 2, 0
+MOMENTA = (0.0, 0.9)
+TIME_TARGET, RSS_TARGET = 0.80, 0.40
+
+
+def build_bundles(out: Path) -> dict[float, Path]:
+    """One bundle per momentum, both exported from the same (untrained, seeded) DFA model."""
+    import torch  # only the parent builds; neither worker inherits this import
+
+    from edgefa.data import Standardizer
+    from edgefa.exporters.export import export_bundle
+    from edgefa.models import MLP, MLPConfig
+    from edgefa.training.trainer import Run, TrainConfig, make_optimizer
+
+    paths = {}
+    for m in MOMENTA:
+        torch.manual_seed(SEED)
+        model = MLP(MLPConfig(IN, list(HIDDEN), CLASSES, rule="dfa"))
+        run = Run(model, make_optimizer(model, LR, m),
+                  TrainConfig(method="dfa", hidden=list(HIDDEN), lr=LR, momentum=m),
+                  Standardizer(0.0, 1.0), {"final_test_accuracy": None}, None)
+        paths[m] = export_bundle(run, out / f"bundle_m{m}", momentum=m)
+    return paths
+
+
+class Worker:
+    """A benchmark worker process spoken to in lines: send a command, read one JSON reply."""
+
+    def __init__(self, script: str, *args: str):
+        self.proc = subprocess.Popen([sys.executable, str(HERE / script), *args], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.hello = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.proc.args[1]} exited (rc {self.proc.wait()})")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.wait(timeout=60)
+
+
+def compare(bundle: Path, momentum: float, pairs: int, warmup: int, profile_steps: int) -> dict:
+    args = ["--bundle", str(bundle), "--threads", str(THREADS), "--seed", str(SEED)]
+    runtime = Worker("_device_runtime_worker.py", *args)
+    torch_w = Worker("_device_torch_worker.py", *args, "--momentum", str(momentum))
+    try:
+        results, orders = run_pairs({"runtime": lambda: runtime.ask("step"),
+                                     "torch": lambda: torch_w.ask("step")}, pairs, warmup, seed=SEED)
+        # Peak RSS first, before the profiling engine below adds its own buffers.
+        mem = {"runtime": runtime.ask("finish"), "torch": torch_w.ask("finish")}
+        profile = runtime.ask(f"profile {profile_steps}") if profile_steps else None
+    finally:
+        runtime.close()
+        torch_w.close()
+
+    rt, tc = results["runtime"], results["torch"]
+    t_rt, t_tc = np.array([r["t"] for r in rt]), np.array([r["t"] for r in tc])
+    t_check = np.array([r["t_check"] for r in rt])
+    summary = ratio_summary(t_rt, t_tc, "runtime", "torch")
+    rss_ratio = mem["runtime"]["peak_rss_bytes"] / mem["torch"]["peak_rss_bytes"]
+    return {
+        "momentum": momentum,
+        "step": summary,
+        "nan_inf_check": {
+            "what": "np.sum over every new tensor (OrtEngine._all_finite), timed on its own right "
+                    "after each step; it is also inside the runtime step time above",
+            "ms": ms(t_check), "share_of_runtime_step": spread(t_check / t_rt),
+            "runtime_step_without_check_over_torch": spread((t_rt - t_check) / t_tc)},
+        "torch_phases_ms": {k: ms([r[k] for r in tc]) for k in ("forward", "backward", "optimizer")},
+        "losses_first_last": {"runtime": [rt[0]["loss"], rt[-1]["loss"]],
+                              "torch": [tc[0]["loss"], tc[-1]["loss"]]},
+        "refused_steps": mem["runtime"]["refused"],
+        "memory": {"runtime": mem["runtime"], "torch": mem["torch"],
+                   "peak_rss_ratio_runtime_over_torch": rss_ratio},
+        "ort_profile": profile,
+        "targets": {"time_ratio_max": TIME_TARGET,
+                    "time_met": bool(summary["ratio_stats"]["median"] <= TIME_TARGET),
+                    "rss_ratio_max": RSS_TARGET, "rss_met": bool(rss_ratio <= RSS_TARGET)},
+        "orders": orders,
+    }
+
+
+def report(r: dict) -> None:
+    s, mem = r["step"], r["memory"]
+    t = r["targets"]
+    mib = 1 << 20
+    print(f"momentum {r['momentum']}:")
+    print(f"  runtime  {fmt(s['runtime_ms'], ' ms')}")
+    print(f"  torch    {fmt(s['torch_ms'], ' ms')}")
+    print(f"  runtime/torch per pair: {fmt(s['ratio_stats'])}  target <= {t['time_ratio_max']}: "
+          f"{'met' if t['time_met'] else 'NOT met'}")
+    c = r["nan_inf_check"]
+    print(f"  NaN/Inf check {c['ms']['median']:.2f} ms = {100 * c['share_of_runtime_step']['median']:.1f} % "
+          f"of the runtime step; ratio without it {c['runtime_step_without_check_over_torch']['median']:.3f}")
+    print(f"  peak RSS runtime {mem['runtime']['peak_rss_bytes'] / mib:.0f} MiB, torch "
+          f"{mem['torch']['peak_rss_bytes'] / mib:.0f} MiB, ratio {mem['peak_rss_ratio_runtime_over_torch']:.3f}"
+          f"  target <= {t['rss_ratio_max']}: {'met' if t['rss_met'] else 'NOT met'}")
+    if r["ort_profile"]:
+        p = r["ort_profile"]
+        ops = ", ".join(f"{k} {v:.2f}" for k, v in list(p["kernel_ms_per_step_by_op"].items())[:6])
+        print(f"  ORT kernels {p['kernel_ms_per_step_total']:.1f} ms/step: {ops}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=60, help="timed pairs per optimizer (default 60)")
+    ap.add_argument("--warmup", type=int, default=8, help="warm-up pairs, discarded (default 8)")
+    ap.add_argument("--profile-steps", type=int, default=20, help="onnxruntime-profiled steps (0: none)")
+    ap.add_argument("--quick", action="store_true", help="smoke check: 4 pairs, 2 warm-up, 3 profiled")
+    args = ap.parse_args()
+    pairs, warmup, prof = (4, 2, 3) if args.quick else (args.pairs, args.warmup, args.profile_steps)
+
+    gc.collect()
+    with tempfile.TemporaryDirectory(prefix="edgefa_bench_") as tmp:
+        bundles = build_bundles(Path(tmp))
+        runs = [compare(bundles[m], m, pairs, warmup, prof) for m in MOMENTA]
+
+    payload = {
+        "benchmark": "device_step",
+        "what": "edgefa runtime DFA step (OrtEngine.step, onnxruntime + numpy, no torch) vs torch BP "
+                "step (same model, same optimizer), each in its own process, alternated pair by pair",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info({"ort_intra_op": THREADS, "ort_inter_op": 1, "torch_intra_op": THREADS}),
+        "config": {"in_features": IN, "hidden": HIDDEN, "n_classes": CLASSES, "batch": BATCH, "lr": LR,
+                   "pairs": pairs, "warmup_pairs": warmup, "order": "shuffled within each pair (seeded)",
+                   "timing": "each worker times its own step with perf_counter (no pipe latency)"},
+        "results": runs,
+        "targets_met": {f"momentum_{r['momentum']}": r["targets"] for r in runs},
+    }
+    path = write_json("device_step", payload)
+    print(f"device step, {pairs} pairs after {warmup} warm-up, {THREADS} threads each side")
+    for r in runs:
+        report(r)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
