@@ -30,6 +30,7 @@ from edgefa.profiling.memory import peak_rss_bytes, rss_bytes  # noqa: E402
 from edgefa.runtime import engine as engine_mod  # noqa: E402
 
 BATCH = 128
+PROVIDERS = ("CPUExecutionProvider",)  # the device here is a CPU; never pick up a GPU provider
 
 
 def batches(in_features: int, n_classes: int, seed: int) -> list:
@@ -63,7 +64,7 @@ def profile_steps(bundle, threads: int, data: list, lr: float, n: int) -> dict:
 
     engine_mod._session = profiling_session
     try:
-        eng = engine_mod.OrtEngine(bundle, threads=threads)
+        eng = engine_mod.OrtEngine(bundle, providers=PROVIDERS, threads=threads)
     finally:
         engine_mod._session = original
     for i in range(3 + n):  # 3 warm-up steps, dropped below by keeping only the last n runs
@@ -103,7 +104,7 @@ def main() -> None:
 
     rss_after_imports = rss_bytes()
     bundle = read_bundle(args.bundle)
-    eng = engine_mod.OrtEngine(bundle, threads=args.threads)
+    eng = engine_mod.OrtEngine(bundle, providers=PROVIDERS, threads=args.threads)
     lr = float(bundle.manifest["optimizer"]["lr"])
     data = batches(bundle.model["in_features"], bundle.model["n_classes"], args.seed)
     i, refused = 0, 0

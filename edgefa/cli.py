@@ -144,10 +144,12 @@ def verify(bundle):
               help="stop after this many steps refused for NaN/Inf")
 @click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+@click.option("--provider", default=None,
+              help="onnxruntime execution provider (default: CUDA when available, else CPU)")
 @click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the report as JSON")
 def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads,
-             eval_spec, report):
+             provider, eval_spec, report):
     """Fine-tune a bundle on this device with DFA (onnxruntime), checkpointing into BUNDLE/state/."""
     from .bundle import read_bundle
     from .data.datasets import load_dataset
@@ -156,7 +158,7 @@ def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_ref
     b = read_bundle(bundle)
     train_data = load_dataset(data_spec)
     eval_data = load_dataset(eval_spec) if eval_spec else None
-    config = FinetuneConfig(steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads)
+    config = FinetuneConfig(steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads, provider)
     with progress_bar() as bar:
         task = bar.add_task("device dfa", total=steps, status="")
         result = run_finetune(b, train_data, config, eval_data,

@@ -13,9 +13,23 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from ..errors import EdgefaError
 from ..bundle import Bundle, feedback_input_name, momentum_name, next_name, param_shapes
 
-PREFERRED_PROVIDERS = ("CPUExecutionProvider",)
+# Chosen automatically in this order when the installed onnxruntime offers them. TensorRT is
+# taken only when asked for (`--provider TensorrtExecutionProvider`): it builds an engine per shape.
+AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(requested: str | None = None) -> tuple[str, ...]:
+    """The execution providers to use: `requested` (then CPU as fallback), or the best available."""
+    available = ort.get_available_providers()
+    if requested:
+        if requested not in available:
+            raise EdgefaError(f"execution provider {requested!r} is not available here "
+                              f"(this onnxruntime offers: {', '.join(available)})")
+        return tuple(dict.fromkeys([requested, "CPUExecutionProvider"]))
+    return tuple(p for p in AUTO_PROVIDERS if p in available)
 
 
 @dataclass
@@ -35,8 +49,9 @@ def _session(path, providers, threads: int | None) -> ort.InferenceSession:
 
 
 class OrtEngine:
-    def __init__(self, bundle: Bundle, providers: tuple[str, ...] = PREFERRED_PROVIDERS,
+    def __init__(self, bundle: Bundle, providers: tuple[str, ...] | None = None,
                  threads: int | None = None):
+        providers = providers or choose_providers()
         self.bundle = bundle
         self.momentum = float(bundle.manifest["optimizer"]["momentum"])
         self.train_session = _session(bundle.graph_path("train_step"), providers, threads)

@@ -14,7 +14,7 @@ from ..data.datasets import Dataset
 from ..errors import DataError, EdgefaError
 from ..profiling.memory import peak_rss_bytes
 from .batches import batch_indices
-from .engine import OrtEngine
+from .engine import OrtEngine, choose_providers
 from .state import DeviceState, load_state, save_state
 
 
@@ -27,6 +27,7 @@ class FinetuneConfig:
     max_refusals: int = 3           # stop after this many refused (NaN/Inf) steps
     seed: int = 0
     threads: int | None = None
+    provider: str | None = None     # None: the best available (CUDA, then CPU)
 
 
 class TooManyRefusals(EdgefaError):
@@ -50,7 +51,7 @@ def accuracy(engine: OrtEngine, X: np.ndarray, y: np.ndarray) -> float:
 
 def finetune(bundle: Bundle, train: Dataset, config: FinetuneConfig, eval_data: Dataset | None = None,
              on_step: Callable[[int, float], None] | None = None) -> dict:
-    engine = OrtEngine(bundle, threads=config.threads)
+    engine = OrtEngine(bundle, choose_providers(config.provider), config.threads)
     lr = bundle.manifest["optimizer"]["lr"] if config.lr is None else config.lr
     X, y = standardize(bundle, train, "training data"), train.y
     Xe, ye = (standardize(bundle, eval_data, "evaluation data"), eval_data.y) if eval_data else (None, None)
