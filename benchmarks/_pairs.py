@@ -94,11 +94,25 @@ def machine_info(threads: dict) -> dict:
             "versions": {d: _version(d) for d in ("torch", "onnxruntime", "numpy", "onnx")},
             "threads": threads,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    info["load_at_start"] = load_now()
+    return info
+
+
+def load_now() -> dict:
+    """Load average and CPU pressure (PSI 'some', % of time a task waited for a CPU): other
+    processes on a 2-core machine swing step times a lot, so the JSON says how busy it was."""
+    out = {}
     try:
-        info["loadavg_at_start"] = list(os.getloadavg())
+        out["loadavg"] = list(os.getloadavg())
     except OSError:
         pass
-    return info
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = f.readline().split()[1:4]  # avg10=.. avg60=.. avg300=..
+        out["cpu_pressure_some_pct"] = {k: float(v) for k, v in (kv.split("=") for kv in some)}
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
 
 
 def write_json(name: str, payload: dict) -> Path:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's edgefa first
 
 import numpy as np  # noqa: E402
 
-from _pairs import fmt, machine_info, ms, ratio_summary, run_pairs, spread, write_json  # noqa: E402
+from _pairs import fmt, load_now, machine_info, ms, ratio_summary, run_pairs, spread, write_json  # noqa: E402
 
 IN, HIDDEN, CLASSES, BATCH = 1024, [1024] * 8, 10, 128
 LR, THREADS, SEED = 0.01, 2, 0
@@ -181,6 +181,7 @@ def main() -> None:
                    "timing": "each worker times its own step with perf_counter (no pipe latency)"},
         "results": runs,
         "targets_met": {f"momentum_{r['momentum']}": r["targets"] for r in runs},
+        "load_at_end": load_now(),
     }
     path = write_json("device_step", payload)
     print(f"device step, {pairs} pairs after {warmup} warm-up, {THREADS} threads each side")

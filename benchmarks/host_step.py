@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from _pairs import fmt, machine_info, ms, ratio_summary, run_pairs, spread, write_json
+from _pairs import fmt, load_now, machine_info, ms, ratio_summary, run_pairs, spread, write_json
 from edgefa.models import MLP, MLPConfig
 from edgefa.training.trainer import make_optimizer
 
@@ -121,6 +121,7 @@ def main() -> None:
         "phase_medians_sum_ms": {r: sum(m.values()) for r, m in med.items()},
         "target": {"dfa_over_bp_max": TARGET, "met": bool(ratio_met)},
         "orders": orders,
+        "load_at_end": load_now(),
     }
     path = write_json("host_step", payload)
 

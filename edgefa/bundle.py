@@ -117,7 +117,7 @@ def write_bundle(out_dir: str | os.PathLike, manifest: dict, graphs: dict[str, b
         manifest["files"] = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                              for name in PAYLOAD_FILES}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        check_shapes(manifest["model"], weights, feedback, where=str(out))
+        check_arrays(manifest["model"], weights, feedback, where=str(out))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -157,7 +157,7 @@ def _safe_relative(name: str) -> bool:
     return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
 
 
-def check_shapes(model: dict, weights: dict, feedback: dict, where: str) -> None:
+def check_arrays(model: dict, weights: dict, feedback: dict, where: str) -> None:
     for kind, expected, arrays in (("weights.npz", param_shapes(model), weights),
                                    ("feedback.npz", feedback_shapes(model), feedback)):
         for name, shape in expected.items():
@@ -168,6 +168,9 @@ def check_shapes(model: dict, weights: dict, feedback: dict, where: str) -> None
                 raise BundleError(f"{where}/{kind}: '{name}' has shape {got}, manifest says {tuple(shape)}")
             if arrays[name].dtype != np.float32:
                 raise BundleError(f"{where}/{kind}: '{name}' is {arrays[name].dtype}, expected float32")
+            bad = int(arrays[name].size - np.count_nonzero(np.isfinite(arrays[name])))
+            if bad:
+                raise BundleError(f"{where}/{kind}: '{name}' holds {bad} non-finite values (NaN/Inf)")
         extra = sorted(set(arrays) - set(expected))
         if extra:
             raise BundleError(f"{where}/{kind}: unexpected arrays {', '.join(extra)}")
@@ -210,7 +213,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     try:
         weights = load_npz_strict(root / "weights.npz")
         feedback = load_npz_strict(root / "feedback.npz")
-        check_shapes(manifest["model"], weights, feedback, where=str(root))
+        check_arrays(manifest["model"], weights, feedback, where=str(root))
     except KeyError as exc:
         raise BundleError(f"{manifest_path}: missing field {exc}") from None
     return Bundle(root, manifest, weights, feedback)

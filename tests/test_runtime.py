@@ -274,13 +274,14 @@ def test_finetune_report_loss_decreases_and_accuracy_is_reported(tiny_bundle, di
     r = json.loads(report.read_text())
 
     assert (r["final_step"], r["steps_run"], r["batch_size"], r["refused_steps"]) == (60, 60, 2048, [])
-    assert r["lr"] == 0.01 and r["providers"] == ["CPUExecutionProvider"]
+    assert r["lr"] == read_bundle(tiny_bundle).manifest["optimizer"]["lr"]     # the bundle's default
+    assert r["providers"] and r["providers"][-1] == "CPUExecutionProvider"
     for key in ("accuracy_before", "accuracy_after"):
         assert isinstance(r[key], float) and 0.0 <= r[key] <= 1.0, key
-    assert r["accuracy_after"] > r["accuracy_before"] + 0.03
+    assert r["accuracy_after"] > r["accuracy_before"] + 0.05
     assert r["step_time_ms_median"] > 0 and r["step_time_ms_p95"] >= r["step_time_ms_median"]
     assert isinstance(r["peak_rss_bytes"], int) and r["peak_rss_bytes"] > 10 * 2**20
-    assert r["loss_last"] < r["loss_first"] * 0.6
+    assert r["loss_last"] < 0.8 * r["loss_first"]
     assert f"{100 * r['accuracy_before']:.1f}% -> {100 * r['accuracy_after']:.1f}%" in proc.stdout
 
 

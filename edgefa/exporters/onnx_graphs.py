@@ -5,6 +5,7 @@ A DFA step is an ordinary forward graph, which is the point of edgefa:
     forward   a_l = h_{l-1} W_l^T + b_l,  h_l = f(a_l),  logits = h_L W_head^T + b_head
     loss      mean cross-entropy;   e = (softmax(logits) - onehot(labels)) / batch
     local     delta_l = (e B_l) * f'(a_l)          (no W^T, no sequential backward)
+    bound     ||delta_l||_F * sqrt(||h_{l-1}||_F^2 + batch) per layer: caps every update element
     momentum  v <- mu v + delta_l^T h_{l-1}         (one Gemm: delta^T h with C = v, beta = mu)
     update    W <- W - lr v                         (torch.optim.SGD semantics, dampening 0)
 
@@ -132,6 +133,7 @@ def train_step_graph(model: dict, momentum: float) -> onnx.ModelProto:
         projected = g.op("MatMul", e, feedback_input_name(name))
         deltas[name] = g.op("Mul", projected, _activation_grad(g, model["activation"], h))
 
+    bounds = []
     for name, h_in in zip(names, layer_inputs):
         d = deltas[name]
         w, b = f"{name}.weight", f"{name}.bias"
@@ -140,17 +142,25 @@ def train_step_graph(model: dict, momentum: float) -> onnx.ModelProto:
                       out=next_name(momentum_name(w)))
             g.op("Sub", w, g.op("Mul", vw, "lr"), out=next_name(w))
             vb = g.op("Add", g.op("ReduceSum", d, axis0, keepdims=0),
-                      g.op("Mul", momentum_name(b), g.const(f"mu_{name}", float(momentum))),
+                      g.op("Mul", momentum_name(b), g.const("mu", float(momentum))),
                       out=next_name(momentum_name(b)))
             g.op("Sub", b, g.op("Mul", vb, "lr"), out=next_name(b))
         else:
             g.op("Gemm", d, h_in, w, transA=1, alpha=-1.0, beta=1.0, out=next_name(w))
             g.op("Sub", b, g.op("ReduceSum", d, axis0, keepdims=0), out=next_name(b))
+        # |every element of delta^T h and of sum_batch(delta)| <= ||delta||_F * sqrt(||h||_F^2 + batch)
+        # (Cauchy-Schwarz). The runtime turns these into overflow bounds on the new weights, so it
+        # can prove them finite without reading them again (see runtime/engine.py).
+        squares = g.op("Mul", g.op("ReduceSumSquare", d, keepdims=0),
+                       g.op("Add", g.op("ReduceSumSquare", h_in, keepdims=0), batch))
+        bounds.append(g.op("Unsqueeze", g.op("Sqrt", squares), axis0))
+    g.op("Concat", *bounds, axis=0, out="update_bound")
 
     for name, shape in param_shapes(model).items():
         g.output(next_name(name), shape)
         if momentum:
             g.output(next_name(momentum_name(name)), shape)
+    g.output("update_bound", [len(names)])
     g.output("loss", [])
     g.output("logits", [BATCH, classes])
     return g.model("edgefa_dfa_train_step",
