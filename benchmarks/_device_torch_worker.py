@@ -6,7 +6,7 @@ The model starts from the bundle's own weights.npz (so both sides start identica
 at a time so reading it costs torch's peak RSS no more than one layer, and trains with edgefa's
 make_optimizer (torch.optim.SGD, the bundle's lr, momentum M). Commands on stdin,
 one JSON reply per line:
-    step     one BP step on the next batch -> {"t", "forward", "backward", "optimizer", "loss"}
+    step     one BP step on the next batch -> {"t", "forward", "backward", "optimizer", "loss", "nivcsw"}
     finish   -> peak RSS (VmHWM) and RSS of this process
     quit
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def main() -> None:
         if cmd[0] == "step":
             x, y = data[i % len(data)]
             i += 1
+            cs0 = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
             t0 = time.perf_counter()
             loss = F.cross_entropy(model(x), y)
             t1 = time.perf_counter()
@@ -88,8 +90,9 @@ def main() -> None:
             t2 = time.perf_counter()
             opt.step()
             t3 = time.perf_counter()
+            nivcsw = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - cs0
             reply({"t": t3 - t0, "forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2,
-                   "loss": loss.item()})
+                   "loss": loss.item(), "nivcsw": nivcsw})
         elif cmd[0] == "finish":
             reply({"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(),
                    "rss_before_torch_bytes": rss_before_torch, "rss_after_imports_bytes": rss_after_imports,

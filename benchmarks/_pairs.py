@@ -14,6 +14,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -47,23 +48,57 @@ def ratio_summary(a_times, b_times, a_name: str, b_name: str) -> dict:
 
 # --- alternation ------------------------------------------------------------------------------
 
+def procs_running() -> int | None:
+    """Runnable tasks system-wide right now (/proc/stat), this reader included."""
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("procs_running"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def wait_for_quiet(max_wait: float = 3.0, need: int = 3, poll: float = 0.02) -> float:
+    """Wait (at most `max_wait` s) until nothing but this reader is runnable for `need` polls in a
+    row, so a pair starts when no other process competes for the cores. Both contenders of a pair
+    run after the same gate, so it favours neither; it only cuts how often a pair is disturbed.
+    Returns the seconds waited (== max_wait when the machine never went quiet)."""
+    t0 = time.perf_counter()
+    quiet = 0
+    while time.perf_counter() - t0 < max_wait:
+        n = procs_running()
+        if n is None:
+            return 0.0
+        quiet = quiet + 1 if n <= 1 else 0
+        if quiet >= need:
+            break
+        time.sleep(poll)
+    return time.perf_counter() - t0
+
+
 def run_pairs(contenders: dict[str, Callable[[], object]], pairs: int, warmup: int,
-              seed: int = 0) -> tuple[dict[str, list], list[list[str]]]:
+              seed: int = 0, gate_s: float = 3.0) -> tuple[dict[str, list], dict]:
     """Call each contender once per pair, in an order shuffled per pair by a seeded RNG (so neither
     side always runs right after the other's cache footprint). Warm-up pairs are run the same way
-    and discarded. Returns {name: [result per pair]} and the order used for each kept pair."""
+    and discarded. Before each pair, `wait_for_quiet(gate_s)` (0 disables the gate).
+    Returns {name: [result per kept pair]} and per-pair info: the order and the gate's wait."""
     rng = np.random.default_rng(seed)
     names = list(contenders)
     results = {n: [] for n in names}
-    orders = []
+    info = {"order": [], "gate_wait_s": [], "gate_max_s": gate_s}
     for i in range(warmup + pairs):
         order = [names[j] for j in rng.permutation(len(names))]
+        waited = wait_for_quiet(gate_s) if gate_s > 0 else 0.0
         got = {n: contenders[n]() for n in order}
         if i >= warmup:
-            orders.append(order)
+            info["order"].append(order)
+            info["gate_wait_s"].append(round(waited, 4))
             for n in names:
                 results[n].append(got[n])
-    return results, orders
+    info["pairs_started_quiet"] = sum(w < gate_s for w in info["gate_wait_s"])
+    return results, info
 
 
 # --- machine info and output ------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import sys
 import time
 from pathlib import Path
@@ -47,12 +48,15 @@ def build(rule: str, like: MLP | None = None) -> tuple[MLP, torch.optim.Optimize
 
 
 def stepper(model: MLP, opt: torch.optim.Optimizer, batches: list):
-    """A closure doing one timed step on the next batch; returns (total, forward, backward, opt) s."""
+    """A closure doing one timed step on the next batch; returns (total, forward, backward, opt)
+    seconds and the involuntary context switches of this process during the step (a sign that
+    another process took a core mid-step)."""
     i = [0]
 
     def step():
         x, y = batches[i[0] % len(batches)]
         i[0] += 1
+        cs0 = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
         t1 = time.perf_counter()
@@ -61,7 +65,7 @@ def stepper(model: MLP, opt: torch.optim.Optimizer, batches: list):
         t2 = time.perf_counter()
         opt.step()
         t3 = time.perf_counter()
-        return t3 - t0, t1 - t0, t2 - t1, t3 - t2
+        return t3 - t0, t1 - t0, t2 - t1, t3 - t2, resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - cs0
 
     return step
 
@@ -70,6 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=60, help="timed pairs after warm-up (default 60)")
     ap.add_argument("--warmup", type=int, default=8, help="warm-up pairs, discarded (default 8)")
+    ap.add_argument("--gate", type=float, default=3.0,
+                    help="before each pair wait up to this many s for no other runnable process (0: off)")
     ap.add_argument("--quick", action="store_true", help="smoke check: 4 pairs, 2 warm-up")
     args = ap.parse_args()
     pairs, warmup = (4, 2) if args.quick else (args.pairs, args.warmup)
@@ -87,13 +93,18 @@ def main() -> None:
     gc.collect()
     gc.disable()
     try:
-        results, orders = run_pairs({"dfa": stepper(*dfa, batches), "bp": stepper(*bp, batches)},
-                                    pairs, warmup, seed=SEED)
+        results, pairs_info = run_pairs({"dfa": stepper(*dfa, batches), "bp": stepper(*bp, batches)},
+                                    pairs, warmup, seed=SEED, gate_s=args.gate)
     finally:
         gc.enable()
 
-    res = {rule: np.array(r) for rule, r in results.items()}  # [pairs, 4]: total, fwd, bwd, opt
+    res = {rule: np.array(r) for rule, r in results.items()}  # [pairs, 5]: total, fwd, bwd, opt, nivcsw
     summary = ratio_summary(res["dfa"][:, 0], res["bp"][:, 0], "dfa", "bp")
+    # Supplementary, not the headline: pairs in which neither step was preempted.
+    clean = (res["dfa"][:, 4] == 0) & (res["bp"][:, 4] == 0)
+    summary["undisturbed_pairs"] = {"n": int(clean.sum()), "what": "pairs with no involuntary context "
+                                    "switch in either step", **({"ratio_stats": spread(
+                                        res["dfa"][clean, 0] / res["bp"][clean, 0])} if clean.sum() >= 5 else {})}
     phases = {rule: {name: ms(res[rule][:, k]) for k, name in
                      ((1, "forward_incl_loss"), (2, "zero_grad_and_backward"), (3, "optimizer_step"))}
               for rule in res}
@@ -114,13 +125,14 @@ def main() -> None:
         "config": {"in_features": IN, "hidden": HIDDEN, "n_classes": CLASSES, "batch": BATCH,
                    "optimizer": f"torch.optim.SGD(lr={LR}, momentum={MOMENTUM}) via make_optimizer",
                    "pairs": pairs, "warmup_pairs": warmup, "order": "shuffled within each pair (seeded)",
-                   "gc": "disabled while timing"},
+                   "gc": "disabled while timing",
+                   "gate": f"before each pair, wait up to {args.gate} s until no other process is runnable"},
         "step": summary,
         "phases_ms": phases,
         "phase_ratios_dfa_over_bp": phase_ratios,
         "phase_medians_sum_ms": {r: sum(m.values()) for r, m in med.items()},
         "target": {"dfa_over_bp_max": TARGET, "met": bool(ratio_met)},
-        "orders": orders,
+        "pairs_info": pairs_info,
         "load_at_end": load_now(),
     }
     path = write_json("host_step", payload)
@@ -130,6 +142,9 @@ def main() -> None:
     print(f"  dfa  {fmt(summary['dfa_ms'], ' ms')}")
     print(f"  bp   {fmt(summary['bp_ms'], ' ms')}")
     print(f"  dfa/bp per pair: {fmt(s)}  target <= {TARGET}: {'met' if ratio_met else 'NOT met'}")
+    u = summary["undisturbed_pairs"]
+    print(f"  {pairs_info['pairs_started_quiet']}/{pairs} pairs started on a quiet machine; {u['n']} undisturbed"
+          + (f", their dfa/bp: {fmt(u['ratio_stats'])}" if "ratio_stats" in u else ""))
     for rule in ("dfa", "bp"):
         print(f"  {rule:4s} phases (median ms): " +
               ", ".join(f"{k} {v:.2f}" for k, v in med[rule].items()))

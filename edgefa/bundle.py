@@ -83,7 +83,7 @@ def load_npz_strict(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as exc:
-        raise BundleError(f"{path.name}: unreadable npz ({str(exc).splitlines()[0]})") from None
+        raise BundleError(f"{path}: unreadable npz ({str(exc).splitlines()[0]})") from None
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -176,6 +176,44 @@ def check_arrays(model: dict, weights: dict, feedback: dict, where: str) -> None
             raise BundleError(f"{where}/{kind}: unexpected arrays {', '.join(extra)}")
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_manifest(m: dict, where) -> None:
+    """The fields the device relies on, with their types, and a layer chain that connects."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise BundleError(f"{where}: {what}")
+
+    files = m.get("files")
+    need(isinstance(files, dict), "no 'files' table")
+    for name, entry in files.items():
+        need(_safe_relative(name), f"file entry {name!r} escapes the bundle")
+        need(isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+             and isinstance(entry.get("bytes"), int), f"file entry {name!r} needs a sha256 and a byte count")
+    model = m.get("model")
+    need(isinstance(model, dict), "no 'model' table")
+    need(all(isinstance(model.get(k), int) and model[k] > 0 for k in ("in_features", "n_classes")),
+         "model needs positive integers in_features and n_classes")
+    need(model.get("activation") in ("relu", "tanh"), f"unknown activation {model.get('activation')!r}")
+    layers = model.get("layers")
+    need(isinstance(layers, list) and len(layers) >= 2
+         and all(isinstance(l, dict) and isinstance(l.get("name"), str)
+                 and all(isinstance(l.get(k), int) and l[k] > 0 for k in ("in", "out")) for l in layers),
+         "model.layers must list at least two layers, each with a name and positive in/out widths")
+    widths = [model["in_features"]] + [l["out"] for l in layers]
+    need([l["in"] for l in layers] == widths[:-1] and widths[-1] == model["n_classes"],
+         "model.layers do not connect in_features to n_classes")
+    opt = m.get("optimizer")
+    need(isinstance(opt, dict) and _is_number(opt.get("lr")) and _is_number(opt.get("momentum"))
+         and 0 <= opt["momentum"] < 1, "optimizer needs numbers lr and momentum (0 <= momentum < 1)")
+    std = (m.get("input") or {}).get("standardize") if isinstance(m.get("input"), dict) else None
+    need(isinstance(std, dict) and _is_number(std.get("mean")) and _is_number(std.get("std")) and std["std"] > 0,
+         "input.standardize needs numbers mean and std > 0")
+    need(isinstance(m.get("feedback"), dict), "no 'feedback' table")
+
+
 def read_bundle(path: str | os.PathLike) -> Bundle:
     """Read a bundle and verify it: format and version, every file present with its sha256, no
     path that escapes the bundle, array shapes that match the topology. Any failure is a
@@ -193,14 +231,10 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_path}: not an {FORMAT} manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # True == 1 and 1.0 == 1: not versions
         raise BundleError(f"{manifest_path}: unknown format version {version!r} (this edgefa reads {FORMAT_VERSION})")
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise BundleError(f"{manifest_path}: no 'files' table")
-    for name in files:
-        if not _safe_relative(name):
-            raise BundleError(f"{manifest_path}: file entry {name!r} escapes the bundle")
+    check_manifest(manifest, manifest_path)
+    files = manifest["files"]
     for name in PAYLOAD_FILES:
         if name not in files:
             raise BundleError(f"{manifest_path}: '{name}' is not listed")
@@ -210,10 +244,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
             raise BundleError(f"{f}: missing")
         if sha256_file(f) != entry.get("sha256"):
             raise BundleError(f"{f}: sha256 mismatch (corrupt or modified)")
-    try:
-        weights = load_npz_strict(root / "weights.npz")
-        feedback = load_npz_strict(root / "feedback.npz")
-        check_arrays(manifest["model"], weights, feedback, where=str(root))
-    except KeyError as exc:
-        raise BundleError(f"{manifest_path}: missing field {exc}") from None
+    weights = load_npz_strict(root / "weights.npz")
+    feedback = load_npz_strict(root / "feedback.npz")
+    check_arrays(manifest["model"], weights, feedback, where=str(root))
     return Bundle(root, manifest, weights, feedback)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -30,7 +31,7 @@ def progress_bar(transient: bool = False) -> Progress:
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def human_bytes(n: float) -> str:
@@ -117,11 +118,12 @@ def _show_bundle(path) -> None:
     table = Table(title=f"bundle {b.path}", show_header=False)
     table.add_row("model", " -> ".join([str(m["model"]["in_features"])] + [str(l["out"]) for l in m["model"]["layers"]])
                   + f"  ({m['model']['activation']})")
-    table.add_row("update rule", f"{m['update_rule']}  (feedback: {m['feedback']['distribution']}, "
-                  f"std {m['feedback']['std']:.3g}, seed {m['feedback']['seed']}; {m['feedback']['source']})")
+    fb = m["feedback"]
+    table.add_row("update rule", escape(f"{m.get('update_rule', 'dfa')}  (feedback: {fb.get('distribution')}, "
+                                        f"std {fb.get('std')}, seed {fb.get('seed')}; {fb.get('source')})"))
     table.add_row("optimizer", f"{opt['name']}  lr {opt['lr']}  momentum {opt['momentum']}")
     for name, f in m["files"].items():
-        table.add_row(name, f"{human_bytes(f['bytes'])}  sha256 {f['sha256'][:16]}…")
+        table.add_row(escape(name), f"{human_bytes(f['bytes'])}  sha256 {f['sha256'][:16]}…")
     table.add_row("size", human_bytes(b.size_bytes()))
     console.print(table)
 
@@ -153,16 +155,16 @@ def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_ref
     """Fine-tune a bundle on this device with DFA (onnxruntime), checkpointing into BUNDLE/state/."""
     from .bundle import read_bundle
     from .data.datasets import load_dataset
-    from .runtime.finetune import FinetuneConfig, finetune as run_finetune
+    from .runtime.finetune import FinetuneConfig, Finetuner
 
     b = read_bundle(bundle)
     train_data = load_dataset(data_spec)
     eval_data = load_dataset(eval_spec) if eval_spec else None
     config = FinetuneConfig(steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads, provider)
+    tuner = Finetuner(b, train_data, config, eval_data)  # every input check happens here, before the bar
     with progress_bar() as bar:
-        task = bar.add_task("device dfa", total=steps, status="")
-        result = run_finetune(b, train_data, config, eval_data,
-                              on_step=lambda s, loss: bar.update(task, completed=s, status=f"loss {loss:.3f}"))
+        task = bar.add_task("device dfa", total=steps, completed=tuner.start, status="")
+        result = tuner.run(on_step=lambda s, loss: bar.update(task, completed=s, status=f"loss {loss:.3f}"))
         bar.update(task, completed=result["final_step"])
     if report:
         Path(report).write_text(json.dumps(result, indent=2))
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None, prog_name: str = "edgefa") -> None:
     try:
         cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except EdgefaError as exc:
-        err_console.print(f"[red]edgefa: error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]edgefa: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Abort:
         err_console.print("aborted")

@@ -151,6 +151,41 @@ def _object_array_hash_updated(b: Path):
     return b, "weights.npz: unreadable npz", "allow_pickle=False"
 
 
+def _markup_in_file_name(b: Path):
+    m = load_manifest(b)
+    m["files"]["[/x]"] = {"sha256": "0" * 64, "bytes": 1}  # rich markup must print as text
+    save_manifest(b, m)
+    return b, str(b / "[/x]"), "missing"
+
+
+def _files_entry_not_a_table(b: Path):
+    m = load_manifest(b)
+    m["files"]["infer.onnx"] = "abc"
+    save_manifest(b, m)
+    return b, str(b / MANIFEST), "file entry 'infer.onnx' needs a sha256 and a byte count"
+
+
+def _layers_not_a_list(b: Path):
+    m = load_manifest(b)
+    m["model"]["layers"] = 5
+    save_manifest(b, m)
+    return b, str(b / MANIFEST), "model.layers must list at least two layers"
+
+
+def _no_optimizer(b: Path):
+    m = load_manifest(b)
+    del m["optimizer"]
+    save_manifest(b, m)
+    return b, str(b / MANIFEST), "optimizer needs numbers lr and momentum"
+
+
+def _version_true(b: Path):
+    m = load_manifest(b)
+    m["format_version"] = True  # True == 1 in Python; still not a version
+    save_manifest(b, m)
+    return b, str(b / MANIFEST), "unknown format version True"
+
+
 def _not_a_directory(b: Path):
     target = b / "infer.onnx"          # a file, not a bundle directory
     return target, str(target), "not a bundle directory"
@@ -173,13 +208,18 @@ BAD_BUNDLES = {
     "object-array-hash-updated": _object_array_hash_updated,
     "not-a-directory": _not_a_directory,
     "does-not-exist": _does_not_exist,
+    "markup-in-file-name": _markup_in_file_name,
+    "files-entry-not-a-table": _files_entry_not_a_table,
+    "layers-not-a-list": _layers_not_a_list,
+    "no-optimizer": _no_optimizer,
+    "format-version-true": _version_true,
 }
 
 # One case per kind of problem through the CLI (a subprocess each, so kept to the distinct kinds);
 # every case goes through read_bundle directly.
 CLI_CASES = ["missing-infer.onnx", "weights.npz-byte-flipped", "unknown-format-version",
              "manifest-not-json", "files-entry-dotdot", "wrong-shape-hash-updated",
-             "object-array-hash-updated", "not-a-directory"]
+             "object-array-hash-updated", "not-a-directory", "markup-in-file-name", "no-optimizer"]
 
 
 # --- the good bundle -------------------------------------------------------------------------
@@ -257,7 +297,7 @@ def test_object_array_is_refused_without_unpickling(tiny_bundle):
     assert marker.exists()
     marker.unlink()
 
-    with pytest.raises(BundleError, match=r"^weights\.npz: unreadable npz \(.*allow_pickle=False"):
+    with pytest.raises(BundleError, match=r"weights\.npz: unreadable npz \(.*allow_pickle=False"):
         read_bundle(tiny_bundle)
     assert not marker.exists()
 

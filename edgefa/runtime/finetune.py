@@ -49,64 +49,81 @@ def accuracy(engine: OrtEngine, X: np.ndarray, y: np.ndarray) -> float:
     return float((engine.predict_logits(X).argmax(axis=1) == y).mean()) if len(y) else float("nan")
 
 
+class Finetuner:
+    """A fine-tuning run, in two parts so that every input problem surfaces before any work starts:
+    construction checks the data, builds the engine and resumes from `state/`; `run()` trains."""
+
+    def __init__(self, bundle: Bundle, train: Dataset, config: FinetuneConfig,
+                 eval_data: Dataset | None = None):
+        self.bundle, self.config = bundle, config
+        self.lr = bundle.manifest["optimizer"]["lr"] if config.lr is None else config.lr
+        if not (np.isfinite(self.lr) and self.lr >= 0):
+            raise EdgefaError(f"learning rate must be finite and >= 0, got {self.lr}")
+        self.X, self.y = standardize(bundle, train, train.name), train.y
+        self.eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else None
+        self.engine = OrtEngine(bundle, choose_providers(config.provider), config.threads)
+        saved = load_state(bundle, self.engine.state_names)
+        self.start, self.refused = (saved.step, list(saved.refused_steps)) if saved else (0, [])
+        if saved:
+            self.engine.load_state(saved.tensors)
+
+    def checkpoint(self, step: int) -> None:
+        save_state(self.bundle, DeviceState(step, self.engine.state(), self.refused))
+
+    def eval_accuracy(self) -> float | None:
+        return accuracy(self.engine, *self.eval) if self.eval else None
+
+    def run(self, on_step: Callable[[int, float], None] | None = None) -> dict:
+        cfg, engine = self.config, self.engine
+        acc_before = self.eval_accuracy()
+        step_times, losses, refused_now = [], [], 0
+        for step in range(self.start, cfg.steps):
+            idx = batch_indices(len(self.y), cfg.batch_size, cfg.seed, step)
+            t0 = time.perf_counter()
+            result = engine.step(self.X[idx], self.y[idx], self.lr)
+            step_times.append(time.perf_counter() - t0)
+            losses.append(result.loss)
+            if not result.accepted:
+                self.refused.append(step)
+                refused_now += 1
+                warnings.warn(f"step {step} refused: non-finite loss or weights; kept the previous weights "
+                              f"({refused_now} refused in this run, limit {cfg.max_refusals})", stacklevel=2)
+                if refused_now >= cfg.max_refusals:
+                    self.checkpoint(step + 1)
+                    raise TooManyRefusals(f"stopped at step {step}: {refused_now} steps refused for NaN/Inf "
+                                          f"(steps {self.refused[-refused_now:]}); the last good weights are saved")
+            done = step + 1
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                self.checkpoint(done)
+            if on_step:
+                on_step(done, result.loss)
+        final_step = max(self.start, cfg.steps)
+        self.checkpoint(final_step)
+
+        ms = np.array(step_times) * 1e3
+        return {
+            "bundle": str(self.bundle.path),
+            "providers": engine.providers,
+            "resumed_from_step": self.start,
+            "final_step": final_step,
+            "steps_run": len(step_times),
+            "batch_size": cfg.batch_size,
+            "lr": self.lr,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "refused_steps": self.refused,
+            "step_time_ms_median": float(np.median(ms)) if len(ms) else None,
+            "step_time_ms_p95": float(np.percentile(ms, 95)) if len(ms) else None,
+            "accuracy_before": acc_before,
+            "accuracy_after": self.eval_accuracy(),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "bundle_bytes": self.bundle.size_bytes(),
+        }
+
+
 def finetune(bundle: Bundle, train: Dataset, config: FinetuneConfig, eval_data: Dataset | None = None,
              on_step: Callable[[int, float], None] | None = None) -> dict:
-    engine = OrtEngine(bundle, choose_providers(config.provider), config.threads)
-    lr = bundle.manifest["optimizer"]["lr"] if config.lr is None else config.lr
-    X, y = standardize(bundle, train, "training data"), train.y
-    Xe, ye = (standardize(bundle, eval_data, "evaluation data"), eval_data.y) if eval_data else (None, None)
-
-    saved = load_state(bundle, engine.state_names)
-    start, refused = (saved.step, list(saved.refused_steps)) if saved else (0, [])
-    if saved:
-        engine.load_state(saved.tensors)
-    acc_before = accuracy(engine, Xe, ye) if Xe is not None else None
-
-    def checkpoint(step: int) -> None:
-        save_state(bundle, DeviceState(step, engine.state(), refused))
-
-    step_times, losses = [], []
-    for step in range(start, config.steps):
-        idx = batch_indices(len(y), config.batch_size, config.seed, step)
-        t0 = time.perf_counter()
-        result = engine.step(X[idx], y[idx], lr)
-        step_times.append(time.perf_counter() - t0)
-        losses.append(result.loss)
-        if not result.accepted:
-            refused.append(step)
-            warnings.warn(f"step {step} refused: non-finite loss or weights; kept the previous weights "
-                          f"({len(refused)} refused, limit {config.max_refusals})", stacklevel=2)
-            if len(refused) >= config.max_refusals:
-                checkpoint(step + 1)
-                raise TooManyRefusals(f"stopped at step {step}: {len(refused)} steps refused for NaN/Inf "
-                                      f"(steps {refused}); the last good weights are saved")
-        done = step + 1
-        if config.checkpoint_every and done % config.checkpoint_every == 0:
-            checkpoint(done)
-        if on_step:
-            on_step(done, result.loss)
-    final_step = max(start, config.steps)
-    checkpoint(final_step)
-
-    ms = np.array(step_times) * 1e3
-    return {
-        "bundle": str(bundle.path),
-        "providers": engine.providers,
-        "resumed_from_step": start,
-        "final_step": final_step,
-        "steps_run": len(step_times),
-        "batch_size": config.batch_size,
-        "lr": lr,
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "refused_steps": refused,
-        "step_time_ms_median": float(np.median(ms)) if len(ms) else None,
-        "step_time_ms_p95": float(np.percentile(ms, 95)) if len(ms) else None,
-        "accuracy_before": acc_before,
-        "accuracy_after": accuracy(engine, Xe, ye) if Xe is not None else None,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "bundle_bytes": bundle.size_bytes(),
-    }
+    return Finetuner(bundle, train, config, eval_data).run(on_step)
 
 
 def evaluate(bundle: Bundle, data: Dataset, threads: int | None = None) -> dict:
@@ -115,6 +132,6 @@ def evaluate(bundle: Bundle, data: Dataset, threads: int | None = None) -> dict:
     saved = load_state(bundle, engine.state_names)
     if saved:
         engine.load_state(saved.tensors)
-    X = standardize(bundle, data, "evaluation data")
+    X = standardize(bundle, data, data.name)
     return {"accuracy": accuracy(engine, X, data.y), "samples": len(data.y),
             "step": saved.step if saved else 0}
