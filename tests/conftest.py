@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory):
     """A DFA run on digits: 64 -> 32 -> 16 -> 10, 3 epochs (a second or two on the CPU)."""
     from edgefa.training.trainer import TrainConfig, save_run, train
 
-    run = train(TrainConfig(method="dfa", hidden=[32, 16], epochs=3, device="cpu"))
+    run = train(TrainConfig(method="dfa", hidden=[32, 16], epochs=3, lr=0.01, device="cpu"))
     out = tmp_path_factory.mktemp("run")
     save_run(run, out)
     return out
