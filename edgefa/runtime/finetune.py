@@ -121,11 +121,6 @@ class Finetuner:
         }
 
 
-def finetune(bundle: Bundle, train: Dataset, config: FinetuneConfig, eval_data: Dataset | None = None,
-             on_step: Callable[[int, float], None] | None = None) -> dict:
-    return Finetuner(bundle, train, config, eval_data).run(on_step)
-
-
 def evaluate(bundle: Bundle, data: Dataset, threads: int | None = None) -> dict:
     """Accuracy of the bundle's current weights (its saved device state when present)."""
     engine = OrtEngine(bundle, threads=threads)

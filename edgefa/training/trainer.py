@@ -49,6 +49,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    # cuBLAS is deterministic only with a fixed workspace; it must be set before the first CUDA call.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(seed)
     np.random.seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
