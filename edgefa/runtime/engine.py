@@ -74,10 +74,12 @@ class OrtEngine:
         self.params = list(param_shapes(bundle.model))
         self.state_names = self.params + ([momentum_name(p) for p in self.params] if self.momentum else [])
 
-        initial = dict(bundle.weights)
-        initial.update({momentum_name(p): np.zeros_like(bundle.weights[p]) for p in self.params})
-        self.sides = [{n: np.array(initial[n], dtype=np.float32, order="C") for n in self.state_names},
-                      {n: np.empty_like(initial[n], dtype=np.float32) for n in self.state_names}]
+        # Side A starts as the bundle's own arrays (no copy: the weights are held once, not twice);
+        # read_bundle already checked they are float32. The engine owns them from here on.
+        side_a = {p: np.ascontiguousarray(bundle.weights[p]) for p in self.params}
+        if self.momentum:
+            side_a.update({momentum_name(p): np.zeros_like(side_a[p]) for p in self.params})
+        self.sides = [side_a, {n: np.empty_like(a) for n, a in side_a.items()}]
         self.feedback = {n: np.ascontiguousarray(a) for n, a in bundle.feedback.items()}
         self.current = 0
         self.layers = [layer["name"] for layer in bundle.model["layers"]]
