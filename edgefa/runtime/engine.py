@@ -135,7 +135,7 @@ class OrtEngine:
         side = self.sides[self.current]
 
         def max_abs(names):
-            return max(float(np.abs(side[n]).max()) if side[n].size else 0.0 for n in names)
+            return max(max(float(side[n].max()), -float(side[n].min())) if side[n].size else 0.0 for n in names)
 
         self.w_bound = np.array([max_abs([f"{l}.weight", f"{l}.bias"]) for l in self.layers])
         self.v_bound = (np.array([max_abs([momentum_name(f"{l}.weight"), momentum_name(f"{l}.bias")])
