@@ -6,7 +6,8 @@ The model starts from the bundle's own weights.npz (so both sides start identica
 at a time so reading it costs torch's peak RSS no more than one layer, and trains with edgefa's
 make_optimizer (torch.optim.SGD, the bundle's lr, momentum M). Commands on stdin,
 one JSON reply per line:
-    step     one BP step on the next batch -> {"t", "forward", "backward", "optimizer", "loss", "nivcsw"}
+    step [K] K (default 1) BP steps back to back on the next batches; reports the last:
+             {"t", "forward", "backward", "optimizer", "loss", "nivcsw", "t_turn": every step's s}
     finish   -> peak RSS (VmHWM) and RSS of this process
     quit
 """
@@ -79,22 +80,26 @@ def main() -> None:
         if not cmd:
             continue
         if cmd[0] == "step":
-            x, y = data[i % len(data)]
-            i += 1
-            cs0 = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            t1 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t2 = time.perf_counter()
-            opt.step()
-            t3 = time.perf_counter()
-            nivcsw = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - cs0
-            reply({"t": t3 - t0, "forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2,
-                   "loss": loss.item(), "nivcsw": nivcsw})
+            times = []
+            for _ in range(int(cmd[1]) if len(cmd) > 1 else 1):
+                x, y = data[i % len(data)]
+                i += 1
+                cs0 = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(model(x), y)
+                t1 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                t2 = time.perf_counter()
+                opt.step()
+                t3 = time.perf_counter()
+                times.append(t3 - t0)
+                nivcsw = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - cs0
+            reply({"t": times[-1], "forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2,
+                   "loss": loss.item(), "nivcsw": nivcsw, "t_turn": times})
         elif cmd[0] == "finish":
             reply({"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(),
+                   "params_finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
                    "rss_before_torch_bytes": rss_before_torch, "rss_after_imports_bytes": rss_after_imports,
                    "steps": i, "threads": {"torch_intra_op": torch.get_num_threads(),
                                            "torch_inter_op": torch.get_num_interop_threads()}})
