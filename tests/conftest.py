@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,26 @@ def run_edgefa(*args: str, without_torch: bool = False, cwd: Path | None = None,
     env = dict(os.environ, COLUMNS="120", PYTHONWARNINGS="default")
     return subprocess.run([sys.executable, "-m", entry, *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+def run_all(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """Run several CLI invocations at once (each a real subprocess); results in order."""
+    with ThreadPoolExecutor(max_workers=min(len(calls), 4)) as pool:
+        return list(pool.map(lambda args: run_edgefa(*args), calls))
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, no traceback, stdout empty and stderr exactly one line holding the fragments."""
+    everything = proc.stdout + proc.stderr
+    assert "Traceback" not in everything, everything
+    assert proc.returncode == 2, everything
+    assert proc.stdout == "", everything
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("edgefa: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
 
 
 @pytest.fixture(scope="session")

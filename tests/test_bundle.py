@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_edgefa
+from conftest import assert_one_error_line, run_all, run_edgefa
 from edgefa.bundle import (
     MANIFEST,
     PAYLOAD_FILES,
@@ -29,26 +28,6 @@ from edgefa.errors import BundleError, EdgefaError
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-def run_all(*calls: tuple[str, ...]):
-    """Run several CLI invocations at once (each a real subprocess); results in order."""
-    with ThreadPoolExecutor(max_workers=min(len(calls), 6)) as pool:
-        return list(pool.map(lambda args: run_edgefa(*args), calls))
-
-
-def assert_one_error_line(proc, *fragments: str) -> str:
-    """Exit status 2, nothing on stdout, exactly one line on stderr holding every fragment."""
-    everything = proc.stdout + proc.stderr
-    assert "Traceback" not in everything, everything
-    assert proc.returncode == 2, everything
-    assert proc.stdout == "", everything
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    line = lines[0]
-    assert line.startswith("edgefa: error: "), line
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
-    return line
 
 
 def load_manifest(bundle: Path) -> dict:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_edgefa
+from conftest import assert_one_error_line, run_all, run_edgefa
 from edgefa.bundle import read_bundle
 from edgefa.data import load_npz
 from edgefa.errors import CheckpointError
@@ -24,11 +23,6 @@ from edgefa.runtime.state import DeviceState, load_state, save_state
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def run_all(*calls: tuple[str, ...]):
-    """Run several CLI invocations at once (each a real subprocess); results in order."""
-    with ThreadPoolExecutor(max_workers=min(len(calls), 4)) as pool:
-        return list(pool.map(lambda args: run_edgefa(*args), calls))
-
 
 def assert_ok(proc) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -37,20 +31,6 @@ def assert_ok(proc) -> None:
 
 def error_lines(proc) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("edgefa: error:")]
-
-
-def assert_one_error_line(proc, *fragments: str) -> str:
-    """Exit status 2, no traceback, stdout empty and stderr exactly one line holding the fragments."""
-    everything = proc.stdout + proc.stderr
-    assert "Traceback" not in everything, everything
-    assert proc.returncode == 2, everything
-    assert proc.stdout == "", everything
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("edgefa: error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def npz_arrays(path: Path) -> dict[str, np.ndarray]:
