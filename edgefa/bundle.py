@@ -17,9 +17,11 @@ the device binds its live buffers straight into both graphs.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -248,3 +250,49 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     feedback = load_npz_strict(root / "feedback.npz")
     check_arrays(manifest["model"], weights, feedback, where=str(root))
     return Bundle(root, manifest, weights, feedback)
+
+
+# --- the single-file archive that travels over the link ---------------------------------------
+
+ARCHIVE_MAX_FILES = 64
+
+
+def pack_archive(root: str | os.PathLike) -> bytes:
+    """The bundle directory (with its state/, if any) as an uncompressed tar. Deterministic: the
+    same files give the same bytes, so the archive's sha256 names the content."""
+    root = Path(root)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            info = tarfile.TarInfo(path.relative_to(root).as_posix())
+            info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+    return buf.getvalue()
+
+
+def unpack_archive(archive: str | os.PathLike, dest: str | os.PathLike, max_bytes: int) -> Path:
+    """Unpack an archive into `dest` (which must not exist) and verify it as a bundle. Only regular
+    files with safe relative names are accepted: no absolute paths, no '..', no links or devices,
+    at most ARCHIVE_MAX_FILES files and `max_bytes` in all. Nothing is written outside `dest`."""
+    dest = Path(dest)
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            members = tar.getmembers()
+            if len(members) > ARCHIVE_MAX_FILES:
+                raise BundleError(f"archive holds {len(members)} entries (limit {ARCHIVE_MAX_FILES})")
+            if sum(m.size for m in members) > max_bytes:
+                raise BundleError(f"archive unpacks to more than {max_bytes} bytes")
+            for m in members:
+                if not m.isfile() or not _safe_relative(m.name) or m.name.startswith("."):
+                    raise BundleError(f"archive entry '{m.name}' is not a plain file with a safe relative path")
+            dest.mkdir(parents=True)
+            for m in members:
+                out = dest / m.name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(m) as src, open(out, "xb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except (tarfile.TarError, OSError) as exc:
+        raise BundleError(f"not a bundle archive ({exc})") from None
+    read_bundle(dest)
+    return dest

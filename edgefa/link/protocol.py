@@ -1,0 +1,422 @@
+"""The link protocol as a state machine: bytes and clock readings in, events and bytes out.
+
+No sockets, no serial ports, no clock of its own (the caller passes `now`), the way h11 does HTTP.
+That is what lets the tests drive two ends through a lossy in-memory wire, and fuzz it.
+
+Session. The client sends HELLO with a fresh 16-byte nonce; the server answers WELCOME with its
+own nonce. With a shared key, HELLO and WELCOME are tagged with the key and every later frame
+with a session key derived from both nonces, so a frame recorded in one session is worthless in
+another, and sequence numbers stop replays inside a session.
+
+Reliable messages. A message is cut into DATA fragments (message id, total size, offset, bytes).
+One fragment is in flight at a time (stop-and-wait: the request/response traffic of a device
+link gains nothing from a window, and the receiver stays trivial). The receiver ACKs each
+fragment, ACKs a repeated one again without delivering it twice, and NACKs when it sees damage
+so the sender repeats at once instead of after a timeout. On a noisy line the sender halves the
+fragment size at each repeat and doubles it again after a run of clean ACKs; fragments carry their
+offset, so a repeat may be shorter than the original and the receiver still reassembles exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import struct
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+from ..errors import EdgefaError
+from .frames import FLAG_AUTH, MAX_PAYLOAD, Corrupt, Frame, FrameDecoder, Kind, encode_frame
+
+NONCE_BYTES = 16
+FRAGMENT = struct.Struct(">III")        # message id, message size, offset of this fragment
+MAX_MESSAGE = 16 << 20                  # bound on a reassembled message (bundles travel in chunks)
+
+
+class LinkError(EdgefaError):
+    """The link failed: the peer stopped answering, refused us, or broke the protocol."""
+
+
+# --- events --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SessionStarted:
+    peer: dict                  # the peer's hello: versions and whatever else it chose to say
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SessionRefused:
+    reason: str
+
+
+@dataclass(frozen=True)
+class LinkLost:
+    reason: str
+
+
+@dataclass
+class LinkStats:
+    frames_sent: int = 0
+    frames_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    payload_bytes_sent: int = 0          # message bytes, counted once each (goodput)
+    retransmits: int = 0
+    duplicates: int = 0                  # repeated fragments, re-ACKed and not delivered again
+    corrupt: int = 0                     # damage the decoder reported
+    nacks_sent: int = 0
+    forged: int = 0                      # bad or missing HMAC tags
+    replayed: int = 0                    # authentic frames with an old sequence number
+    sessions: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _InFlight:
+    seq: int
+    msg_id: int
+    offset: int
+    length: int
+    sent_at: float
+    repeats: int = 0
+
+
+@dataclass
+class Timing:
+    """Retransmission timing (RFC 6298 style), and how long without progress means the link is gone."""
+    initial_rto: float = 1.0
+    min_rto: float = 0.05
+    max_rto: float = 5.0
+    give_up_after: float = 30.0
+
+
+@dataclass
+class Connection:
+    role: str                                   # "client" or "server"
+    key: bytes | None = None                    # shared key: every frame authenticated
+    hello: dict = field(default_factory=dict)   # what we tell the peer about ourselves
+    max_fragment: int = 64 * 1024
+    min_fragment: int = 64
+    timing: Timing = field(default_factory=Timing)
+
+    def __post_init__(self):
+        if self.role not in ("client", "server"):
+            raise ValueError(f"role must be client or server, not {self.role!r}")
+        if not (0 < self.min_fragment <= self.max_fragment <= MAX_PAYLOAD - 2 * FRAGMENT.size):
+            raise ValueError("need 0 < min_fragment <= max_fragment <= the frame payload limit")
+        self.stats = LinkStats()
+        self._decoder = FrameDecoder()
+        self._out = bytearray()
+        self._events: deque = deque()
+        self._reset_session()
+        self._hello_nonce = b""          # client: the nonce of the HELLO we are waiting on
+        self._hello_sent_at = 0.0
+
+    # --- the caller's side ------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open"
+
+    def connect(self, now: float) -> None:
+        """Client: start (or restart) a session. Queued messages wait for the WELCOME."""
+        assert self.role == "client"
+        self._reset_session()
+        self._state = "connecting"
+        self._hello_nonce = os.urandom(NONCE_BYTES)
+        self._last_progress = now
+        self._send_hello(now)
+
+    def send(self, message: bytes, now: float) -> None:
+        """Queue one message for reliable, in-order, exactly-once delivery in this session."""
+        if len(message) > MAX_MESSAGE:
+            raise ValueError(f"message of {len(message)} bytes exceeds {MAX_MESSAGE}")
+        self._next_msg_id += 1
+        self._queue.append((self._next_msg_id, bytes(message)))
+        self._pump(now)
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        self.stats.bytes_received += len(data)
+        damaged = False
+        for item in self._decoder.feed(data):
+            if isinstance(item, Corrupt):
+                self.stats.corrupt += 1
+                damaged = True
+            else:
+                self.stats.frames_received += 1
+                self._on_frame(item, now)
+        if damaged and self._state == "open":
+            # Something of ours or the peer's was lost: ask for the expected fragment, and repeat
+            # ours if one is waiting (its ACK may have been the damage). Both are harmless if not.
+            self._emit(Kind.NACK, self._recv_expected)
+            self.stats.nacks_sent += 1
+            if self._inflight:
+                self._retransmit(now)
+        self._pump(now)
+
+    def poll(self, now: float) -> None:
+        """Run the timers: repeat what was not acknowledged, and give up after a long silence."""
+        if self._state == "connecting" and now - self._hello_sent_at >= self._rto:
+            self._rto = min(2 * self._rto, self.timing.max_rto)
+            self._send_hello(now)
+        elif self._inflight and now - self._inflight.sent_at >= self._rto:
+            self._rto = min(2 * self._rto, self.timing.max_rto)
+            self._retransmit(now)
+        waiting = self._state == "connecting" or self._inflight is not None
+        if waiting and now - self._last_progress > self.timing.give_up_after:
+            self._lose(f"no answer from the peer for {self.timing.give_up_after:.0f} s")
+        self._pump(now)
+
+    def next_deadline(self) -> float | None:
+        """When `poll` next has work to do (None: nothing is waiting for an answer)."""
+        if self._state == "connecting":
+            return self._hello_sent_at + self._rto
+        if self._inflight:
+            return self._inflight.sent_at + self._rto
+        return None
+
+    def data_to_send(self) -> bytes:
+        out, self._out = bytes(self._out), bytearray()
+        return out
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
+
+    def events(self) -> list:
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    # --- session ----------------------------------------------------------------------------
+
+    def _reset_session(self) -> None:
+        self._state = "idle" if self.role == "client" else "listening"
+        self._session_key: bytes | None = None
+        self._peer_nonce = b""
+        self._welcome = b""                  # server: the WELCOME payload, repeated for a repeated HELLO
+        self._send_seq = 0
+        self._recv_expected = 1
+        self._inflight: _InFlight | None = None
+        self._queue: deque[tuple[int, bytes]] = deque()
+        self._send_offset = 0
+        self._next_msg_id = 0
+        self._partial: tuple[int, int, bytearray] | None = None   # (msg id, size, bytes so far)
+        self._delivered_msg_id = 0
+        self._fragment = self.max_fragment
+        self._clean_acks = 0
+        self._rto = self.timing.initial_rto
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._last_progress = 0.0
+
+    def _send_hello(self, now: float) -> None:
+        self._hello_sent_at = now
+        self._emit(Kind.HELLO, 0, self._hello_nonce + json.dumps(self.hello).encode(), key=self.key)
+
+    def _on_hello(self, frame: Frame, now: float) -> None:
+        if self.role != "server" or len(frame.payload) < NONCE_BYTES:
+            return
+        if (self.key is not None) != bool(frame.flags & FLAG_AUTH):
+            why = ("this device requires a shared key" if self.key is not None
+                   else "this device has no shared key; connect without one")
+            if self.key is not None:
+                self.stats.forged += 1
+            self._emit(Kind.REFUSE, 0, why.encode())
+            return
+        if not self._authentic(frame, self.key):
+            return
+        nonce = frame.payload[:NONCE_BYTES]
+        if self._state == "open" and nonce == self._peer_nonce:
+            self._emit(Kind.WELCOME, 0, self._welcome, key=self.key)    # our WELCOME was lost
+            return
+        peer = _parse_hello(frame.payload[NONCE_BYTES:])
+        if peer is None:
+            self._emit(Kind.REFUSE, 0, b"malformed HELLO")
+            return
+        self._reset_session()
+        own_nonce = os.urandom(NONCE_BYTES)
+        self._peer_nonce, self._state = nonce, "open"
+        self._session_key = _session_key(self.key, nonce, own_nonce)
+        self._welcome = nonce + own_nonce + json.dumps(self.hello).encode()
+        self._last_progress = now
+        self.stats.sessions += 1
+        self._emit(Kind.WELCOME, 0, self._welcome, key=self.key)
+        self._events.append(SessionStarted(peer))
+
+    def _on_welcome(self, frame: Frame, now: float) -> None:
+        if self.role != "client" or self._state != "connecting":
+            return
+        if (self.key is not None) != bool(frame.flags & FLAG_AUTH):
+            if self.key is not None:
+                self.stats.forged += 1
+                return
+            self._lose("the device authenticates its frames; give the shared key")
+            return
+        if not self._authentic(frame, self.key):
+            return
+        p = frame.payload
+        if len(p) < 2 * NONCE_BYTES or p[:NONCE_BYTES] != self._hello_nonce:
+            return                                                # a WELCOME for another HELLO
+        peer = _parse_hello(p[2 * NONCE_BYTES:])
+        if peer is None:
+            self._lose("malformed WELCOME")
+            return
+        self._session_key = _session_key(self.key, self._hello_nonce, p[NONCE_BYTES:2 * NONCE_BYTES])
+        self._state, self._last_progress = "open", now
+        self._rto = self.timing.initial_rto
+        self.stats.sessions += 1
+        self._events.append(SessionStarted(peer))
+
+    # --- frames -----------------------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame, now: float) -> None:
+        if frame.kind == Kind.HELLO:
+            self._on_hello(frame, now)
+        elif frame.kind == Kind.WELCOME:
+            self._on_welcome(frame, now)
+        elif frame.kind == Kind.REFUSE:
+            if self.role == "client" and self._state == "connecting":
+                self._state = "refused"
+                self._events.append(SessionRefused(frame.payload.decode("utf-8", "replace")[:200]))
+        elif self._state != "open":
+            return                                                # a frame of no session of ours
+        elif (self._session_key is not None) != bool(frame.flags & FLAG_AUTH):
+            self.stats.forged += 1
+        elif not self._authentic(frame, self._session_key):
+            return
+        elif frame.kind == Kind.DATA:
+            self._on_data(frame, now)
+        elif frame.kind == Kind.ACK:
+            self._on_ack(frame.seq, now)
+        elif frame.kind == Kind.NACK:
+            if self._inflight and frame.seq == self._inflight.seq:
+                self._retransmit(now)
+
+    def _authentic(self, frame: Frame, key: bytes | None) -> bool:
+        if key is None:
+            return True
+        if hmac.compare_digest(hmac.new(key, frame.signed_bytes(), hashlib.sha256).digest(), frame.tag):
+            return True
+        self.stats.forged += 1
+        return False
+
+    def _on_data(self, frame: Frame, now: float) -> None:
+        if frame.seq == self._recv_expected - 1:
+            self.stats.duplicates += 1                            # our ACK was lost: say it again
+            self._emit(Kind.ACK, frame.seq)
+            return
+        if frame.seq < self._recv_expected - 1:
+            self.stats.replayed += 1
+            return
+        if frame.seq > self._recv_expected or len(frame.payload) < FRAGMENT.size:
+            return                                                # not what a correct peer sends
+        msg_id, size, offset = FRAGMENT.unpack_from(frame.payload)
+        chunk = frame.payload[FRAGMENT.size:]
+        if msg_id > self._delivered_msg_id:
+            if self._partial is None or self._partial[0] != msg_id:
+                if offset != 0 or msg_id != self._delivered_msg_id + 1 or size > MAX_MESSAGE:
+                    self._lose("protocol error: a message fragment out of order")
+                    return
+                self._partial = (msg_id, size, bytearray())
+            _, size, got = self._partial
+            if offset > len(got) or offset + len(chunk) > size:
+                self._lose("protocol error: a fragment past the end of its message")
+                return
+            got += chunk[len(got) - offset:]
+            if len(got) == size:
+                self._partial, self._delivered_msg_id = None, msg_id
+                self._events.append(MessageReceived(bytes(got)))
+        self._recv_expected += 1
+        self._last_progress = now
+        self._emit(Kind.ACK, frame.seq)
+
+    def _on_ack(self, seq: int, now: float) -> None:
+        f = self._inflight
+        if f is None or seq != f.seq:
+            return
+        if f.repeats == 0:                                        # Karn: time only clean sends
+            self._sample_rtt(now - f.sent_at)
+        self._clean_acks = self._clean_acks + 1 if f.repeats == 0 else 0
+        if self._clean_acks >= 8 and self._fragment < self.max_fragment:
+            self._fragment, self._clean_acks = min(2 * self._fragment, self.max_fragment), 0
+        msg_id, message = self._queue[0]
+        self._send_offset = f.offset + f.length
+        self.stats.payload_bytes_sent += f.length
+        if self._send_offset >= len(message):
+            self._queue.popleft()
+            self._send_offset = 0
+        self._inflight, self._last_progress = None, now
+
+    def _sample_rtt(self, rtt: float) -> None:
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
+            self._srtt = 0.875 * self._srtt + 0.125 * rtt
+        self._rto = min(max(self._srtt + 4 * self._rttvar, self.timing.min_rto), self.timing.max_rto)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def _pump(self, now: float) -> None:
+        if self._state != "open" or self._inflight or not self._queue:
+            return
+        msg_id, message = self._queue[0]
+        length = min(self._fragment, len(message) - self._send_offset)
+        self._send_seq += 1
+        self._inflight = _InFlight(self._send_seq, msg_id, self._send_offset, length, now)
+        self._send_fragment()
+
+    def _retransmit(self, now: float) -> None:
+        f = self._inflight
+        self.stats.retransmits += 1
+        f.repeats += 1
+        self._clean_acks = 0
+        self._fragment = max(self._fragment // 2, self.min_fragment)
+        f.length = min(f.length, self._fragment)   # a shorter repeat is fine: fragments carry offsets
+        f.sent_at = now
+        self._send_fragment()
+
+    def _send_fragment(self) -> None:
+        f = self._inflight
+        message = self._queue[0][1]
+        payload = FRAGMENT.pack(f.msg_id, len(message), f.offset) + message[f.offset:f.offset + f.length]
+        self._emit(Kind.DATA, f.seq, payload)
+
+    def _emit(self, kind: int, seq: int, payload: bytes = b"", key: bytes | None = None) -> None:
+        if kind in (Kind.DATA, Kind.ACK, Kind.NACK):
+            key = self._session_key
+        tag = None
+        if key is not None:
+            tag = hmac.new(key, Frame(kind, seq, payload, FLAG_AUTH).signed_bytes(), hashlib.sha256).digest()
+        data = encode_frame(kind, seq, payload, tag)
+        self._out += data
+        self.stats.frames_sent += 1
+        self.stats.bytes_sent += len(data)
+
+    def _lose(self, reason: str) -> None:
+        self._reset_session()
+        self._state = "lost"
+        self._events.append(LinkLost(reason))
+
+
+def _session_key(key: bytes | None, client_nonce: bytes, server_nonce: bytes) -> bytes | None:
+    if key is None:
+        return None
+    return hmac.new(key, b"edgefa-link-v1" + client_nonce + server_nonce, hashlib.sha256).digest()
+
+
+def _parse_hello(data: bytes) -> dict | None:
+    try:
+        hello = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return hello if isinstance(hello, dict) else None
