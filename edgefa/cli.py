@@ -197,6 +197,184 @@ def evaluate(bundle, data_spec):
                   f"(device state at step {result['step']})")
 
 
+# --- the link: a device server, and the host commands that drive it -------------------------
+
+def link_options(f):
+    """--key-file and --baud, shared by every command that opens a link."""
+    f = click.option("--baud", type=int, default=115200, show_default=True,
+                     help="line rate for a real serial port (ignored by sockets and pseudo-terminals)")(f)
+    return click.option("--key-file", type=click.Path(dir_okay=False), default=None,
+                        help="shared key: authenticate every frame with HMAC-SHA256")(f)
+
+
+def _client(url: str, key_file, baud):
+    from .link.client import ClientConfig, DeviceClient, read_key
+
+    return DeviceClient(url, ClientConfig(key=read_key(key_file), baudrate=baud))
+
+
+def transfer_bar() -> Progress:
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeElapsedColumn(), console=err_console)
+
+
+@device.command()
+@click.option("--port", default=None, help="serve on a serial port: a pyserial URL (/dev/ttyGS0, "
+              "loop://) or 'pty' (make a pseudo-terminal and print its path)")
+@click.option("--listen", "listen_address", default=None,
+              help="serve over TCP on ADDR:PORT (port 0: any free port)")
+@click.option("--store", type=click.Path(file_okay=False), required=True,
+              help="directory for the deployed bundle, its checkpoints and uploads")
+@click.option("--checkpoint-every", type=int, default=10, show_default=True,
+              help="steps between automatic checkpoints (a killed server loses at most these)")
+@click.option("--provider", default=None, help="onnxruntime execution provider (default: the best available)")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+@click.option("--max-bundle-mb", type=int, default=256, show_default=True, help="largest bundle accepted")
+@link_options
+def serve(port, listen_address, store, checkpoint_every, provider, threads, max_bundle_mb, key_file, baud):
+    """Serve this device to a host over a serial line or TCP (one host at a time)."""
+    from .link.client import read_key
+    from .link.server import serve as run_server, stop_on_sigterm
+    from .link.service import DeviceService, ServiceConfig
+
+    if (port is None) == (listen_address is None):
+        raise click.UsageError("give exactly one of --port URL and --listen ADDR:PORT")
+    if listen_address is not None and not listen_address.startswith(("127.", "localhost:", "[::1]:")):
+        err_console.print(f"[yellow]warning:[/] listening on {escape(listen_address)}: reachable beyond this "
+                          "machine" + ("" if key_file else ", and without a shared key (--key-file)"))
+    key = read_key(key_file)
+    service = DeviceService(ServiceConfig(Path(store), checkpoint_every, provider, threads,
+                                          max_bundle_bytes=max_bundle_mb << 20))
+    stop_on_sigterm()
+
+    def say(line: str) -> None:
+        click.echo(f"edgefa device server: {line}", err=True)
+
+    def ready(line: str) -> None:
+        click.echo(f"edgefa device server: {line}")   # stdout, one line: what a script waits for
+        sys.stdout.flush()
+
+    run_server(service, port=port, listen_address=listen_address, key=key, baudrate=baud,
+               ready=ready, log=say)
+
+
+@device.command()
+@click.argument("url")
+@link_options
+@click.option("--json", "as_json", is_flag=True, help="print the raw answer as JSON")
+def info(url, key_file, baud, as_json):
+    """What a device is and holds: versions, execution providers, bundle, step."""
+    with _client(url, key_file, baud) as dev:
+        answer = dev.info()
+    answer.pop("ok", None)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    console.print(_info_table(url, answer))
+
+
+def _info_table(url: str, answer: dict) -> Table:
+    d, v, p = answer["device"], answer["versions"], answer["providers"]
+    table = Table(title=f"device {escape(url)}", show_header=False)
+    table.add_row("device", escape(f"{d['model']} ({d['machine']}, {d['cpu_count']} CPUs"
+                                   + (f", {human_bytes(d['memory_bytes'])}" if d.get("memory_bytes") else "") + ")"))
+    table.add_row("host name", escape(str(d["hostname"])))
+    table.add_row("versions", escape(", ".join(f"{k} {val}" for k, val in v.items())))
+    table.add_row("execution providers", escape(f"chosen {', '.join(p['chosen'])}; available {', '.join(p['available'])}"))
+    if answer.get("bundle"):
+        table.add_row("bundle", f"{answer['bundle'][:16]}…  model {' -> '.join(map(str, answer['model']))}")
+        table.add_row("step", f"{answer['step']} (checkpointed {answer['checkpointed_step']}, "
+                              f"every {answer['checkpoint_every']} steps)")
+    else:
+        table.add_row("bundle", "none deployed")
+    return table
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--device", "url", required=True, help="the device: a pyserial URL (/dev/ttyUSB0, socket://HOST:PORT)")
+@link_options
+def deploy(bundle, url, key_file, baud):
+    """Send a bundle to a device in acknowledged, resumable chunks; the device verifies it."""
+    from .bundle import read_bundle
+
+    read_bundle(bundle)   # a bad bundle stops here, before anything is sent
+    with _client(url, key_file, baud) as dev, transfer_bar() as bar:
+        task = bar.add_task(f"deploy -> {url}", total=None)
+        result = dev.deploy(bundle, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+        stats = dev.stats
+    note = "already deployed (state kept)" if result.get("deployed") else "deployed"
+    console.print(f"{note}: {human_bytes(result['archive_bytes'])} archive sha256 {result['sha256'][:16]}… "
+                  f"-> {escape(url)}, device at step {result['step']}"
+                  + (f" ({stats.retransmits} frames repeated, {dev.reconnects} reconnects)"
+                     if stats.retransmits or dev.reconnects else ""))
+
+
+@cli.command("finetune")
+@click.option("--device", "url", required=True, help="the device: a pyserial URL")
+@click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR")
+@click.option("--steps", type=int, required=True, help="total device steps to reach (continues from the device's step)")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)")
+@click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
+@click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the report as JSON")
+@link_options
+def finetune_remote(url, data_spec, steps, batch_size, lr, seed, eval_spec, report, key_file, baud):
+    """Fine-tune the bundle on a device, sending it one batch per step over the link."""
+    from .data.datasets import load_dataset
+
+    train_data = load_dataset(data_spec)
+    eval_data = load_dataset(eval_spec) if eval_spec else None
+    with _client(url, key_file, baud) as dev:
+        before = dev.evaluate(eval_data.X, eval_data.y) if eval_data else None
+        start = dev.status()["step"]
+        with progress_bar() as bar:
+            task = bar.add_task(f"dfa on {url}", total=steps, completed=start, status="")
+            result = dev.finetune(train_data.X, train_data.y, steps, batch_size, seed, lr,
+                                  on_step=lambda s, loss, rtt: bar.update(task, completed=s,
+                                                                          status=f"loss {loss:.3f}  rtt {rtt:.1f} ms"))
+        after = dev.evaluate(eval_data.X, eval_data.y) if eval_data else None
+        profile = dev.call("profile").fields
+        stats = dev.stats.as_dict()
+    result.update(accuracy_before=before and before["accuracy"], accuracy_after=after and after["accuracy"],
+                  device_peak_rss_bytes=profile["peak_rss_bytes"], link=stats)
+    if report:
+        Path(report).write_text(json.dumps(result, indent=2))
+    table = Table(title=f"fine-tuning on {escape(url)} (DFA, over the link)", show_header=False)
+    table.add_row("steps", f"{result['resumed_from_step']} -> {result['final_step']}")
+    if result["loss_first"] is not None:
+        table.add_row("loss", f"{result['loss_first']:.4f} -> {result['loss_last']:.4f}")
+    if before:
+        table.add_row("accuracy", f"{pct(before['accuracy'])} -> {pct(after['accuracy'])}")
+    if result["step_ms_median"] is not None:
+        table.add_row("step time on the device", f"median {result['step_ms_median']:.2f} ms")
+        table.add_row("round trip per step", f"median {result['round_trip_ms_median']:.2f} ms "
+                                             f"(link overhead {result['link_overhead_ms_median']:.2f} ms)")
+    table.add_row("link", f"{stats['frames_sent']} frames sent, {stats['retransmits']} repeated, "
+                          f"{stats['corrupt']} damaged received, {result['reconnects']} reconnects")
+    table.add_row("device peak RSS", human_bytes(profile["peak_rss_bytes"]))
+    console.print(table)
+
+
+@device.command()
+@click.argument("url")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="bundle directory to write")
+@link_options
+def pull(url, out, key_file, baud):
+    """Bring a device's bundle back with its current weights (a checkpoint is taken first)."""
+    from .bundle import read_bundle
+    from .runtime.state import load_state
+
+    with _client(url, key_file, baud) as dev, transfer_bar() as bar:
+        task = bar.add_task(f"pull <- {url}", total=None)
+        path = dev.pull(out, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    saved = load_state(read_bundle(path), [])
+    console.print(f"pulled {escape(str(path))} (device state at step {saved.step if saved else 0})")
+
+
 # --- the demo --------------------------------------------------------------------------------
 
 @cli.command()

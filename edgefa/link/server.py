@@ -16,10 +16,8 @@ from .service import DeviceService
 from .transport import FdTransport, SerialTransport, accept, exchange, listen, open_pty
 
 
-def serve_connection(transport, service: DeviceService, key: bytes | None, max_fragment: int,
-                     log: Callable[[str], None]) -> None:
+def serve_connection(transport, service: DeviceService, conn: Connection, log: Callable[[str], None]) -> None:
     """Serve one transport until it fails (LinkError) or the process is asked to stop."""
-    conn = Connection("server", key=key, hello=service.hello(), max_fragment=max_fragment)
     try:
         while True:
             exchange(conn, transport, wait=0.5)
@@ -34,7 +32,7 @@ def serve_connection(transport, service: DeviceService, key: bytes | None, max_f
     finally:
         s = conn.stats
         if s.forged or s.replayed:
-            log(f"refused {s.forged} forged and {s.replayed} replayed frames")
+            log(f"refused so far: {s.forged} forged and {s.replayed} replayed frames")
 
 
 def stop_on_sigterm() -> None:
@@ -49,6 +47,8 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
           ready: Callable[[str], None] = print, log: Callable[[str], None] = print) -> None:
     """Serve until interrupted. `port` is a pyserial URL or 'pty' (make a pseudo-terminal and
     print the path the host should open); `listen_address` is ADDR:PORT for TCP."""
+    conn = Connection("server", key=key, hello=service.hello(), max_fragment=max_fragment)
+    service.link_stats = conn.stats      # reported by `info`: forged and replayed frames among them
     try:
         if listen_address is not None:
             server = listen(listen_address)
@@ -59,7 +59,7 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
                     transport = accept(server)
                     log(f"connection from {transport.name}")
                     try:
-                        serve_connection(transport, service, key, max_fragment, log)
+                        serve_connection(transport, service, conn, log)
                     except LinkError as exc:
                         log(f"connection ended: {exc}")
                     finally:
@@ -70,13 +70,13 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
             transport = FdTransport(master, path)
             while True:
                 try:
-                    serve_connection(transport, service, key, max_fragment, log)
+                    serve_connection(transport, service, conn, log)
                 except LinkError:
                     time.sleep(0.05)     # the host closed its side (EIO); it may open it again
         else:
             transport = SerialTransport(port, baudrate)
             ready(f"serving on {port}")
-            serve_connection(transport, service, key, max_fragment, log)
+            serve_connection(transport, service, conn, log)
     except KeyboardInterrupt:
         pass
     finally:

@@ -98,6 +98,7 @@ class DeviceService:
         self._last_train: tuple[int, bytes] | None = None   # (step, reply): a repeated request gets this
         self._fetches: dict[str, bytes] = {}
         self.step_seconds: list[float] = []
+        self.link_stats = None                                # set by the server: the link's counters
         if (self.store / "bundle").is_dir():
             self._load()
 
@@ -175,6 +176,7 @@ class DeviceService:
                 "limits": {"max_bundle_bytes": self.config.max_bundle_bytes,
                            "max_chunk_bytes": self.config.max_chunk_bytes},
                 "checkpoint_every": self.config.checkpoint_every,
+                "link": self.link_stats.as_dict() if self.link_stats else None,
                 **self._status()}, None
 
     def _op_status(self, msg: Message):
