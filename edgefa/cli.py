@@ -375,6 +375,104 @@ def pull(url, out, key_file, baud):
     console.print(f"pulled {escape(str(path))} (device state at step {saved.step if saved else 0})")
 
 
+# --- fleets: several devices at once ------------------------------------------------------------
+
+@cli.group()
+def fleet() -> None:
+    """Drive every device of an inventory file at once (one line of progress each)."""
+
+
+inventory_option = click.option("--inventory", type=click.Path(dir_okay=False), required=True,
+                                help="devices.toml: [[device]] tables with name, url, optional key_file, baud")
+
+
+def _fleet_summary(title: str, results, columns: list[str], row) -> None:
+    """Print one row per device, then fail with one line if any device failed."""
+    table = Table(title=title)
+    for c in ["device", "url", *columns, "time", "status"]:
+        table.add_column(c)
+    for r in results:
+        cells = row(r.result) if r.ok else ["-"] * len(columns)
+        table.add_row(escape(r.device.name), escape(r.device.url), *cells, f"{r.seconds:.1f} s",
+                      "[green]ok[/]" if r.ok else f"[red]{escape(r.error)}[/]")
+    console.print(table)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise EdgefaError(f"{len(failed)} of {len(results)} devices failed: "
+                          + "; ".join(f"{r.device.name}: {r.error}" for r in failed))
+
+
+@fleet.command("info")
+@inventory_option
+def fleet_info(inventory):
+    """Versions, providers, bundle and step of every device."""
+    from .link.fleet import load_inventory, run_fleet
+
+    results = run_fleet(load_inventory(inventory), lambda entry, dev: dev.info())
+    _fleet_summary("fleet", results, ["device", "providers", "bundle", "step"],
+                   lambda a: [escape(str(a["device"]["model"])), escape(", ".join(a["providers"]["chosen"])),
+                              (a["bundle"] or "none")[:12], str(a["step"])])
+
+
+@fleet.command("deploy")
+@click.argument("bundle", type=click.Path())
+@inventory_option
+def fleet_deploy(bundle, inventory):
+    """Send one bundle to every device."""
+    from .bundle import read_bundle
+    from .link.fleet import load_inventory, run_fleet
+
+    read_bundle(bundle)
+    entries = load_inventory(inventory)
+    with transfer_bar() as bar:
+        tasks = {e.name: bar.add_task(f"deploy -> {e.name}", total=None) for e in entries}
+
+        def action(entry, dev):
+            result = dev.deploy(bundle, on_progress=lambda done, total: bar.update(tasks[entry.name],
+                                                                                 completed=done, total=total))
+            return {**result, "retransmits": dev.stats.retransmits, "reconnects": dev.reconnects}
+
+        results = run_fleet(entries, action)
+    _fleet_summary(f"fleet deploy {escape(str(bundle))}", results, ["archive", "step", "repeats"],
+                   lambda a: [human_bytes(a["archive_bytes"]), str(a["step"]), str(a["retransmits"])])
+
+
+@fleet.command("finetune")
+@inventory_option
+@click.option("--data", "data_spec", required=True, help="training data for every device: FILE.npz or mnist:DIR")
+@click.option("--steps", type=int, required=True, help="total device steps to reach")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=None, help="learning rate (default: each bundle's)")
+@click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
+@click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)")
+def fleet_finetune(inventory, data_spec, steps, batch_size, lr, seed, eval_spec):
+    """Fine-tune every device on the same data, all at once."""
+    from .data.datasets import load_dataset
+    from .link.fleet import load_inventory, run_fleet
+
+    entries = load_inventory(inventory)
+    train_data = load_dataset(data_spec)
+    eval_data = load_dataset(eval_spec) if eval_spec else None
+    with progress_bar() as bar:
+        tasks = {e.name: bar.add_task(f"dfa on {e.name}", total=steps, status="") for e in entries}
+
+        def action(entry, dev):
+            before = dev.evaluate(eval_data.X, eval_data.y)["accuracy"] if eval_data else None
+            result = dev.finetune(train_data.X, train_data.y, steps, batch_size, seed, lr,
+                                  on_step=lambda s, loss, rtt: bar.update(tasks[entry.name], completed=s,
+                                                                          status=f"loss {loss:.3f}"))
+            after = dev.evaluate(eval_data.X, eval_data.y)["accuracy"] if eval_data else None
+            bar.update(tasks[entry.name], completed=result["final_step"])
+            return {**result, "accuracy_before": before, "accuracy_after": after}
+
+        results = run_fleet(entries, action)
+    _fleet_summary("fleet fine-tuning (DFA)", results, ["steps", "loss", "accuracy", "round trip"],
+                   lambda a: [f"{a['resumed_from_step']} -> {a['final_step']}",
+                              f"{a['loss_last']:.4f}" if a["loss_last"] is not None else "-",
+                              f"{pct(a['accuracy_before'])} -> {pct(a['accuracy_after'])}" if eval_data else "-",
+                              f"{a['round_trip_ms_median']:.2f} ms" if a["round_trip_ms_median"] else "-"])
+
+
 # --- the demo --------------------------------------------------------------------------------
 
 @cli.command()
