@@ -481,8 +481,8 @@ def fleet_finetune(inventory, data_spec, steps, batch_size, lr, seed, eval_spec)
 @click.option("--steps", type=int, default=200, show_default=True, help="device fine-tuning steps")
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out, epochs, steps, seed):
-    """Pretrain with DFA on digits, export, fine-tune on a shifted sensor in a torch-free device
-    process, and compare with BP fine-tuning on the host."""
+    """Pretrain with DFA on digits, export, fine-tune on a shifted sensor through a torch-free device
+    server behind a pseudo-terminal, and compare with BP fine-tuning on the host."""
     from .demo import DemoConfig, run_demo
 
     result = run_demo(DemoConfig(out=Path(out), epochs=epochs, steps=steps, seed=seed),
@@ -496,6 +496,7 @@ def demo(out, epochs, steps, seed):
     table.add_row("shifted test, after BP fine-tuning on the host (reference)", pct(result["after_host_bp"]))
     table.add_row("gain from device fine-tuning", f"{100 * (result['after_device_dfa'] - result['before']):+.1f} points")
     table.add_row("device step time (median)", f"{result['device_step_ms_median']:.2f} ms")
+    table.add_row("round trip per step over the pseudo-terminal (median)", f"{result['round_trip_ms_median']:.2f} ms")
     table.add_row("device process peak RSS", human_bytes(result["device_peak_rss_bytes"]))
     table.add_row("bundle size", human_bytes(result["bundle_bytes"]))
     table.add_row("device samples (train / test)", f"{result['n_device_train']} / {result['n_device_test']}")

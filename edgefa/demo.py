@@ -3,13 +3,15 @@
 1. Pretrain an MLP with DFA on the host (torch) and export a bundle.
 2. Make the device's data: the held-out digits seen through a different sensor (shifted one
    pixel, weaker gain, noisier), split into device-train and device-test.
-3. Fine-tune on the device runtime in a separate process in which `import torch` fails.
+3. Start a device server in a separate process in which `import torch` fails, behind a
+   pseudo-terminal, and drive it over that serial line: deploy, evaluate, fine-tune, pull back.
 4. For reference, fine-tune with BP on the host from the same start, on the same batches.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -61,15 +63,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[], Progress], say: Callable[[s
     save_npz(out / "device_train.npz", dev_train)
     save_npz(out / "device_test.npz", dev_test)
 
-    # 3. fine-tune in a separate device process that cannot import torch
-    report_path = out / "device_report.json"
-    cmd = [sys.executable, "-m", "edgefa.without_torch", "device", "finetune", str(bundle_path),
-           "--data", str(out / "device_train.npz"), "--eval", str(out / "device_test.npz"),
-           "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
-           "--seed", str(cfg.seed), "--report", str(report_path)]
-    say("device: fine-tuning in a torch-free process: " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    device = json.loads(report_path.read_text())
+    # 3. a device server in a torch-free process, behind a pseudo-terminal; the host drives it
+    device = drive_device_over_pty(cfg, bundle_path, dev_train, dev_test, out, progress, say)
 
     # 4. reference: BP fine-tuning on the host from the same weights, batches and optimizer
     bp_model = MLP(MLPConfig(**{**run.model.config.to_dict(), "rule": "bp"}))
@@ -89,9 +84,11 @@ def run_demo(cfg: DemoConfig, progress: Callable[[], Progress], say: Callable[[s
         "before": device["accuracy_before"],
         "after_device_dfa": device["accuracy_after"],
         "after_host_bp": bp_acc,
-        "device_step_ms_median": device["step_time_ms_median"],
+        "device_step_ms_median": device["step_ms_median"],
+        "round_trip_ms_median": device["round_trip_ms_median"],
         "device_peak_rss_bytes": device["peak_rss_bytes"],
         "bundle_bytes": device["bundle_bytes"],
+        "link": device["link"],
         "n_device_train": len(dev_train),
         "n_device_test": len(dev_test),
         "steps": cfg.steps,
@@ -100,3 +97,41 @@ def run_demo(cfg: DemoConfig, progress: Callable[[], Progress], say: Callable[[s
     result["report_path"] = str(out / "demo_report.json")
     Path(result["report_path"]).write_text(json.dumps(result, indent=2))
     return result
+
+
+def drive_device_over_pty(cfg: DemoConfig, bundle_path: Path, dev_train, dev_test, out: Path,
+                          progress: Callable[[], Progress], say: Callable[[str], None]) -> dict:
+    """Start `edgefa device serve --port pty` in a process where torch cannot be imported, open the
+    pseudo-terminal it prints with pyserial, and deploy, evaluate, fine-tune and pull over it."""
+    from .link.client import DeviceClient
+
+    cmd = [sys.executable, "-m", "edgefa.without_torch", "device", "serve", "--port", "pty",
+           "--store", str(out / "device-store"), "--checkpoint-every", "50"]
+    shutil.rmtree(out / "device-store", ignore_errors=True)
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = server.stdout.readline()
+        if "serving on" not in line:
+            raise RuntimeError(f"the device server did not start: {line!r}")
+        tty = line.split()[-1]
+        say(f"device: a torch-free server process behind the pseudo-terminal {tty}")
+        with DeviceClient(tty) as dev:
+            deployed = dev.deploy(bundle_path)
+            say(f"deployed {deployed['archive_bytes']} bytes over {tty}")
+            before = dev.evaluate(dev_test.X, dev_test.y)["accuracy"]
+            with progress() as bar:
+                task = bar.add_task("device: dfa over the pty", total=cfg.steps, status="")
+                tuned = dev.finetune(dev_train.X, dev_train.y, cfg.steps, cfg.batch_size, cfg.seed, cfg.lr,
+                                     on_step=lambda s, loss, rtt: bar.update(task, completed=s,
+                                                                             status=f"loss {loss:.3f}"))
+            after = dev.evaluate(dev_test.X, dev_test.y)["accuracy"]
+            profile = dev.call("profile").fields
+            pulled = dev.pull(out / "device-bundle")
+            say(f"pulled the fine-tuned bundle back into {pulled}")
+            link = dev.stats.as_dict()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {**tuned, "accuracy_before": before, "accuracy_after": after,
+            "peak_rss_bytes": profile["peak_rss_bytes"], "bundle_bytes": profile["bundle_bytes"],
+            "link": link, "tty": tty}
