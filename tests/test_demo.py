@@ -19,3 +19,7 @@ def test_demo_prints_table_and_device_finetuning_helps(tmp_path):
     assert report["device_report"]["steps_run"] == report["steps"]
     assert report["device_report"]["refused_steps"] == []
     assert report["device_step_ms_median"] > 0 and report["device_peak_rss_bytes"] > 0
+    # the device was a server behind a pseudo-terminal, and its fine-tuned bundle came back
+    assert report["device_report"]["tty"].startswith("/dev/pts/")
+    assert report["round_trip_ms_median"] >= report["device_step_ms_median"]
+    assert (tmp_path / "demo" / "device-bundle" / "state" / "checkpoint.npz").is_file()

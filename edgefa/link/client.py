@@ -190,7 +190,7 @@ class DeviceClient:
         batches as `edgefa device finetune`). The device's step leads: after a restart from an
         older checkpoint the lost steps are sent again, and a repeated step is never applied twice."""
         step = self.status()["step"]
-        start, losses, step_ms, round_trip_ms = step, [], [], []
+        start, losses, step_ms, round_trip_ms, refused = step, [], [], [], []
         while step < steps:
             idx = batch_indices(len(y), batch_size, seed, step)
             t0 = time.perf_counter()
@@ -207,12 +207,15 @@ class DeviceClient:
             round_trip_ms.append((time.perf_counter() - t0) * 1e3)
             step_ms.append(reply["step_ms"])
             losses.append(reply["loss"])
+            if not reply["accepted"]:
+                refused.append(step)
             step = int(reply["step"])
             if on_step:
                 on_step(step, reply["loss"], round_trip_ms[-1])
         rtt, dev = np.array(round_trip_ms), np.array(step_ms)
         return {"resumed_from_step": start, "final_step": step, "steps_run": len(losses),
                 "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                "refused_steps": refused,
                 "step_ms_median": float(np.median(dev)) if len(dev) else None,
                 "round_trip_ms_median": float(np.median(rtt)) if len(rtt) else None,
                 "link_overhead_ms_median": float(np.median(rtt - dev)) if len(rtt) else None,
