@@ -15,7 +15,9 @@ from conftest import REPO, run_edgefa
 PACKAGE = REPO / "edgefa"
 DEVICE_MODULES = ["edgefa.bundle", "edgefa.runtime.engine", "edgefa.runtime.state",
                   "edgefa.runtime.finetune", "edgefa.runtime.batches", "edgefa.profiling.memory",
-                  "edgefa.data", "edgefa.cli"]
+                  "edgefa.data", "edgefa.link.frames", "edgefa.link.protocol", "edgefa.link.messages",
+                  "edgefa.link.transport", "edgefa.link.service", "edgefa.link.server", "edgefa.link.client",
+                  "edgefa.link.fleet", "edgefa.cli"]
 HOST_MODULES = ("edgefa.training", "edgefa.models", "edgefa.exporters", "edgefa.demo", "torch")
 
 
@@ -120,7 +122,7 @@ def _top_level_import_nodes(tree: ast.Module):
 def test_device_sources_never_import_torch_or_host_modules():
     files = _device_sources()
     assert {"bundle.py", "engine.py", "state.py", "finetune.py", "batches.py", "memory.py",
-            "datasets.py"} <= {f.name for f in files}
+            "datasets.py", "protocol.py", "server.py", "client.py", "fleet.py"} <= {f.name for f in files}
     offenders, seen = [], set()
     for path in files:
         tree = ast.parse(path.read_text(), filename=str(path))
