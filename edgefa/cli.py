@@ -241,7 +241,7 @@ def serve(port, listen_address, store, checkpoint_every, provider, threads, max_
 
     if (port is None) == (listen_address is None):
         raise click.UsageError("give exactly one of --port URL and --listen ADDR:PORT")
-    if listen_address is not None and not listen_address.startswith(("127.", "localhost:", "[::1]:")):
+    if listen_address is not None and not listen_address.startswith((":", "127.", "localhost:", "[::1]:")):
         err_console.print(f"[yellow]warning:[/] listening on {escape(listen_address)}: reachable beyond this "
                           "machine" + ("" if key_file else ", and without a shared key (--key-file)"))
     key = read_key(key_file)

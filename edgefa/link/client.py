@@ -59,6 +59,7 @@ class ClientConfig:
     key: bytes | None = None
     reply_timeout: float = 120.0        # longest wait for one reply (an upload_end loads a bundle)
     reconnects: int = 5                 # consecutive failures before giving up
+    connect_timeout: float = 10.0       # wait this long for the device to answer HELLO
     max_fragment: int = 64 * 1024
     timing: Timing = field(default_factory=Timing)
     baudrate: int = 115200
@@ -93,13 +94,16 @@ class DeviceClient:
 
     def connect(self) -> None:
         self.close()
-        transport = SerialTransport(self.url, self.config.baudrate)
+        try:
+            transport = SerialTransport(self.url, self.config.baudrate)
+        except EdgefaError as exc:   # not there yet (a device restarting): worth another try
+            raise LinkError(str(exc)) from None
         self.transport = self.config.wrap(transport) if self.config.wrap else transport
         if self.conn is None:   # one Connection for the client's life: its stats add up
             self.conn = Connection("client", key=self.config.key, hello={"role": "host"},
                                    max_fragment=self.config.max_fragment, timing=self.config.timing)
         self.conn.connect(time.monotonic())
-        deadline = time.monotonic() + self.config.timing.give_up_after
+        deadline = time.monotonic() + self.config.connect_timeout
         while time.monotonic() < deadline:
             exchange(self.conn, self.transport, wait=0.2)
             while (event := self.conn.next_event()) is not None:
@@ -111,7 +115,8 @@ class DeviceClient:
                     raise EdgefaError(f"{self.url}: the device refused the session: {event.reason}")
                 if isinstance(event, LinkLost):
                     raise LinkError(f"{self.url}: {event.reason}")
-        raise LinkError(f"{self.url}: no answer to HELLO")
+        raise LinkError(f"{self.url}: no answer to HELLO within {self.config.connect_timeout:.0f} s "
+                        "(is `edgefa device serve` running there?)")
 
     def call(self, op: str, arrays: dict | None = None, blob: bytes | None = None, **fields) -> Message:
         """Send one request and return its reply, reconnecting and asking again on link failure."""

@@ -233,6 +233,9 @@ class Connection:
             self._emit(Kind.REFUSE, 0, why.encode())
             return
         if not self._authentic(frame, self.key):
+            # Say so, rather than leave an honest host with the wrong key waiting: a forger learns
+            # nothing from it that the silence would not tell.
+            self._emit(Kind.REFUSE, 0, b"frame authentication failed (wrong shared key?)")
             return
         nonce = frame.payload[:NONCE_BYTES]
         if self._state == "open" and nonce == self._peer_nonce:

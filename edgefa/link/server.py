@@ -11,6 +11,7 @@ import signal
 import time
 from typing import Callable
 
+from ..errors import EdgefaError
 from .protocol import Connection, LinkError, LinkLost, MessageReceived, SessionStarted
 from .service import DeviceService
 from .transport import FdTransport, SerialTransport, accept, exchange, listen, open_pty
@@ -33,6 +34,15 @@ def serve_connection(transport, service: DeviceService, conn: Connection, log: C
         s = conn.stats
         if s.forged or s.replayed:
             log(f"refused so far: {s.forged} forged and {s.replayed} replayed frames")
+
+
+def _reopen(port: str, baudrate: int) -> SerialTransport:
+    while True:
+        time.sleep(1.0)
+        try:
+            return SerialTransport(port, baudrate)
+        except EdgefaError:
+            pass
 
 
 def stop_on_sigterm() -> None:
@@ -76,7 +86,13 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
         else:
             transport = SerialTransport(port, baudrate)
             ready(f"serving on {port}")
-            serve_connection(transport, service, conn, log)
+            while True:
+                try:
+                    serve_connection(transport, service, conn, log)
+                except LinkError as exc:   # e.g. a USB cable pulled: wait for the port to return
+                    log(f"{exc}; reopening {port}")
+                    transport.close()
+                    transport = _reopen(port, baudrate)
     except KeyboardInterrupt:
         pass
     finally:
