@@ -290,8 +290,12 @@ class Connection:
             if self.role == "client" and self._state == "connecting":
                 self._state = "refused"
                 self._events.append(SessionRefused(frame.payload.decode("utf-8", "replace")[:200]))
+            elif self.role == "client" and self._state == "open":
+                self._lose("the device has no session for us (it restarted?)")   # reconnect at once
         elif self._state != "open":
-            return                                                # a frame of no session of ours
+            if self.role == "server" and frame.kind == Kind.DATA:
+                self._emit(Kind.REFUSE, 0, b"no session: send HELLO")  # rather than 30 s of silence
+            return
         elif (self._session_key is not None) != bool(frame.flags & FLAG_AUTH):
             self.stats.forged += 1
         elif not self._authentic(frame, self._session_key):
