@@ -30,7 +30,9 @@ from .messages import Message, MessageError, decode, encode
 from .protocol import Connection, LinkError, LinkLost, MessageReceived, SessionRefused, SessionStarted, Timing
 from .transport import SerialTransport, exchange
 
-CHUNK_BYTES = 64 * 1024
+# A chunk and its request header fit one 64 KiB fragment: a chunk of exactly 64 KiB would need a
+# second, tiny fragment and so a second round trip (measured: 115 -> 143 MB/s on loopback).
+CHUNK_BYTES = 63 * 1024
 
 
 class DeviceError(EdgefaError):

@@ -26,6 +26,7 @@ def serve_connection(transport, service: DeviceService, conn: Connection, log: C
                 if isinstance(event, MessageReceived):
                     conn.send(service.handle(event.data), time.monotonic())
                     transport.write(conn.data_to_send())
+                    service.after_reply()
                 elif isinstance(event, SessionStarted):
                     log(f"session {conn.stats.sessions} started: {event.peer}")
                 elif isinstance(event, LinkLost):

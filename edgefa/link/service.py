@@ -148,6 +148,13 @@ class DeviceService:
             raise RequestError("no_bundle", "no bundle deployed on this device (edgefa deploy BUNDLE --device URL)")
         return self.bundle, self.engine
 
+    def after_reply(self) -> None:
+        """Work that need not delay a reply: the periodic checkpoint (about 3 ms here). A device
+        killed before it lands loses one more interval at most, which the host sends again."""
+        every = self.config.checkpoint_every
+        if self.engine is not None and every and self.step - self.checkpointed_step >= every:
+            self.checkpoint()
+
     def checkpoint(self) -> int:
         bundle, engine = self._need_bundle()
         save_state(bundle, DeviceState(self.step, engine.state(), self.refused))
@@ -308,8 +315,6 @@ class DeviceService:
         if not result.accepted:
             self.refused.append(step)
         self.step += 1
-        if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
-            self.checkpoint()
         reply = encode({"ok": True, "step": self.step, "loss": result.loss, "accepted": result.accepted,
                         "step_ms": seconds * 1e3})
         self._last_train = (step, reply)
