@@ -10,6 +10,7 @@ dtypes are accepted, and the byte count must match the shapes exactly.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -45,7 +46,9 @@ def encode(fields: dict, arrays: dict[str, np.ndarray] | None = None, blob: byte
     """`blob` travels as a uint8 array named 'blob' (bundle chunks), without a copy into numpy."""
     specs, parts = [], []
     for name, a in (arrays or {}).items():
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a)
+        if not a.flags.c_contiguous:
+            a = a.copy(order="C")     # (np.ascontiguousarray would turn a 0-d array 1-d)
         if a.dtype.name not in DTYPES:
             raise MessageError(f"array '{name}' has dtype {a.dtype}, not one of {sorted(DTYPES)}")
         specs.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape)})
@@ -65,8 +68,8 @@ def decode(data: bytes) -> Message:
         raise MessageError(f"message header length {n} is out of bounds")
     try:
         fields = json.loads(data[HEADER_LEN.size:HEADER_LEN.size + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MessageError(f"message header is not JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MessageError(f"message header is not JSON ({type(exc).__name__})") from None
     if not isinstance(fields, dict) or not isinstance(fields.get("arrays", []), list):
         raise MessageError("message header must be an object with an 'arrays' list")
     arrays, pos = {}, HEADER_LEN.size + n
@@ -79,7 +82,7 @@ def decode(data: bytes) -> Message:
             ok = False
         if not ok:
             raise MessageError(f"bad array description {str(spec)[:80]}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize     # Python ints: no wrap-around
         if pos + nbytes > len(data):
             raise MessageError(f"array '{name}' runs past the end of the message")
         arrays[name] = np.frombuffer(data, dtype=dtype, count=nbytes // np.dtype(dtype).itemsize,

@@ -200,7 +200,8 @@ class Connection:
 
     def _reset_session(self) -> None:
         self._state = "idle" if self.role == "client" else "listening"
-        self._session_key: bytes | None = None
+        self._send_key: bytes | None = None     # one key per direction: a frame reflected back
+        self._recv_key: bytes | None = None     # to its sender fails authentication
         self._peer_nonce = b""
         self._welcome = b""                  # server: the WELCOME payload, repeated for a repeated HELLO
         self._send_seq = 0
@@ -248,7 +249,7 @@ class Connection:
         self._reset_session()
         own_nonce = os.urandom(NONCE_BYTES)
         self._peer_nonce, self._state = nonce, "open"
-        self._session_key = _session_key(self.key, nonce, own_nonce)
+        self._recv_key, self._send_key = _session_keys(self.key, nonce, own_nonce)
         self._welcome = nonce + own_nonce + json.dumps(self.hello).encode()
         self._last_progress = now
         self.stats.sessions += 1
@@ -273,7 +274,7 @@ class Connection:
         if peer is None:
             self._lose("malformed WELCOME")
             return
-        self._session_key = _session_key(self.key, self._hello_nonce, p[NONCE_BYTES:2 * NONCE_BYTES])
+        self._send_key, self._recv_key = _session_keys(self.key, self._hello_nonce, p[NONCE_BYTES:2 * NONCE_BYTES])
         self._state, self._last_progress = "open", now
         self._rto = self.timing.initial_rto
         self.stats.sessions += 1
@@ -290,23 +291,27 @@ class Connection:
             if self.role == "client" and self._state == "connecting":
                 self._state = "refused"
                 self._events.append(SessionRefused(frame.payload.decode("utf-8", "replace")[:200]))
-            elif self.role == "client" and self._state == "open":
-                self._lose("the device has no session for us (it restarted?)")   # reconnect at once
+            elif self.role == "client" and self._state == "open" and self.key is None:
+                # Reconnect at once. Not on a keyed link: REFUSE carries no tag, and 21 forged bytes
+                # must not end an authenticated session (there, the give-up timer notices instead).
+                self._lose("the device has no session for us (it restarted?)")
         elif self._state != "open":
             if self.role == "server" and frame.kind == Kind.DATA:
                 self._emit(Kind.REFUSE, 0, b"no session: send HELLO")  # rather than 30 s of silence
             return
-        elif (self._session_key is not None) != bool(frame.flags & FLAG_AUTH):
+        elif (self._recv_key is not None) != bool(frame.flags & FLAG_AUTH):
             self.stats.forged += 1
-        elif not self._authentic(frame, self._session_key):
+        elif not self._authentic(frame, self._recv_key):
             return
         elif frame.kind == Kind.DATA:
             self._on_data(frame, now)
         elif frame.kind == Kind.ACK:
             self._on_ack(frame.seq, now)
-        elif frame.kind == Kind.NACK:
-            if self._inflight and frame.seq == self._inflight.seq:
+        elif frame.kind == Kind.NACK and self._inflight:
+            if frame.seq == self._inflight.seq:
                 self._retransmit(now)
+            elif frame.seq == self._inflight.seq + 1:    # it expects the next one: ours arrived
+                self._on_ack(self._inflight.seq, now)
 
     def _authentic(self, frame: Frame, key: bytes | None) -> bool:
         if key is None:
@@ -380,6 +385,7 @@ class Connection:
         length = min(self._fragment, len(message) - self._send_offset)
         self._send_seq += 1
         self._inflight = _InFlight(self._send_seq, msg_id, self._send_offset, length, now)
+        self._last_progress = now        # waiting starts now, however long we were idle
         self._send_fragment()
 
     def _retransmit(self, now: float) -> None:
@@ -400,7 +406,7 @@ class Connection:
 
     def _emit(self, kind: int, seq: int, payload: bytes = b"", key: bytes | None = None) -> None:
         if kind in (Kind.DATA, Kind.ACK, Kind.NACK):
-            key = self._session_key
+            key = self._send_key
         tag = None
         if key is not None:
             tag = hmac.new(key, Frame(kind, seq, payload, FLAG_AUTH).signed_bytes(), hashlib.sha256).digest()
@@ -415,15 +421,18 @@ class Connection:
         self._events.append(LinkLost(reason))
 
 
-def _session_key(key: bytes | None, client_nonce: bytes, server_nonce: bytes) -> bytes | None:
+def _session_keys(key: bytes | None, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes | None, bytes | None]:
+    """(client -> server key, server -> client key) for this session, bound to both nonces."""
     if key is None:
-        return None
-    return hmac.new(key, b"edgefa-link-v1" + client_nonce + server_nonce, hashlib.sha256).digest()
+        return None, None
+    salt = b"edgefa-link-v1" + client_nonce + server_nonce
+    return (hmac.new(key, salt + b"client->server", hashlib.sha256).digest(),
+            hmac.new(key, salt + b"server->client", hashlib.sha256).digest())
 
 
 def _parse_hello(data: bytes) -> dict | None:
     try:
         hello = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return hello if isinstance(hello, dict) else None
