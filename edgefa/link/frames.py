@@ -79,6 +79,19 @@ class FrameDecoder:
         self.max_payload = max_payload
         self._buf = bytearray()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held back: the start of a frame whose end has not arrived (yet)."""
+        return len(self._buf)
+
+    def abandon(self) -> list[Frame | Corrupt]:
+        """Give up on the frame held back (its end was lost: a cut connection, a dropped byte on a
+        line gone quiet) and search the bytes after its first for frames."""
+        if not self._buf:
+            return []
+        del self._buf[:1]
+        return [Corrupt("incomplete frame abandoned", 1), *self.feed(b"")]
+
     def feed(self, data: bytes) -> list[Frame | Corrupt]:
         self._buf += data
         out: list[Frame | Corrupt] = []

@@ -97,6 +97,7 @@ class Timing:
     min_rto: float = 0.05
     max_rto: float = 5.0
     give_up_after: float = 30.0
+    stall: float = 1.0              # a partial frame with no new byte for this long is abandoned
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Connection:
         self._reset_session()
         self._hello_nonce = b""          # client: the nonce of the HELLO we are waiting on
         self._hello_sent_at = 0.0
+        self._last_rx = 0.0
 
     # --- the caller's side ------------------------------------------------------------------
 
@@ -146,8 +148,16 @@ class Connection:
 
     def receive_data(self, data: bytes, now: float) -> None:
         self.stats.bytes_received += len(data)
+        self._last_rx = now
+        self._consume(self._decoder.feed(data), now)
+
+    def reset_input(self) -> None:
+        """Forget bytes held back from a transport that has gone (a new TCP connection starts clean)."""
+        self._decoder = FrameDecoder()
+
+    def _consume(self, items: list, now: float) -> None:
         damaged = False
-        for item in self._decoder.feed(data):
+        for item in items:
             if isinstance(item, Corrupt):
                 self.stats.corrupt += 1
                 damaged = True
@@ -165,6 +175,8 @@ class Connection:
 
     def poll(self, now: float) -> None:
         """Run the timers: repeat what was not acknowledged, and give up after a long silence."""
+        while self._decoder.buffered and now - self._last_rx > self.timing.stall:
+            self._consume(self._decoder.abandon(), now)      # its end will never come
         if self._state == "connecting" and now - self._hello_sent_at >= self._rto:
             self._rto = min(2 * self._rto, self.timing.max_rto)
             self._send_hello(now)
@@ -178,11 +190,10 @@ class Connection:
 
     def next_deadline(self) -> float | None:
         """When `poll` next has work to do (None: nothing is waiting for an answer)."""
-        if self._state == "connecting":
-            return self._hello_sent_at + self._rto
-        if self._inflight:
-            return self._inflight.sent_at + self._rto
-        return None
+        deadlines = [self._hello_sent_at + self._rto if self._state == "connecting" else None,
+                     self._inflight.sent_at + self._rto if self._inflight else None,
+                     self._last_rx + self.timing.stall if self._decoder.buffered else None]
+        return min((d for d in deadlines if d is not None), default=None)
 
     def data_to_send(self) -> bytes:
         out, self._out = bytes(self._out), bytearray()

@@ -69,6 +69,7 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
                 while True:
                     transport = accept(server)
                     log(f"connection from {transport.name}")
+                    conn.reset_input()
                     try:
                         serve_connection(transport, service, conn, log)
                     except LinkError as exc:
@@ -83,7 +84,7 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
                 try:
                     serve_connection(transport, service, conn, log)
                 except LinkError:
-                    time.sleep(0.05)     # the host closed its side (EIO); it may open it again
+                    time.sleep(0.2)      # the host closed its side (EIO); it may open it again
         else:
             transport = SerialTransport(port, baudrate)
             ready(f"serving on {port}")

@@ -355,7 +355,7 @@ class DeviceService:
 
     def _op_fetch_chunk(self, msg: Message):
         what, offset, length = msg.get("what"), msg.get("offset"), msg.get("length")
-        blob = self._fetches.get(what)
+        blob = self._fetches.get(what) if isinstance(what, str) else None
         if blob is None:
             raise RequestError("no_fetch", f"no fetch of {str(what)[:20]!r} in progress (send fetch_begin)")
         if type(offset) is not int or type(length) is not int or not (0 <= offset <= len(blob)) \
