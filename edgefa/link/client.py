@@ -104,6 +104,7 @@ class DeviceClient:
         if self.conn is None:   # one Connection for the client's life: its stats add up
             self.conn = Connection("client", key=self.config.key, hello={"role": "host"},
                                    max_fragment=self.config.max_fragment, timing=self.config.timing)
+        self.conn.reset_input()   # half a frame from the last connection must not eat the WELCOME
         self.conn.connect(time.monotonic())
         deadline = time.monotonic() + self.config.connect_timeout
         while time.monotonic() < deadline:

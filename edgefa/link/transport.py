@@ -8,6 +8,7 @@ bytes raises LinkError from read or write.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -40,7 +41,7 @@ class SerialTransport:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self._fd = self.port.fileno()
-        except (AttributeError, NotImplementedError, serial.SerialException):
+        except (AttributeError, NotImplementedError, io.UnsupportedOperation, serial.SerialException):
             self._fd = None                   # loop:// and friends: poll in_waiting instead
 
     def read(self, timeout: float) -> bytes:
