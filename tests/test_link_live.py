@@ -45,7 +45,7 @@ from edgefa.link.protocol import Connection, LinkError, LinkLost, MessageReceive
 from edgefa.link.transport import FaultyTransport, FdTransport, SerialTransport, exchange
 
 STEPS, BATCH, SEED = 40, 16, 0
-NOISY_STEPS = 5      # sessions over a damaging line (each dropped byte costs a timeout): shorter
+NOISY_STEPS = 4      # sessions over a damaging line (each dropped byte costs a timeout): shorter
 READY_TIMEOUT = 60.0
 
 

@@ -164,6 +164,8 @@ class Connection:
             else:
                 self.stats.frames_received += 1
                 self._on_frame(item, now)
+        if damaged and self._state == "connecting":
+            self._send_hello(now)             # the WELCOME may have been the damage: ask again now
         if damaged and self._state == "open":
             # Something of ours or the peer's was lost: ask for the expected fragment, and repeat
             # ours if one is waiting (its ACK may have been the damage). Both are harmless if not.
