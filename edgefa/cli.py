@@ -207,6 +207,21 @@ def link_options(f):
                         help="shared key: authenticate every frame with HMAC-SHA256")(f)
 
 
+def remote_finetune_options(f):
+    """The options of fine-tuning over a link, shared by `finetune` and `fleet finetune`."""
+    for option in reversed([
+        click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR"),
+        click.option("--steps", type=int, required=True,
+                     help="total device steps to reach (continues from the device's step)"),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)"),
+        click.option("--seed", type=int, default=0, show_default=True, help="batch order seed"),
+        click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)"),
+    ]):
+        f = option(f)
+    return f
+
+
 def _client(url: str, key_file, baud):
     from .link.client import ClientConfig, DeviceClient, read_key
 
@@ -314,12 +329,7 @@ def deploy(bundle, url, key_file, baud):
 
 @cli.command("finetune")
 @click.option("--device", "url", required=True, help="the device: a pyserial URL")
-@click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR")
-@click.option("--steps", type=int, required=True, help="total device steps to reach (continues from the device's step)")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)")
-@click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
-@click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)")
+@remote_finetune_options
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the report as JSON")
 @link_options
 def finetune_remote(url, data_spec, steps, batch_size, lr, seed, eval_spec, report, key_file, baud):
@@ -439,12 +449,7 @@ def fleet_deploy(bundle, inventory):
 
 @fleet.command("finetune")
 @inventory_option
-@click.option("--data", "data_spec", required=True, help="training data for every device: FILE.npz or mnist:DIR")
-@click.option("--steps", type=int, required=True, help="total device steps to reach")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=None, help="learning rate (default: each bundle's)")
-@click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
-@click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)")
+@remote_finetune_options
 def fleet_finetune(inventory, data_spec, steps, batch_size, lr, seed, eval_spec):
     """Fine-tune every device on the same data, all at once."""
     from .data.datasets import load_dataset
