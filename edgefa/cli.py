@@ -42,6 +42,13 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
+def energy_text(joules: float | None, method: str) -> str:
+    """Energy with its method beside it: an estimate never reads as a measurement."""
+    if joules is None:
+        return "-"
+    return f"{joules * 1e3:.3f} mJ" + (" (estimated)" if method == "estimated" else "")
+
+
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -247,12 +254,16 @@ def transfer_bar() -> Progress:
 @click.option("--provider", default=None, help="onnxruntime execution provider (default: the best available)")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads")
 @click.option("--max-bundle-mb", type=int, default=256, show_default=True, help="largest bundle accepted")
+@click.option("--profile", "profile_name", default=None,
+              help="device profile name or TOML file (default: detected); used for energy estimates")
 @link_options
-def serve(port, listen_address, store, checkpoint_every, provider, threads, max_bundle_mb, key_file, baud):
+def serve(port, listen_address, store, checkpoint_every, provider, threads, max_bundle_mb, profile_name,
+          key_file, baud):
     """Serve this device to a host over a serial line or TCP (one host at a time)."""
     from .link.client import read_key
     from .link.server import serve as run_server, stop_on_sigterm
     from .link.service import DeviceService, ServiceConfig
+    from .profiling.machine import open_profiler
 
     if (port is None) == (listen_address is None):
         raise click.UsageError("give exactly one of --port URL and --listen ADDR:PORT")
@@ -260,12 +271,17 @@ def serve(port, listen_address, store, checkpoint_every, provider, threads, max_
         err_console.print(f"[yellow]warning:[/] listening on {escape(listen_address)}: reachable beyond this "
                           "machine" + ("" if key_file else ", and without a shared key (--key-file)"))
     key = read_key(key_file)
-    service = DeviceService(ServiceConfig(Path(store), checkpoint_every, provider, threads,
-                                          max_bundle_bytes=max_bundle_mb << 20))
-    stop_on_sigterm()
 
     def say(line: str) -> None:
         click.echo(f"edgefa device server: {line}", err=True)
+
+    profiler, machine = open_profiler(profile_name)
+    say(f"device profile {machine.profile.name} ({machine.how_recognized}); {machine.energy_line}")
+    service = DeviceService(ServiceConfig(Path(store), checkpoint_every, provider, threads,
+                                          max_bundle_bytes=max_bundle_mb << 20), profiler.start())
+    service.machine = {"name": machine.profile.name, "display_name": machine.profile.display_name,
+                       "detected": bool(machine.profile.detected), "how": machine.how_recognized}
+    stop_on_sigterm()
 
     def ready(line: str) -> None:
         click.echo(f"edgefa device server: {line}")   # stdout, one line: what a script waits for
@@ -347,10 +363,10 @@ def finetune_remote(url, data_spec, steps, batch_size, lr, seed, eval_spec, repo
                                   on_step=lambda s, loss, rtt: bar.update(task, completed=s,
                                                                           status=f"loss {loss:.3f}  rtt {rtt:.1f} ms"))
         after = dev.evaluate(eval_data.X, eval_data.y) if eval_data else None
-        profile = dev.call("profile").fields
+        profile = dev.profile(samples=False)
         stats = dev.stats.as_dict()
     result.update(accuracy_before=before and before["accuracy"], accuracy_after=after and after["accuracy"],
-                  device_peak_rss_bytes=profile["peak_rss_bytes"], link=stats)
+                  device_peak_rss_bytes=profile["memory"]["peak_rss_bytes"], link=stats)
     if report:
         Path(report).write_text(json.dumps(result, indent=2))
     table = Table(title=f"fine-tuning on {escape(url)} (DFA, over the link)", show_header=False)
@@ -365,7 +381,7 @@ def finetune_remote(url, data_spec, steps, batch_size, lr, seed, eval_spec, repo
                                              f"(link overhead {result['link_overhead_ms_median']:.2f} ms)")
     table.add_row("link", f"{stats['frames_sent']} frames sent, {stats['retransmits']} repeated, "
                           f"{stats['corrupt']} damaged received, {result['reconnects']} reconnects")
-    table.add_row("device peak RSS", human_bytes(profile["peak_rss_bytes"]))
+    table.add_row("device peak RSS", human_bytes(profile["memory"]["peak_rss_bytes"]))
     console.print(table)
 
 
@@ -478,6 +494,255 @@ def fleet_finetune(inventory, data_spec, steps, batch_size, lr, seed, eval_spec)
                               f"{a['round_trip_ms_median']:.2f} ms" if a["round_trip_ms_median"] else "-"])
 
 
+# --- device profiles, budgets and profiling (device side: no torch) ------------------------------
+
+@cli.group()
+def profiles() -> None:
+    """Device profiles: what each device can compute, hold and measure (one TOML file per device)."""
+
+
+def _profile_table(p) -> Table:
+    table = Table(title=escape(f"{p.display_name} ({p.name})"), show_header=False)
+    gpu = (f"{p.gpu_name}: {p.gpu_fp32_tflops:g} TFLOP/s fp32, {p.gpu_fp16_tflops:g} fp16"
+           if p.gpu_name else "none used by edgefa")
+    rows = [("CPU", f"{p.cpu_name}: {p.cpu_cores} cores at {p.cpu_max_clock_ghz:g} GHz, "
+                    f"{p.cpu_peak_flops / 1e9:.0f} GFLOP/s fp32 peak"),
+            ("GPU", gpu),
+            ("memory", f"{human_bytes(p.memory_bytes)} {p.memory_type}, {p.memory_bandwidth_gbps:g} GB/s"),
+            ("power modes", ", ".join(f"{m['id']}: {m['name']}" for m in p.power_modes) or "-"),
+            ("idle power", f"{p.idle_power_w:g} W"),
+            ("energy model (estimates)", f"{p.pj_per_flop:g} pJ/FLOP, {p.pj_per_dram_byte:g} pJ/DRAM byte"),
+            ("sensor", f"{p.sensor_backend}" + (f": rails {', '.join(p.sensor_rails)}" if p.sensor_rails else "")
+                       + (f", total {p.total_rail}" if p.total_rail else "")),
+            ("execution providers", ", ".join(p.providers)),
+            ("runtime overhead", human_bytes(p.runtime_overhead_bytes)),
+            ("source", p.source)]
+    rows += [(f"detected: {k}", str(v)) for k, v in p.detected.items()]
+    for k, v in rows:
+        table.add_row(k, escape(v))
+    return table
+
+
+@profiles.command("list")
+def profiles_list():
+    """The device profiles edgefa knows."""
+    from .device_profiles import list_profiles, load_profile
+
+    table = Table(title="device profiles")
+    for col in ("name", "device", "CPU", "GPU fp32", "memory", "bandwidth", "idle", "sensor"):
+        table.add_column(col, justify="right" if col in ("GPU fp32", "bandwidth", "idle") else "left")
+    for name in list_profiles():
+        p = load_profile(name)
+        table.add_row(p.name, escape(p.display_name), f"{p.cpu_cores}x {p.cpu_max_clock_ghz:g} GHz",
+                      f"{p.gpu_fp32_tflops:g} TFLOP/s" if p.gpu_fp32_tflops else "-", human_bytes(p.memory_bytes),
+                      f"{p.memory_bandwidth_gbps:g} GB/s", f"{p.idle_power_w:g} W", p.sensor_backend)
+    console.print(table)
+
+
+@profiles.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
+def profiles_show(name, as_json):
+    """One device profile (a name from `profiles list`, or a TOML file)."""
+    from .device_profiles import load_profile
+
+    p = load_profile(name)
+    if as_json:
+        click.echo(json.dumps(p.as_dict(), indent=2))
+    else:
+        console.print(_profile_table(p))
+
+
+@profiles.command("detect")
+@click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
+def profiles_detect(as_json):
+    """The profile of this machine: a Jetson or Raspberry Pi by its device tree (or L4T release),
+    otherwise a generic host filled in by detection."""
+    from .device_profiles import detect_profile
+
+    p, how = detect_profile()
+    if as_json:
+        click.echo(json.dumps({**p.as_dict(), "how": how}, indent=2))
+        return
+    console.print(f"this machine: [bold]{escape(p.name)}[/] ({escape(how)})")
+    console.print(_profile_table(p))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--profile", "profile_name", default=None, help="device profile name or TOML (default: detected)")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--provider", default=None, help="execution provider that would run it (default: the profile's first)")
+@click.option("--samples", type=click.IntRange(min=0), default=0, help="fine-tuning samples held on the device")
+@click.option("--json", "as_json", is_flag=True, help="print the budget as JSON")
+def budget(bundle, profile_name, batch_size, provider, samples, as_json):
+    """Predict peak memory and a lower bound on step time of fine-tuning BUNDLE on a device."""
+    from .bundle import read_bundle
+    from .device_profiles import detect_profile, load_profile
+    from .device_profiles.budget import budget as predict
+
+    b = read_bundle(bundle)
+    p = load_profile(profile_name) if profile_name else detect_profile()[0]
+    result = predict(b.manifest, p, batch_size, provider, samples)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    table = Table(title=escape(f"budget: {Path(bundle).name} on {p.display_name}, batch {batch_size}"))
+    table.add_column("")
+    table.add_column("bytes", justify="right")
+    for part, n in result.memory.items():
+        table.add_row(part, human_bytes(n))
+    table.add_row("[bold]predicted peak[/]", f"[bold]{human_bytes(result.peak_bytes)}[/]")
+    table.add_row(escape(f"available ({result.available_basis})"), human_bytes(result.available_bytes))
+    console.print(table)
+    verdict = "[green]fits[/]" if result.fits else "[red]does not fit[/]"
+    console.print(f"memory: {verdict} ({100 * result.peak_bytes / result.available_bytes:.1f}% of available)")
+    console.print(f"step time >= [bold]{result.step_lower_bound_s * 1e3:.3f} ms[/] on {escape(result.provider)} "
+                  f"(roofline, bound by {result.bound_by}: {result.cost.flops / 1e6:.1f} MFLOP at "
+                  f"{result.peak_flops / 1e9:.0f} GFLOP/s = {result.compute_s * 1e3:.3f} ms; "
+                  f"{human_bytes(result.cost.bytes_moved)} at {result.bandwidth_bytes_s / 1e9:g} GB/s = "
+                  f"{result.memory_s * 1e3:.3f} ms)")
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")
+
+
+class DefaultCommandGroup(click.Group):
+    """A group whose first argument, when it names no subcommand, goes to `default_command`:
+    `edgefa profile BUNDLE ...` is `edgefa profile run BUNDLE ...`, beside `edgefa profile compare`."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+def profile_options(f):
+    options = [
+        click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True),
+        click.option("--batch", "batch_size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--data", "data_spec", default=None,
+                     help="npz:FILE | digits | mnist:DIR (default: seeded Gaussian samples of the bundle's shape)"),
+        click.option("--out", type=click.Path(file_okay=False), required=True, help="report directory to write"),
+        click.option("--device", "url", default=None, help="profile on a device over the link: a pyserial URL"),
+        click.option("--profile", "profile_name", default=None, help="device profile (default: detected)"),
+        click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
+                     help="windows of each repeated phase left out of the statistics"),
+        click.option("--interval", type=click.FloatRange(min=0.001), default=0.02, show_default=True,
+                     help="energy and memory sampling interval, seconds"),
+        click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads"),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return link_options(f)
+
+
+def _profile_config(steps, batch_size, warmup, interval, threads, seed, profile_name):
+    from .profiling.session import ProfileConfig
+    return ProfileConfig(steps=steps, batch_size=batch_size, warmup=warmup, sample_interval_s=interval,
+                         threads=threads, seed=seed, profile=profile_name)
+
+
+@cli.group(cls=DefaultCommandGroup)
+def profile() -> None:
+    """Profile fine-tuning: `edgefa profile BUNDLE --out DIR` (locally or --device URL), and
+    `edgefa profile compare BUNDLE --out DIR` (DFA on the device runtime against BP in torch)."""
+
+
+@profile.command("run")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@profile_options
+def profile_run(bundle, steps, batch_size, data_spec, out, url, profile_name, warmup, interval, threads, seed,
+                key_file, baud):
+    """Run fine-tuning steps under the profiler; write profile.json and report.html into --out."""
+    from .data.datasets import load_dataset
+    from .profiling.session import profile_local, profile_over_link
+    from .report.html import render_profile_report, write_report
+
+    cfg = _profile_config(steps, batch_size, warmup, interval, threads, seed, profile_name)
+    data = load_dataset(data_spec) if data_spec else None
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task(f"profiling on {url or 'this machine'}", total=steps, status="")
+        on_step = (lambda s, loss, *rest: bar.update(task, advance=1, status=f"loss {loss:.3f}"))
+        if url:
+            with _client(url, key_file, baud) as dev:
+                result = profile_over_link(dev, bundle, cfg, data, on_step=on_step)
+        else:
+            result = profile_local(bundle, cfg, data, on_step=on_step)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(result, indent=1))
+    write_report(out / "report.html", render_profile_report(result))
+    console.print(_phases_table(result))
+    console.print(f"wrote {out / 'profile.json'} and {out / 'report.html'}")
+
+
+def _phases_table(result: dict) -> Table:
+    energy = result["energy"]
+    table = Table(title=escape(result["title"]))
+    for col in ("phase", "windows", "p50 ms", "p95 ms", "p99 ms", "total s",
+                f"energy p50 ({energy['method']})"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for name, ph in result["phases"].items():
+        lat = ph["latency_ms"]
+        table.add_row(name, str(ph["count"]), *(f"{lat[q]:.3f}" if q in lat else "-" for q in ("p50", "p95", "p99")),
+                      f"{ph['total_s']:.3f}", energy_text(ph["energy_j"]["per_window_p50"], ph["energy_j"]["method"]))
+    mem = result["memory"]
+    table.caption = escape(f"peak RSS {human_bytes(mem['peak_rss_bytes'])}; energy: {energy['backend']}"
+                           + (f"; notes: {'; '.join(energy['notes'])}" if energy["notes"] else ""))
+    if result.get("link"):
+        rt = result["link"]["round_trip_ms"]
+        table.caption += escape(f"; round trip p50 {rt.get('p50', float('nan')):.2f} ms")
+    return table
+
+
+@profile.command("compare")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@profile_options
+def profile_compare(bundle, steps, batch_size, data_spec, out, url, profile_name, warmup, interval, threads, seed,
+                    key_file, baud):
+    """DFA on the device runtime (locally, or on --device) against BP in torch on this host: the same
+    model, batches and energy source; writes compare.json and compare.html with the ratios."""
+    from .profiling.compare import compare, run_in_process
+    from .profiling.session import profile_over_link
+    from .report.html import render_compare_report, write_report
+
+    cfg = _profile_config(steps, batch_size, warmup, interval, threads, seed, profile_name)
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("dfa on " + (url or "the device runtime (own process)"), total=None, status="")
+        if url:
+            from .data.datasets import load_dataset
+            with _client(url, key_file, baud) as dev:
+                dfa = profile_over_link(dev, bundle, cfg, load_dataset(data_spec) if data_spec else None)
+        else:
+            dfa = run_in_process("edgefa.profiling.session", bundle, cfg, data_spec)
+        bar.update(task, total=1, completed=1)
+        task = bar.add_task("bp in torch (own process)", total=None, status="")
+        bp = run_in_process("edgefa.training.bp_profile", bundle, cfg, data_spec)
+        bar.update(task, total=1, completed=1)
+    result = compare(dfa, bp)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    write_report(out / "compare.html", render_compare_report(result))
+    table = Table(title=escape(result["title"]))
+    for col in ("", "dfa", "bp", "dfa / bp"):
+        table.add_column(col, justify="right" if col else "left")
+    r = result["ratios"]
+    method = result["energy_method"]
+    table.add_row("step time p50", *(f"{run['phases']['train_step']['latency_ms'].get('p50', float('nan')):.3f} ms"
+                                     for run in (dfa, bp)), f"{r['step_time_p50']:.2f}")
+    table.add_row("peak RSS", human_bytes(dfa["memory"]["peak_rss_bytes"]), human_bytes(bp["memory"]["peak_rss_bytes"]),
+                  f"{r['peak_rss']:.2f}")
+    table.add_row(f"energy per step ({method})", energy_text(dfa["energy"]["per_step_j"], dfa["energy"]["method"]),
+                  energy_text(bp["energy"]["per_step_j"], bp["energy"]["method"]),
+                  "-" if r["energy_per_step"] is None else f"{r['energy_per_step']:.2f}")
+    console.print(table)
+    console.print(f"wrote {out / 'compare.json'} and {out / 'compare.html'}")
+
+
 # --- the demo --------------------------------------------------------------------------------
 
 @cli.command()
@@ -503,6 +768,8 @@ def demo(out, epochs, steps, seed):
     table.add_row("device step time (median)", f"{result['device_step_ms_median']:.2f} ms")
     table.add_row("round trip per step over the pseudo-terminal (median)", f"{result['round_trip_ms_median']:.2f} ms")
     table.add_row("device process peak RSS", human_bytes(result["device_peak_rss_bytes"]))
+    table.add_row(f"device energy per step ({result['energy_method']})", energy_text(result["energy_per_step_j"],
+                                                                                 result["energy_method"]))
     table.add_row("bundle size", human_bytes(result["bundle_bytes"]))
     table.add_row("device samples (train / test)", f"{result['n_device_train']} / {result['n_device_test']}")
     console.print(table)

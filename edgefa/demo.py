@@ -87,6 +87,9 @@ def run_demo(cfg: DemoConfig, progress: Callable[[], Progress], say: Callable[[s
         "device_step_ms_median": device["step_ms_median"],
         "round_trip_ms_median": device["round_trip_ms_median"],
         "device_peak_rss_bytes": device["peak_rss_bytes"],
+        "energy_per_step_j": device["energy"]["per_step_j"],
+        "energy_method": device["energy"]["method"],
+        "energy_source": device["energy"]["backend"],
         "bundle_bytes": device["bundle_bytes"],
         "link": device["link"],
         "n_device_train": len(dev_train),
@@ -125,7 +128,7 @@ def drive_device_over_pty(cfg: DemoConfig, bundle_path: Path, dev_train, dev_tes
                                      on_step=lambda s, loss, rtt: bar.update(task, completed=s,
                                                                              status=f"loss {loss:.3f}"))
             after = dev.evaluate(dev_test.X, dev_test.y)["accuracy"]
-            profile = dev.call("profile").fields
+            profile = dev.profile(samples=False)
             pulled = dev.pull(out / "device-bundle")
             say(f"pulled the fine-tuned bundle back into {pulled}")
             link = dev.stats.as_dict()
@@ -133,5 +136,6 @@ def drive_device_over_pty(cfg: DemoConfig, bundle_path: Path, dev_train, dev_tes
         server.terminate()
         server.wait(timeout=30)
     return {**tuned, "accuracy_before": before, "accuracy_after": after,
-            "peak_rss_bytes": profile["peak_rss_bytes"], "bundle_bytes": profile["bundle_bytes"],
+            "peak_rss_bytes": profile["memory"]["peak_rss_bytes"], "bundle_bytes": profile["bundle_bytes"],
+            "energy": profile["energy"],
             "link": link, "tty": tty}

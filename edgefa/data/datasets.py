@@ -324,9 +324,14 @@ class Standardizer:
             std = 1.0
         return cls(mean, std)
 
-    def apply(self, X) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        return ((X - self.mean) / self.std).astype(np.float32)
+    def apply(self, X, rows_per_block: int = 4096) -> np.ndarray:
+        """(X - mean) / std in float64, as float32. Block by block, so that a large data set on a
+        device never needs a whole float64 copy (three times its float32 size, briefly)."""
+        X = np.asarray(X)
+        out = np.empty(X.shape, dtype=np.float32)
+        for i in range(0, len(X), rows_per_block):
+            out[i:i + rows_per_block] = (X[i:i + rows_per_block].astype(np.float64) - self.mean) / self.std
+        return out
 
     def to_dict(self) -> dict:
         return {"mean": float(self.mean), "std": float(self.std)}

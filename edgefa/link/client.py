@@ -26,7 +26,7 @@ import numpy as np
 from ..bundle import pack_archive, unpack_archive
 from ..errors import EdgefaError
 from ..runtime.batches import batch_indices
-from .messages import Message, MessageError, decode, encode
+from .messages import Message, MessageError, arrays_to_lists, decode, encode
 from .protocol import Connection, LinkError, LinkLost, MessageReceived, SessionRefused, SessionStarted, Timing
 from .transport import SerialTransport, exchange
 
@@ -166,6 +166,11 @@ class DeviceClient:
     def status(self) -> dict:
         return self.call("status").fields
 
+    def profile(self, clear: bool = False, samples: bool = True) -> dict:
+        """The device profiler's summary (windows, memory, energy); `clear` starts a fresh one after."""
+        reply = self.call("profile", clear=clear, samples=samples)
+        return arrays_to_lists(reply.fields, reply.arrays)
+
     def deploy(self, bundle_dir: str | os.PathLike, on_progress: Callable[[int, int], None] | None = None,
                chunk_bytes: int = CHUNK_BYTES) -> dict:
         """Upload a bundle in acknowledged chunks; an interrupted upload resumes where it stopped.
@@ -227,6 +232,7 @@ class DeviceClient:
                 "step_ms_median": float(np.median(dev)) if len(dev) else None,
                 "round_trip_ms_median": float(np.median(rtt)) if len(rtt) else None,
                 "link_overhead_ms_median": float(np.median(rtt - dev)) if len(rtt) else None,
+                "round_trip_ms": round_trip_ms, "device_step_ms": step_ms,
                 "reconnects": self.reconnects}
 
     def evaluate(self, X: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> dict:

@@ -93,5 +93,34 @@ def decode(data: bytes) -> Message:
     return Message(fields, arrays)
 
 
+def lists_to_arrays(fields: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """Move every list of numbers (at any depth) out of `fields` into float64 arrays, leaving
+    {"$array": name} in its place: long series (a profile's samples) would not fit the JSON header."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def walk(value, path):
+        if isinstance(value, dict):
+            return {k: walk(v, f"{path}/{k}") for k, v in value.items()}
+        if isinstance(value, list) and value and all(type(v) in (int, float) for v in value):
+            arrays[path] = np.asarray(value, dtype=np.float64)
+            return {"$array": path}
+        return value
+    return walk(fields, ""), arrays
+
+
+def arrays_to_lists(fields: dict, arrays: dict[str, np.ndarray]) -> dict:
+    """The inverse of lists_to_arrays (numbers come back as floats)."""
+    def walk(value):
+        if isinstance(value, dict):
+            if set(value) == {"$array"}:
+                name = value["$array"]
+                if name not in arrays:
+                    raise MessageError(f"reply names a missing array {str(name)[:40]!r}")
+                return arrays[name].tolist()
+            return {k: walk(v) for k, v in value.items()}
+        return value
+    return walk(fields)
+
+
 def error_reply(code: str, message: str) -> bytes:
     return encode({"ok": False, "code": code, "error": message})

@@ -20,9 +20,7 @@ import hashlib
 import io
 import json
 import os
-import platform
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +28,16 @@ import numpy as np
 
 from .. import __version__
 from ..bundle import Bundle, fsync_dir, pack_archive, read_bundle, unpack_archive
+from ..device_profiles.budget import step_cost
 from ..errors import BundleError, CheckpointError, DataError, EdgefaError
-from ..profiling.memory import peak_rss_bytes, rss_bytes
+from ..profiling.machine import device_description
+from ..profiling.memory import rss_bytes
+from ..profiling.profiler import Profiler
 from ..runtime.engine import OrtEngine, choose_providers
+from ..runtime.finetune import bundle_standardizer
 from ..runtime.state import DeviceState, load_state, save_state
 from .frames import VERSION as PROTOCOL_VERSION
-from .messages import OPS, Message, MessageError, decode, encode, error_reply
+from .messages import OPS, Message, MessageError, decode, encode, error_reply, lists_to_arrays
 
 SHA256_HEX = frozenset("0123456789abcdef")
 
@@ -56,27 +58,6 @@ class RequestError(EdgefaError):
         self.code, self.fields = code, fields
 
 
-def device_description() -> dict:
-    """What this machine is, as far as it can tell without a device profile."""
-    model = None
-    for path in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
-        try:
-            model = Path(path).read_bytes().rstrip(b"\0").decode("utf-8", "replace").strip()
-            break
-        except OSError:
-            pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return {"hostname": platform.node(), "machine": platform.machine(), "system": platform.system(),
-            "model": model or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "memory_bytes": mem}
-
-
 def _declared_size(meta: Path) -> int | None:
     try:
         size = json.loads(meta.read_text()).get("size")
@@ -86,8 +67,13 @@ def _declared_size(meta: Path) -> int | None:
 
 
 class DeviceService:
-    def __init__(self, config: ServiceConfig):
+    """Every request runs in a window of `profiler` (load, train_step, forward, checkpoint, transfer);
+    the `profile` request sends its summary to the host."""
+
+    def __init__(self, config: ServiceConfig, profiler: Profiler | None = None):
         self.config = config
+        self.profiler = profiler or Profiler()
+        self.machine = None                                   # set by the server: the device profile in use
         self.store = Path(config.store)
         (self.store / "incoming").mkdir(parents=True, exist_ok=True)
         self.providers = choose_providers(config.provider)
@@ -97,7 +83,6 @@ class DeviceService:
         self.step, self.refused, self.checkpointed_step = 0, [], 0
         self._last_train: tuple[int, bytes] | None = None   # (step, reply): a repeated request gets this
         self._fetches: dict[str, bytes] = {}
-        self.step_seconds: list[float] = []
         self.link_stats = None                                # set by the server: the link's counters
         if (self.store / "bundle").is_dir():
             self._load()
@@ -132,11 +117,15 @@ class DeviceService:
     # --- state -------------------------------------------------------------------------------
 
     def _load(self) -> None:
-        bundle = read_bundle(self.store / "bundle")
-        engine = OrtEngine(bundle, self.providers, self.config.threads)
-        saved = load_state(bundle, engine.state_names)
-        if saved:
-            engine.load_state(saved.tensors)
+        rss_before = rss_bytes()
+        with self.profiler.window("load"):
+            bundle = read_bundle(self.store / "bundle")
+            engine = OrtEngine(bundle, self.providers, self.config.threads)
+            saved = load_state(bundle, engine.state_names)
+            if saved:
+                engine.load_state(saved.tensors)
+        if rss_before is not None:
+            self.profiler.extra["runtime_growth_bytes"] = rss_bytes() - rss_before
         sha_file = self.store / "bundle.sha256"
         self.bundle, self.engine = bundle, engine
         self.archive_sha = sha_file.read_text().strip() if sha_file.exists() else None
@@ -157,7 +146,8 @@ class DeviceService:
 
     def checkpoint(self) -> int:
         bundle, engine = self._need_bundle()
-        save_state(bundle, DeviceState(self.step, engine.state(), self.refused))
+        with self.profiler.window("checkpoint"):
+            save_state(bundle, DeviceState(self.step, engine.state(), self.refused))
         self.checkpointed_step = self.step
         return self.step
 
@@ -229,7 +219,7 @@ class DeviceService:
         if type(offset) is not int or not 0 <= offset <= have or offset + len(blob) > size:
             raise RequestError("bad_offset", f"chunk at offset {offset} does not fit: the device holds "
                                f"{have} of {size} bytes", offset=have)
-        with open(part, "r+b") as f:          # a repeated chunk overwrites the same bytes
+        with self.profiler.window("transfer"), open(part, "r+b") as f:   # a repeat overwrites the same bytes
             f.seek(offset)
             f.write(blob.tobytes())
             f.truncate(offset + len(blob))
@@ -290,8 +280,7 @@ class DeviceService:
             if y.min() < 0 or y.max() >= model["n_classes"]:
                 raise DataError(f"labels must lie in 0..{model['n_classes'] - 1}")
             y = y.astype(np.int64)
-        s = bundle.manifest["input"]["standardize"]
-        return ((x.astype(np.float64) - s["mean"]) / s["std"]).astype(np.float32), y
+        return bundle_standardizer(bundle).apply(x), y
 
     def _op_train(self, msg: Message):
         bundle, engine = self._need_bundle()
@@ -307,11 +296,12 @@ class DeviceService:
             return {"step": self.step, "duplicate": True}, None
         if step > self.step:
             raise RequestError("step_ahead", f"the device is at step {self.step}, not {step}", step=self.step)
-        x, y = self._batch(msg, with_labels=True)
-        t0 = time.perf_counter()
-        result = engine.step(x, y, float(lr))
-        seconds = time.perf_counter() - t0
-        self.step_seconds.append(seconds)
+        with self.profiler.window("batch"):
+            x, y = self._batch(msg, with_labels=True)
+        cost = step_cost(bundle.model, len(x), engine.momentum)
+        with self.profiler.window("train_step", cost.flops, cost.bytes_moved):
+            result = engine.step(x, y, float(lr))
+        seconds = self.profiler.seconds("train_step", skip_warmup=False)[-1]
         if not result.accepted:
             self.refused.append(step)
         self.step += 1
@@ -324,12 +314,15 @@ class DeviceService:
     def _op_infer(self, msg: Message):
         _, engine = self._need_bundle()
         x, _ = self._batch(msg, with_labels=False)
-        return {"step": self.step}, {"logits": engine.predict_logits(x)}
+        with self.profiler.window("forward"):
+            logits = engine.predict_logits(x)
+        return {"step": self.step}, {"logits": logits}
 
     def _op_evaluate(self, msg: Message):
         _, engine = self._need_bundle()
         x, y = self._batch(msg, with_labels=True)
-        logits = engine.predict_logits(x).astype(np.float64)
+        with self.profiler.window("forward"):
+            logits = engine.predict_logits(x).astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         return {"samples": len(y), "correct": int((logits.argmax(axis=1) == y).sum()),
@@ -361,18 +354,24 @@ class DeviceService:
         if type(offset) is not int or type(length) is not int or not (0 <= offset <= len(blob)) \
                 or not 0 < length <= self.config.max_chunk_bytes:
             raise RequestError("bad_offset", f"bad chunk request at {offset}, {length} bytes")
-        return {"offset": offset}, {"blob": np.frombuffer(blob[offset:offset + length], dtype=np.uint8)}
+        with self.profiler.window("transfer"):
+            chunk = np.frombuffer(blob[offset:offset + length], dtype=np.uint8)
+        return {"offset": offset}, {"blob": chunk}
 
     def _op_profile(self, msg: Message):
-        ms = np.array(self.step_seconds) * 1e3
-        pcts = {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)} if len(ms) else {}
-        return {"train_step_ms": {"samples": len(ms), "aggregation": "percentiles over steps", **pcts},
-                "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(),
-                "bundle_bytes": self.bundle.size_bytes() if self.bundle else None, **self._status()}, None
+        """The device profiler's summary; `clear: true` starts a fresh measurement after it."""
+        summary = self.profiler.summary(include_samples=bool(msg.get("samples", True)))
+        if msg.get("clear"):
+            self.profiler.clear()
+        return lists_to_arrays({**summary, "warmup": self.profiler.warmup,
+                                "sample_interval_s": self.profiler.sample_interval_s,
+                                "device_profile": self.machine, "device": device_description(),
+                                "providers": list(self.providers),
+                                "bundle_bytes": self.bundle.size_bytes() if self.bundle else None,
+                                **self._status()})
 
     def _op_reset(self, msg: Message):
         bundle, _ = self._need_bundle()
         shutil.rmtree(bundle.state_dir, ignore_errors=True)
         self._load()
-        self.step_seconds.clear()
         return self._status(), None

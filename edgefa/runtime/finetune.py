@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -10,9 +9,11 @@ from typing import Callable
 import numpy as np
 
 from ..bundle import Bundle
-from ..data.datasets import Dataset
+from ..data.datasets import Dataset, Standardizer
 from ..errors import DataError, EdgefaError
-from ..profiling.memory import peak_rss_bytes
+from ..device_profiles.budget import step_cost
+from ..profiling.memory import peak_rss_bytes, rss_bytes
+from ..profiling.profiler import Profiler
 from .batches import batch_indices
 from .engine import OrtEngine, choose_providers
 from .state import DeviceState, load_state, save_state
@@ -41,8 +42,12 @@ def standardize(bundle: Bundle, ds: Dataset, what: str) -> np.ndarray:
         raise DataError(f"{what}: samples have {ds.X.shape[1:]} features, the bundle expects {model['in_features']}")
     if len(ds.y) and (ds.y.min() < 0 or ds.y.max() >= model["n_classes"]):
         raise DataError(f"{what}: labels must lie in 0..{model['n_classes'] - 1}")
+    return bundle_standardizer(bundle).apply(ds.X)
+
+
+def bundle_standardizer(bundle: Bundle) -> Standardizer:
     s = bundle.manifest["input"]["standardize"]
-    return ((ds.X.astype(np.float64) - s["mean"]) / s["std"]).astype(np.float32)
+    return Standardizer(s["mean"], s["std"])
 
 
 def accuracy(engine: OrtEngine, X: np.ndarray, y: np.ndarray) -> float:
@@ -51,37 +56,49 @@ def accuracy(engine: OrtEngine, X: np.ndarray, y: np.ndarray) -> float:
 
 class Finetuner:
     """A fine-tuning run, in two parts so that every input problem surfaces before any work starts:
-    construction checks the data, builds the engine and resumes from `state/`; `run()` trains."""
+    construction checks the data, builds the engine and resumes from `state/`; `run()` trains.
+    Every phase runs in a window of `profiler` (load, batch, train_step, forward, checkpoint)."""
 
     def __init__(self, bundle: Bundle, train: Dataset, config: FinetuneConfig,
-                 eval_data: Dataset | None = None):
+                 eval_data: Dataset | None = None, profiler: Profiler | None = None):
         self.bundle, self.config = bundle, config
+        self.profiler = profiler or Profiler()
         self.lr = bundle.manifest["optimizer"]["lr"] if config.lr is None else config.lr
         if not (np.isfinite(self.lr) and self.lr >= 0):
             raise EdgefaError(f"learning rate must be finite and >= 0, got {self.lr}")
         self.X, self.y = standardize(bundle, train, train.name), train.y
         self.eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else None
-        self.engine = OrtEngine(bundle, choose_providers(config.provider), config.threads)
-        saved = load_state(bundle, self.engine.state_names)
+        rss_before = rss_bytes()
+        with self.profiler.window("load"):
+            self.engine = OrtEngine(bundle, choose_providers(config.provider), config.threads)
+            saved = load_state(bundle, self.engine.state_names)
+            if saved:
+                self.engine.load_state(saved.tensors)
+        if rss_before is not None:
+            self.profiler.extra["runtime_growth_bytes"] = rss_bytes() - rss_before
         self.start, self.refused = (saved.step, list(saved.refused_steps)) if saved else (0, [])
-        if saved:
-            self.engine.load_state(saved.tensors)
+        self.cost = step_cost(bundle.model, config.batch_size, self.engine.momentum)
 
     def checkpoint(self, step: int) -> None:
-        save_state(self.bundle, DeviceState(step, self.engine.state(), self.refused))
+        with self.profiler.window("checkpoint"):
+            save_state(self.bundle, DeviceState(step, self.engine.state(), self.refused))
 
     def eval_accuracy(self) -> float | None:
-        return accuracy(self.engine, *self.eval) if self.eval else None
+        if not self.eval:
+            return None
+        with self.profiler.window("forward"):
+            return accuracy(self.engine, *self.eval)
 
     def run(self, on_step: Callable[[int, float], None] | None = None) -> dict:
-        cfg, engine = self.config, self.engine
+        cfg, engine, prof = self.config, self.engine, self.profiler
         acc_before = self.eval_accuracy()
-        step_times, losses, refused_now = [], [], 0
+        losses, refused_now = [], 0
         for step in range(self.start, cfg.steps):
-            idx = batch_indices(len(self.y), cfg.batch_size, cfg.seed, step)
-            t0 = time.perf_counter()
-            result = engine.step(self.X[idx], self.y[idx], self.lr)
-            step_times.append(time.perf_counter() - t0)
+            with prof.window("batch"):
+                idx = batch_indices(len(self.y), cfg.batch_size, cfg.seed, step)
+                x, y = self.X[idx], self.y[idx]
+            with prof.window("train_step", self.cost.flops, self.cost.bytes_moved):
+                result = engine.step(x, y, self.lr)
             losses.append(result.loss)
             if not result.accepted:
                 self.refused.append(step)
@@ -100,13 +117,13 @@ class Finetuner:
         final_step = max(self.start, cfg.steps)
         self.checkpoint(final_step)
 
-        ms = np.array(step_times) * 1e3
+        ms = prof.seconds("train_step", skip_warmup=False)[-len(losses):] * 1e3 if losses else np.zeros(0)
         return {
             "bundle": str(self.bundle.path),
             "providers": engine.providers,
             "resumed_from_step": self.start,
             "final_step": final_step,
-            "steps_run": len(step_times),
+            "steps_run": len(losses),
             "batch_size": cfg.batch_size,
             "lr": self.lr,
             "loss_first": losses[0] if losses else None,

@@ -1,0 +1,150 @@
+"""What on-device DFA fine-tuning of a bundle will cost on a device, before it runs there.
+
+Memory is the peak resident set of the fine-tuning process, added up from what the runtime holds
+(see runtime/engine.py):
+
+    runtime      python + numpy + onnxruntime (the profile's figure) + edgefa and two sessions
+    weights      the bundle's weights, read once (they become ping-pong side A)
+    optimizer    the momentum buffers, side A
+    ping-pong    side B: a second copy of weights and momentum the step writes into
+    feedback     the stored B_l matrices
+    update temp  one weight-sized temporary per layer inside the step graph (lr * v', or delta^T h)
+    checkpoint   a checkpoint copies weights and momentum out of the engine before writing them
+    activations  per layer and sample: a, h, f'(a), e B_l and delta (5 floats per unit), plus x,
+                 and logits, log-softmax, exp, one-hot and e at the head
+    data         the fine-tuning set: as read and standardized, both float32 (when its size is given)
+
+Time is a roofline lower bound: a step cannot beat its FLOPs at the peak FLOP/s of the compute
+unit that runs it, nor its compulsory memory traffic (read weights and momentum, write the new
+ones, read the feedback and the batch) at the peak memory bandwidth. Both peaks are upper bounds
+(see the profile files), so the bound stays below any real step.
+
+numpy-free, torch-free: this runs on the device too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..bundle import feedback_shapes, param_shapes
+from ..runtime.engine import AUTO_PROVIDERS
+
+FLOAT = 4                                  # bytes: the runtime is float32 throughout
+# edgefa's own modules (CLI, profiler and its sampler thread included) and the two onnxruntime
+# sessions (train step and inference), beyond the profile's python + numpy + onnxruntime figure.
+# Calibrated on the 2-core x86 VM: `edgefa profile` of a 64-32-16-10 bundle (whose weights and
+# activations are negligible) peaked at 75 MiB, the probe's python + numpy + onnxruntime at 47 MiB.
+EDGEFA_AND_SESSIONS_BYTES = 28 << 20
+UNIT_ACTIVATIONS = 5                       # floats per hidden unit and sample (see above)
+HEAD_ACTIVATIONS = 5                       # floats per class and sample
+SHARE_FOR_OTHERS = 0.2                     # of a profile's memory assumed taken by the OS and others
+
+
+@dataclass(frozen=True)
+class StepCost:
+    flops: float          # floating-point operations of one DFA step (multiply-add = 2)
+    bytes_moved: float    # compulsory memory traffic of one step, bytes
+
+
+def step_cost(model: dict, batch: int, momentum: float) -> StepCost:
+    """FLOPs and compulsory bytes of one train_step graph run on `batch` samples."""
+    weights = sum(layer["in"] * layer["out"] for layer in model["layers"])
+    params = sum(_size(s) for s in param_shapes(model).values())
+    feedback = sum(_size(s) for s in feedback_shapes(model).values())
+    forward = 2 * batch * weights                  # every Gemm a = h W^T
+    gradient = 2 * batch * weights                 # every outer product delta^T h
+    projection = 2 * batch * feedback              # e B_l
+    optimizer = (4 if momentum else 2) * params    # v' = mu v + g, W' = W - lr v'   (or W - g)
+    elementwise = 10 * batch * (sum(layer["out"] for layer in model["layers"]))  # activation, f', softmax...
+    state = params * (2 if momentum else 1)        # weights (+ momentum): read once, written once
+    traffic = FLOAT * (2 * state + feedback + batch * (model["in_features"] + 1))
+    return StepCost(float(forward + gradient + projection + optimizer + elementwise), float(traffic))
+
+
+def _size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass
+class Budget:
+    profile: str
+    batch: int
+    provider: str
+    memory: dict[str, int]              # part -> bytes (the table above)
+    peak_bytes: int
+    available_bytes: int
+    available_basis: str
+    fits: bool
+    cost: StepCost
+    peak_flops: float
+    bandwidth_bytes_s: float
+    compute_s: float
+    memory_s: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step_lower_bound_s(self) -> float:
+        return max(self.compute_s, self.memory_s)
+
+    @property
+    def bound_by(self) -> str:
+        return "compute" if self.compute_s >= self.memory_s else "memory bandwidth"
+
+    def as_dict(self) -> dict:
+        return {"profile": self.profile, "batch": self.batch, "provider": self.provider,
+                "memory_bytes": self.memory, "peak_bytes": self.peak_bytes,
+                "available_bytes": self.available_bytes, "available_basis": self.available_basis,
+                "fits": self.fits, "flops_per_step": self.cost.flops, "bytes_per_step": self.cost.bytes_moved,
+                "peak_flops": self.peak_flops, "bandwidth_bytes_s": self.bandwidth_bytes_s,
+                "step_lower_bound_s": self.step_lower_bound_s, "bound_by": self.bound_by,
+                "compute_s": self.compute_s, "memory_s": self.memory_s, "notes": self.notes}
+
+
+def budget(manifest: dict, profile, batch: int, provider: str | None = None, samples: int = 0,
+           available_bytes: int | None = None) -> Budget:
+    """The predicted peak memory and step-time lower bound of fine-tuning `manifest`'s model with
+    batches of `batch` on `profile` (a DeviceProfile). `provider`: the onnxruntime execution
+    provider that would run it (default: the one the runtime would choose there). `available_bytes`: the memory free
+    for it (default: the profile's memory less SHARE_FOR_OTHERS)."""
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    model, momentum = manifest["model"], float(manifest["optimizer"]["momentum"])
+    params = sum(_size(s) for s in param_shapes(model).values())
+    feedback = sum(_size(s) for s in feedback_shapes(model).values())
+    hidden_units = sum(layer["out"] for layer in model["layers"][:-1])
+    weight_bytes = FLOAT * params
+    memory = {
+        "runtime": profile.runtime_overhead_bytes + EDGEFA_AND_SESSIONS_BYTES,
+        "weights": weight_bytes,
+        "optimizer": weight_bytes if momentum else 0,
+        "ping-pong": weight_bytes * (2 if momentum else 1),
+        "feedback": FLOAT * feedback,
+        "update temp": weight_bytes,
+        "checkpoint": weight_bytes * (2 if momentum else 1),
+        "activations": FLOAT * batch * (model["in_features"] + UNIT_ACTIVATIONS * hidden_units
+                                        + HEAD_ACTIVATIONS * model["n_classes"]),
+        "data": 2 * FLOAT * samples * model["in_features"],
+    }
+    peak = sum(memory.values())
+    notes = []
+    if not samples:
+        notes.append("the fine-tuning data is not included (give its sample count to add it)")
+    if available_bytes is None:
+        available_bytes = int(profile.memory_bytes * (1 - SHARE_FOR_OTHERS))
+        basis = f"{profile.memory_bytes / 2**30:.1f} GiB less {SHARE_FOR_OTHERS:.0%} assumed for the OS and others"
+    else:
+        basis = "memory available now (MemAvailable)"
+
+    # as the runtime chooses: the first of its automatic choices that the device offers
+    provider = provider or next((p for p in AUTO_PROVIDERS if p in profile.providers), "CPUExecutionProvider")
+    on_gpu = provider != "CPUExecutionProvider" and profile.gpu_peak_flops
+    peak_flops = profile.gpu_peak_flops if on_gpu else profile.cpu_peak_flops
+    if provider != "CPUExecutionProvider" and not profile.gpu_peak_flops:
+        notes.append(f"{profile.name} has no GPU figure: {provider} bounded by the CPU peak")
+    cost = step_cost(model, batch, momentum)
+    bandwidth = profile.memory_bandwidth_gbps * 1e9
+    return Budget(profile.name, batch, provider, memory, peak, available_bytes, basis, peak <= available_bytes,
+                  cost, peak_flops, bandwidth, cost.flops / peak_flops, cost.bytes_moved / bandwidth, notes)
