@@ -17,7 +17,10 @@ DEVICE_MODULES = ["edgefa.bundle", "edgefa.runtime.engine", "edgefa.runtime.stat
                   "edgefa.runtime.finetune", "edgefa.runtime.batches", "edgefa.profiling.memory",
                   "edgefa.data", "edgefa.link.frames", "edgefa.link.protocol", "edgefa.link.messages",
                   "edgefa.link.transport", "edgefa.link.service", "edgefa.link.server", "edgefa.link.client",
-                  "edgefa.link.fleet", "edgefa.cli"]
+                  "edgefa.link.fleet", "edgefa.profiling.profiler", "edgefa.profiling.sensors",
+                  "edgefa.profiling.tegrastats", "edgefa.profiling.machine", "edgefa.profiling.session",
+                  "edgefa.profiling.compare", "edgefa.device_profiles", "edgefa.device_profiles.budget",
+                  "edgefa.report.html", "edgefa.cli"]
 HOST_MODULES = ("edgefa.training", "edgefa.models", "edgefa.exporters", "edgefa.demo", "torch")
 
 
@@ -71,7 +74,7 @@ def test_device_modules_import_with_torch_blocked_and_pull_in_neither_torch_nor_
 
 def _device_sources() -> list[Path]:
     files = [PACKAGE / "bundle.py"]
-    for folder in ("runtime", "profiling", "data", "link", "device_profiles", "fpga_sim"):
+    for folder in ("runtime", "profiling", "data", "link", "device_profiles", "fpga_sim", "report"):
         if (PACKAGE / folder).is_dir():
             files += sorted((PACKAGE / folder).rglob("*.py"))
         elif (PACKAGE / f"{folder}.py").is_file():

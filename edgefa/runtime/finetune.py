@@ -89,16 +89,20 @@ class Finetuner:
         with self.profiler.window("forward"):
             return accuracy(self.engine, *self.eval)
 
+    def train_step(self, step: int):
+        """Apply step `step` (batch `step` of the seeded order) to the engine; nothing else."""
+        with self.profiler.window("batch"):
+            idx = batch_indices(len(self.y), self.config.batch_size, self.config.seed, step)
+            x, y = self.X[idx], self.y[idx]
+        with self.profiler.window("train_step", self.cost.flops, self.cost.bytes_moved):
+            return self.engine.step(x, y, self.lr)
+
     def run(self, on_step: Callable[[int, float], None] | None = None) -> dict:
         cfg, engine, prof = self.config, self.engine, self.profiler
         acc_before = self.eval_accuracy()
         losses, refused_now = [], 0
         for step in range(self.start, cfg.steps):
-            with prof.window("batch"):
-                idx = batch_indices(len(self.y), cfg.batch_size, cfg.seed, step)
-                x, y = self.X[idx], self.y[idx]
-            with prof.window("train_step", self.cost.flops, self.cost.bytes_moved):
-                result = engine.step(x, y, self.lr)
+            result = self.train_step(step)
             losses.append(result.loss)
             if not result.accepted:
                 self.refused.append(step)
