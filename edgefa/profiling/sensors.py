@@ -108,12 +108,30 @@ def _describe(total: str | None, rails: Sequence[str], total_rail: str | None, w
 # --- INA3221 rails in sysfs: hwmon (JetPack 5/6) and IIO (JetPack 4) --------------------------
 
 class _Ina3221(EnergySource):
-    """INA3221 rails, each file read afresh at every call (sysfs values change; nothing is cached)."""
+    """INA3221 rails, each file read afresh at every call (sysfs values change; nothing is cached).
+    The two drivers differ only in where the chips are, how channels are numbered and named, and
+    how a channel's power is read; the subclasses say those four things."""
 
     kind = "power"
+    DRIVER: str          # the driver's folder in sysfs
+    GLOB: str            # one folder per chip below it
+    CHANNELS: tuple[int, ...]
 
-    def __init__(self, channels: dict[str, tuple[str, Callable[[], float]]], pattern: str,
-                 total_rail: str | None):
+    def __init__(self, root: str | Path = "/", total_rail: str | None = None):
+        pattern = _under(root, f"{self.DRIVER}/{self.GLOB}")
+        folders = sorted(_under(root, self.DRIVER).glob(self.GLOB))
+        if not folders:
+            raise SensorError(f"no {pattern}")
+        channels = {}
+        for folder in folders:                              # AGX Orin has two chips, 1-0040 and 1-0041
+            for n in self.CHANNELS:
+                label = folder / self.label_file(n)
+                if not label.exists():
+                    continue
+                rail = _read_text(label)
+                if rail in ("", NOT_CONNECTED):
+                    continue
+                channels[rail] = (self.chip(folder), self.channel(folder, n))
         if not channels:
             raise SensorError(f"{pattern}: no labelled rails")
         self._watts = {rail: watts for rail, (_, watts) in channels.items()}
@@ -134,28 +152,19 @@ class Ina3221Hwmon(_Ina3221):
     """JetPack 5/6 (Orin): in{N}_label, in{N}_input (bus mV) and curr{N}_input (mA), N = 1..3."""
 
     name = "ina3221-hwmon"
-    PATTERN = "/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*"
-
-    def __init__(self, root: str | Path = "/", total_rail: str | None = None):
-        base = _under(root, "/sys/bus/i2c/drivers/ina3221")
-        folders = sorted(base.glob("*/hwmon/hwmon*"))
-        if not folders:
-            raise SensorError(f"no {_under(root, self.PATTERN)}")
-        channels = {}
-        for folder in folders:                              # AGX Orin has two chips, 1-0040 and 1-0041
-            chip = folder.parent.parent.name
-            for n in (1, 2, 3):
-                label = folder / f"in{n}_label"
-                if not label.exists():
-                    continue
-                rail = _read_text(label)
-                if rail in ("", NOT_CONNECTED):
-                    continue
-                channels[rail] = (chip, self._channel(folder / f"in{n}_input", folder / f"curr{n}_input"))
-        super().__init__(channels, str(_under(root, self.PATTERN)), total_rail)
+    DRIVER, GLOB, CHANNELS = "/sys/bus/i2c/drivers/ina3221", "*/hwmon/hwmon*", (1, 2, 3)
 
     @staticmethod
-    def _channel(millivolts: Path, milliamps: Path) -> Callable[[], float]:
+    def label_file(n: int) -> str:
+        return f"in{n}_label"
+
+    @staticmethod
+    def chip(folder: Path) -> str:
+        return folder.parent.parent.name                   # 1-0040/hwmon/hwmon3
+
+    @staticmethod
+    def channel(folder: Path, n: int) -> Callable[[], float]:
+        millivolts, milliamps = folder / f"in{n}_input", folder / f"curr{n}_input"
         return lambda: _read_int(millivolts) * _read_int(milliamps) / 1e6
 
 
@@ -163,28 +172,19 @@ class Ina3221Iio(_Ina3221):
     """JetPack 4 (Nano, Xavier NX): rail_name_N and in_power{N}_input (mW), N = 0..2."""
 
     name = "ina3221-iio"
-    PATTERN = "/sys/bus/i2c/drivers/ina3221x/*/iio:device*"
-
-    def __init__(self, root: str | Path = "/", total_rail: str | None = None):
-        base = _under(root, "/sys/bus/i2c/drivers/ina3221x")
-        folders = sorted(base.glob("*/iio:device*"))
-        if not folders:
-            raise SensorError(f"no {_under(root, self.PATTERN)}")
-        channels = {}
-        for folder in folders:
-            chip = folder.parent.name
-            for n in (0, 1, 2):
-                label = folder / f"rail_name_{n}"
-                if not label.exists():
-                    continue
-                rail = _read_text(label)
-                if rail in ("", NOT_CONNECTED):
-                    continue
-                channels[rail] = (chip, self._channel(folder / f"in_power{n}_input"))
-        super().__init__(channels, str(_under(root, self.PATTERN)), total_rail)
+    DRIVER, GLOB, CHANNELS = "/sys/bus/i2c/drivers/ina3221x", "*/iio:device*", (0, 1, 2)
 
     @staticmethod
-    def _channel(milliwatts: Path) -> Callable[[], float]:
+    def label_file(n: int) -> str:
+        return f"rail_name_{n}"
+
+    @staticmethod
+    def chip(folder: Path) -> str:
+        return folder.parent.name                          # 6-0040/iio:device0
+
+    @staticmethod
+    def channel(folder: Path, n: int) -> Callable[[], float]:
+        milliwatts = folder / f"in_power{n}_input"
         return lambda: _read_int(milliwatts) / 1000
 
 

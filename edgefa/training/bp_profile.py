@@ -51,32 +51,41 @@ def profile_bp(bundle_path, cfg: ProfileConfig, data: Dataset | None = None) -> 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     profiler, machine = open_profiler(cfg.profile, warmup=cfg.warmup, sample_interval_s=cfg.sample_interval_s)
+    # on a GPU host BP runs there, as onnxruntime's CUDA provider would run the DFA side
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.provider != "CPUExecutionProvider" else "cpu")
+    if device.type == "cuda":
+        profiler.gpu_memory = lambda: {"source": "torch.cuda (this process)",
+                                       "used_bytes": torch.cuda.memory_allocated(),
+                                       "peak_bytes": torch.cuda.max_memory_allocated()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with profiler:
         rss_before = rss_bytes()
         with profiler.window("load"):
             bundle = read_bundle(bundle_path)
-            model = mlp_from_bundle(bundle)
+            model = mlp_from_bundle(bundle).to(device)
             momentum = float(bundle.manifest["optimizer"]["momentum"])
             opt = make_optimizer(model, float(bundle.manifest["optimizer"]["lr"]), momentum)
         data = data or synthetic_data(bundle, max(16 * cfg.batch_size, 256), cfg.seed)
-        X, y = torch.from_numpy(standardize(bundle, data, data.name)), torch.from_numpy(data.y)
+        X = torch.from_numpy(standardize(bundle, data, data.name)).to(device)
+        y = torch.from_numpy(data.y).to(device)
         flops, nbytes = bp_step_cost(bundle.model, cfg.batch_size, momentum)
         losses = []
         for step in range(cfg.steps):
             with profiler.window("batch"):
-                idx = torch.from_numpy(batch_indices(len(y), cfg.batch_size, cfg.seed, step))
+                idx = torch.from_numpy(batch_indices(len(y), cfg.batch_size, cfg.seed, step)).to(device)
                 xb, yb = X[idx], y[idx]
             with profiler.window("train_step", flops, nbytes):
                 loss = F.cross_entropy(model(xb), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            losses.append(float(loss))
+                sync()                       # the window ends when the GPU has finished the step
+            losses.append(loss.item())
         profiler.extra["runtime_growth_bytes"] = rss_bytes() - rss_before if rss_before else None
     return {**_header(f"edgefa profile: BP in torch on {Path(bundle_path).name}", "local (torch)", cfg,
                       _machine_dict(machine), device_description()),
             **profiler.summary(), "link": None,
-            "finetune": {"providers": [f"torch {torch.__version__} cpu"], "steps_run": len(losses),
+            "finetune": {"providers": [f"torch {torch.__version__} {device.type}"], "steps_run": len(losses),
                          "batch_size": cfg.batch_size, "loss_first": losses[0] if losses else None,
                          "loss_last": losses[-1] if losses else None, "refused_steps": []},
             "model": _model_line(bundle.manifest), "energy_line": machine.energy_line}
