@@ -528,14 +528,19 @@ def profiles_list():
     """The device profiles edgefa knows."""
     from .device_profiles import list_profiles, load_profile
 
-    table = Table(title="device profiles")
-    for col in ("name", "device", "CPU", "GPU fp32", "memory", "bandwidth", "idle", "sensor"):
-        table.add_column(col, justify="right" if col in ("GPU fp32", "bandwidth", "idle") else "left")
+    from rich import box
+
+    # a light frame so that it fits 80 columns whole: the names are what --profile takes
+    table = Table(title="device profiles (edgefa profiles show NAME for the whole of one)",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("name", "CPU", "GPU TFLOP/s", "memory", "GB/s", "idle", "sensor"):
+        table.add_column(col, justify="right" if col in ("GPU TFLOP/s", "GB/s", "idle") else "left",
+                         no_wrap=col in ("name", "sensor"), min_width=20 if col == "name" else None)
     for name in list_profiles():
         p = load_profile(name)
-        table.add_row(p.name, escape(p.display_name), f"{p.cpu_cores}x {p.cpu_max_clock_ghz:g} GHz",
-                      f"{p.gpu_fp32_tflops:g} TFLOP/s" if p.gpu_fp32_tflops else "-", human_bytes(p.memory_bytes),
-                      f"{p.memory_bandwidth_gbps:g} GB/s", f"{p.idle_power_w:g} W", p.sensor_backend)
+        table.add_row(p.name, f"{p.cpu_cores}x {p.cpu_max_clock_ghz:g} GHz",
+                      f"{p.gpu_fp32_tflops:g}" if p.gpu_fp32_tflops else "-", human_bytes(p.memory_bytes),
+                      f"{p.memory_bandwidth_gbps:g}", f"{p.idle_power_w:g} W", p.sensor_backend)
     console.print(table)
 
 

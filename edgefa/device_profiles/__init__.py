@@ -412,7 +412,8 @@ def _detect_host(root: Path, measure: bool) -> DeviceProfile:
             changes["memory_bandwidth_gbps"] = bandwidth
             detected["memory_bandwidth_gbps"] = (f"measured copy bandwidth, not a spec peak: numpy copy "
                                                  f"of {COPY_MIB} MiB into {COPY_MIB} MiB, best of 3, "
-                                                 f"bytes read + written / time, in a probe process")
+                                                 f"bytes read + written / time, in a probe process (once per machine, "
+                                                 f"kept in the user's cache directory)")
         else:
             detected["memory_bandwidth_gbps"] = f"default from {GENERIC}.toml ({note})"
         if overhead:
@@ -517,8 +518,48 @@ NOT_COMPUTE_PROVIDERS = ("AzureExecutionProvider",)
 
 @lru_cache(maxsize=None)
 def _measure_host(copy_mib: int) -> tuple[float | None, int | None, tuple[str, ...] | None, str]:
-    """(copy GB/s, runtime overhead bytes, onnxruntime providers, why the probe gave nothing),
-    from one probe process; measured once per process."""
+    """(copy GB/s, runtime overhead bytes, onnxruntime providers, why the probe gave nothing).
+
+    The probe takes seconds on a small VM (most of it the kernel handing over 512 MiB of pages),
+    so its figures are kept per machine in the user's cache directory, keyed by what they depend
+    on: CPU model, memory size, python and onnxruntime. Delete the file to measure again."""
+    cache = _probe_cache_path(copy_mib)
+    try:
+        cached = json.loads(cache.read_text()) if cache else None
+        if cached:
+            return cached["copy_gbps"], cached["vmrss_bytes"], tuple(cached["providers"]) or None, ""
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    result = _run_probe(copy_mib)
+    if cache and result[0] and result[1]:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"copy_gbps": result[0], "vmrss_bytes": result[1],
+                                       "providers": list(result[2] or ())}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass     # a read-only home: measure again next time
+    return result
+
+
+def _probe_cache_path(copy_mib: int) -> Path | None:
+    import hashlib
+    from importlib import metadata
+
+    base = os.environ.get("EDGEFA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgefa")
+    try:
+        ort_version = metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
+        ort_version = "none"
+    cpus = _cpuinfo(Path("/"))
+    key = json.dumps([cpus[0].get("model name") if cpus else platform.processor(), len(cpus),
+                      _meminfo_bytes(Path("/")), sys.version, sys.executable, ort_version, copy_mib])
+    return Path(base) / f"host-probe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _run_probe(copy_mib: int) -> tuple[float | None, int | None, tuple[str, ...] | None, str]:
     try:
         proc = subprocess.run([sys.executable, "-c", _HOST_PROBE, str(copy_mib)], capture_output=True,
                               text=True, timeout=120)

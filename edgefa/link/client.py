@@ -166,9 +166,9 @@ class DeviceClient:
     def status(self) -> dict:
         return self.call("status").fields
 
-    def profile(self, clear: bool = False, samples: bool = True) -> dict:
+    def profile(self, clear: bool = False, samples: bool = True, warmup: int | None = None) -> dict:
         """The device profiler's summary (windows, memory, energy); `clear` starts a fresh one after."""
-        reply = self.call("profile", clear=clear, samples=samples)
+        reply = self.call("profile", clear=clear, samples=samples, warmup=warmup)
         return arrays_to_lists(reply.fields, reply.arrays)
 
     def deploy(self, bundle_dir: str | os.PathLike, on_progress: Callable[[int, int], None] | None = None,

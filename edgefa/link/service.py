@@ -359,7 +359,13 @@ class DeviceService:
         return {"offset": offset}, {"blob": chunk}
 
     def _op_profile(self, msg: Message):
-        """The device profiler's summary; `clear: true` starts a fresh measurement after it."""
+        """The device profiler's summary; `clear: true` starts a fresh measurement after it, with
+        `warmup` windows per phase left out of its statistics when given."""
+        warmup = msg.get("warmup")
+        if warmup is not None:
+            if type(warmup) is not int or warmup < 0:
+                raise RequestError("bad_request", "warmup must be a count of windows >= 0")
+            self.profiler.warmup = warmup
         summary = self.profiler.summary(include_samples=bool(msg.get("samples", True)))
         if msg.get("clear"):
             self.profiler.clear()

@@ -66,6 +66,7 @@ def profile_local(bundle_path: str | Path, cfg: ProfileConfig, data: Dataset | N
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise EdgefaError("steps and batch size must be at least 1")
     profiler, machine = open_profiler(cfg.profile, warmup=cfg.warmup, sample_interval_s=cfg.sample_interval_s)
+    read_bundle(bundle_path)        # a bad bundle is reported by its own path, before any work
     with tempfile.TemporaryDirectory(prefix="edgefa-profile-") as scratch, profiler:
         with profiler.window("load"):
             bundle = read_bundle(_scratch_copy(bundle_path, Path(scratch)))
@@ -94,7 +95,7 @@ def profile_over_link(client, bundle_path: str | Path, cfg: ProfileConfig, data:
     device's profile with the host's round trips beside it."""
     bundle = read_bundle(bundle_path)
     data = data or synthetic_data(bundle, max(16 * cfg.batch_size, 256), cfg.seed)
-    client.profile(clear=True, samples=False)          # measure this session only
+    client.profile(clear=True, samples=False, warmup=cfg.warmup)      # measure this session only
     deployed = client.deploy(bundle_path, on_progress=on_upload)
     start = client.status()["step"]
     tuned = client.finetune(data.X, data.y, start + cfg.steps, cfg.batch_size, cfg.seed, on_step=on_step)
