@@ -57,7 +57,7 @@ def accuracy(engine: OrtEngine, X: np.ndarray, y: np.ndarray) -> float:
 class Finetuner:
     """A fine-tuning run, in two parts so that every input problem surfaces before any work starts:
     construction checks the data, builds the engine and resumes from `state/`; `run()` trains.
-    Every phase runs in a window of `profiler` (load, batch, train_step, forward, checkpoint)."""
+    Every phase runs in a window of `profiler` (load, train_step, forward, checkpoint)."""
 
     def __init__(self, bundle: Bundle, train: Dataset, config: FinetuneConfig,
                  eval_data: Dataset | None = None, profiler: Profiler | None = None):
@@ -91,9 +91,9 @@ class Finetuner:
 
     def train_step(self, step: int):
         """Apply step `step` (batch `step` of the seeded order) to the engine; nothing else."""
-        with self.profiler.window("batch"):
-            idx = batch_indices(len(self.y), self.config.batch_size, self.config.seed, step)
-            x, y = self.X[idx], self.y[idx]
+        # (the batch's selection is not a window of its own: a few microseconds, like a window)
+        idx = batch_indices(len(self.y), self.config.batch_size, self.config.seed, step)
+        x, y = self.X[idx], self.y[idx]
         with self.profiler.window("train_step", self.cost.flops, self.cost.bytes_moved):
             return self.engine.step(x, y, self.lr)
 

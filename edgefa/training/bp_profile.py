@@ -71,9 +71,8 @@ def profile_bp(bundle_path, cfg: ProfileConfig, data: Dataset | None = None) -> 
         flops, nbytes = bp_step_cost(bundle.model, cfg.batch_size, momentum)
         losses = []
         for step in range(cfg.steps):
-            with profiler.window("batch"):
-                idx = torch.from_numpy(batch_indices(len(y), cfg.batch_size, cfg.seed, step)).to(device)
-                xb, yb = X[idx], y[idx]
+            idx = torch.from_numpy(batch_indices(len(y), cfg.batch_size, cfg.seed, step)).to(device)
+            xb, yb = X[idx], y[idx]
             with profiler.window("train_step", flops, nbytes):
                 loss = F.cross_entropy(model(xb), yb)
                 opt.zero_grad(set_to_none=True)
