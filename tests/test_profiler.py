@@ -162,3 +162,12 @@ def test_long_series_travel_as_arrays_not_json():
     msg = decode(encode({"ok": True, **fields}, arrays))
     back = arrays_to_lists(msg.fields, msg.arrays)
     assert back["phases"] == summary["phases"] and back["energy"] == summary["energy"]
+
+
+def test_a_long_running_profiler_keeps_only_the_last_windows():
+    p = Profiler(warmup=0, max_windows=10)
+    for _ in range(25):
+        with p.window("step"):
+            pass
+    assert p.summary()["phases"]["step"]["count"] == 10
+    assert p.last_seconds("step") == p.seconds("step")[-1]

@@ -301,7 +301,7 @@ class DeviceService:
         cost = step_cost(bundle.model, len(x), engine.momentum)
         with self.profiler.window("train_step", cost.flops, cost.bytes_moved):
             result = engine.step(x, y, float(lr))
-        seconds = self.profiler.seconds("train_step", skip_warmup=False)[-1]
+        seconds = self.profiler.last_seconds("train_step")
         if not result.accepted:
             self.refused.append(step)
         self.step += 1

@@ -56,7 +56,7 @@ class _Window:
     """The context manager `Profiler.window` returns: records (start, end) into one list."""
     __slots__ = ("_spans", "_start")
 
-    def __init__(self, spans: list):
+    def __init__(self, spans: deque):
         self._spans = spans
 
     def __enter__(self):
@@ -89,12 +89,15 @@ class Profiler:
     window a shared no-op (the "profiling off" side of the overhead benchmark)."""
 
     def __init__(self, energy=None, estimate: EnergyEstimate | None = None, *, warmup: int = 3,
-                 sample_interval_s: float = 0.02, max_samples: int = 50_000, notes: list[str] | None = None,
+                 sample_interval_s: float = 0.02, max_samples: int = 50_000, max_windows: int = 100_000,
+                 notes: list[str] | None = None,
                  enabled: bool = True, gpu_memory: Callable[[], dict | None] | None = None):
         self.energy, self.estimate, self.warmup = energy, estimate, warmup
         self.sample_interval_s, self.notes, self.enabled = sample_interval_s, list(notes or []), enabled
         self.gpu_memory = gpu_memory
-        self.spans: dict[str, list[tuple[int, int]]] = {}
+        # the last max_windows (start, end) per phase: a device serving for weeks stays bounded
+        self.spans: dict[str, deque[tuple[int, int]]] = {}
+        self.max_windows = max_windows
         self.work: dict[str, tuple[float, float]] = {}     # name -> (flops, bytes) per window, for estimates
         self.extra: dict[str, object] = {}                 # figures measured elsewhere, e.g. runtime growth
         self._open: dict[str, int] = {}
@@ -115,7 +118,7 @@ class Profiler:
             return _NO_WINDOW
         spans = self.spans.get(name)
         if spans is None:
-            spans = self.spans[name] = []
+            spans = self.spans[name] = deque(maxlen=self.max_windows)
         if flops or bytes_moved:
             self.work[name] = (flops, bytes_moved)
         return _Window(spans)
@@ -127,14 +130,19 @@ class Profiler:
     def end_window(self, name: str) -> None:
         if self.enabled:
             start = self._open.pop(name)
-            self.spans.setdefault(name, []).append((start, time.perf_counter_ns()))
+            self.window(name)._spans.append((start, time.perf_counter_ns()))
 
     def seconds(self, name: str, skip_warmup: bool = True) -> np.ndarray:
         """Durations of the closed windows of `name`, in seconds (after warm-up by default)."""
-        spans = self.spans.get(name, [])
+        spans = list(self.spans.get(name, ()))
         spans = spans[self.warmup_of(len(spans)) if skip_warmup else 0:]
         kept = np.array(spans, dtype=np.int64).reshape(-1, 2)
         return (kept[:, 1] - kept[:, 0]) * 1e-9
+
+    def last_seconds(self, name: str) -> float:
+        """Duration of the last closed window of `name` (O(1): the server reports it every step)."""
+        start, end = self.spans[name][-1]
+        return (end - start) * 1e-9
 
     def warmup_of(self, count: int) -> int:
         """Windows dropped as warm-up from a phase seen `count` times: `warmup`, but none from a
@@ -226,7 +234,7 @@ class Profiler:
         phases = {}
         for name, spans in self.spans.items():
             skip = self.warmup_of(len(spans))
-            kept = np.array(spans[skip:], dtype=np.int64).reshape(-1, 2)
+            kept = np.array(list(spans)[skip:], dtype=np.int64).reshape(-1, 2)
             seconds = (kept[:, 1] - kept[:, 0]) * 1e-9
             ms = seconds * 1e3
             phase = {"count": int(len(kept)), "warmup": skip,
