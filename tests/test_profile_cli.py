@@ -22,7 +22,7 @@ import pytest
 
 from conftest import assert_one_error_line, run_edgefa
 from test_link_live import device_server
-from test_report_html import chromium_binary, render_in_chromium
+from test_report_html import assert_rendered, chromium_binary, render_in_chromium
 
 LOCAL_STEPS, LINK_STEPS, COMPARE_STEPS = 40, 30, 30
 DEFAULT_WARMUP = 5
@@ -171,24 +171,12 @@ def rendered(runs, tmp_path_factory) -> dict:
         return {key: future.result() for key, future in futures.items()}
 
 
-def assert_plots_drawn(result: dict | str, expected: set[str]) -> None:
-    if isinstance(result, str):
-        pytest.fail(result)
-    plots = {p["plot"]: p for p in result["plots"]}
-    assert set(plots) == expected, result
-    for name, plot in plots.items():
-        assert plot["width"] > 0 and plot["height"] > 0, (name, plot)
-        assert plot["visible_marks"] >= 1, (name, plot)
-    # the page itself never scrolls sideways (a wide table scrolls inside its own box instead)
-    assert not result["overflow"], result
-
-
 def test_profile_report_renders_in_chromium(rendered):
-    assert_plots_drawn(rendered["report"], PROFILE_PLOTS)
+    assert_rendered(rendered["report"], PROFILE_PLOTS)
 
 
 def test_compare_report_renders_in_chromium(rendered):
-    assert_plots_drawn(rendered["compare"], COMPARE_PLOTS)
+    assert_rendered(rendered["compare"], COMPARE_PLOTS)
 
 
 # --- 3. over the link, against a real torch-free device server --------------------------------

@@ -315,7 +315,9 @@ def bar_chart(categories: Sequence[str], series: Sequence[Series], kind: str, la
             if not _is_num(value):
                 parts.append(text(x + bar / 2, frame.y0 - 6, "n/a", "middle", "value-label"))
                 continue
-            top = frame.sy(value)
+            # a positive value a hundred times below the largest would round to nothing: one pixel at
+            # least, so the bar is there to see (its label gives the value)
+            top = min(frame.sy(value), frame.y0 - 1.0) if value > 0 else frame.sy(value)
             estimated = bool(s.estimated and s.estimated[c])
             parts.append(f'<rect class="mark bar{" estimated" if estimated else ""}" x="{x + 1:.1f}" '
                          f'y="{top:.1f}" width="{bar - 2:.1f}" height="{frame.y0 - top:.1f}" '
@@ -345,12 +347,13 @@ h1 { font-size: 1.5em; margin: 0 0 4px; }
 h2 { font-size: 1.15em; margin: 36px 0 8px; border-bottom: 1px solid #e3e3e3; padding-bottom: 4px; }
 .sub { color: #666; margin: 0 0 20px; }
 table { border-collapse: collapse; width: 100%; margin: 8px 0 4px; font-variant-numeric: tabular-nums; }
-th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid #eee; vertical-align: top; }
+th, td { text-align: left; padding: 5px 6px; border-bottom: 1px solid #eee; vertical-align: top; }
 th { font-weight: 600; color: #444; }
 td.num, th.num { text-align: right; }
 td.num { white-space: nowrap; }
 td .wrap { white-space: normal; }
 .table { overflow-x: auto; }
+.table table { font-size: 0.92em; }   /* the nine-column phase table fits the column */
 table.kv th { width: 34%; font-weight: 500; color: #555; }
 figure { margin: 22px 0; }
 figcaption { font-weight: 600; margin-bottom: 6px; }
