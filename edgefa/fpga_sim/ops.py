@@ -1,0 +1,266 @@
+"""Bit-exact fixed-point operations on raw integers: add, multiply, matmul, ReLU, tanh / sigmoid
+tables, and the cross-entropy output error through a hardware softmax.
+
+Every function takes raw int64 arrays with their formats and returns a `Quantized` (raw values,
+format, how many values overflowed the format on the way in).
+
+Matmul speed. The sum of products is an integer; it is computed exactly by the fastest route that
+is provably exact:
+  * float64 BLAS on integer-valued floats, when K * max|a| * max|b| < 2**53: every partial sum
+    of every order BLAS may choose is then an integer below 2**53, which float64 holds exactly;
+  * int64 matmul otherwise (numpy's integer loops; wraps modulo 2**64, which is exact for a
+    wrapping accumulator of at most 64 bits).
+A saturating accumulator saturates at every addition, in the order k = 0, 1, ..., K-1 starting
+from 0, as a MAC unit would. Where the bound sum_k |a_ik| * max_k |b_kj| proves that no partial
+sum of an output can leave the range, that output is the exact sum; only the others are
+accumulated step by step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .fixed import (FixedFormat, FixedPointError, Overflow, Quantized, Rounding, apply_overflow,
+                    out_of_range, quantize, requantize, shift_round)
+
+FLOAT_EXACT = 2.0 ** 53
+
+
+def _check_product_width(a: FixedFormat, b: FixedFormat) -> None:
+    if a.width + b.width > 64:
+        raise FixedPointError(f"a product of {a} and {b} needs {a.width + b.width} bits; at most 64 are supported")
+
+
+# --- elementwise ------------------------------------------------------------------------------
+
+def add(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: FixedFormat, out: FixedFormat,
+        rng: np.random.Generator | None = None) -> Quantized:
+    """a + b, exact at the finer of the two scales, then rounded and overflowed into `out`."""
+    frac = max(a_fmt.frac_bits, b_fmt.frac_bits)
+    need = max(a_fmt.width + frac - a_fmt.frac_bits, b_fmt.width + frac - b_fmt.frac_bits) + 1
+    if need > 63:
+        raise FixedPointError(f"adding {a_fmt} and {b_fmt} needs {need} bits; at most 63 are supported")
+    total = (np.asarray(a, np.int64) << np.int64(frac - a_fmt.frac_bits)) \
+        + (np.asarray(b, np.int64) << np.int64(frac - b_fmt.frac_bits))
+    return requantize(total, frac, out, rng)
+
+
+def product_format(a: FixedFormat, b: FixedFormat) -> FixedFormat:
+    """The full-width product format: W = Wa + Wb, I = Ia + Ib (nothing is lost)."""
+    return FixedFormat(a.width + b.width, a.int_bits + b.int_bits, signed=a.signed or b.signed)
+
+
+def mul(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: FixedFormat) -> Quantized:
+    """The exact, full-width product a * b (broadcasting), in `product_format(a_fmt, b_fmt)`."""
+    _check_product_width(a_fmt, b_fmt)
+    return Quantized(np.asarray(a, np.int64) * np.asarray(b, np.int64), product_format(a_fmt, b_fmt))
+
+
+def relu(raw: np.ndarray) -> np.ndarray:
+    return np.maximum(raw, 0)
+
+
+# --- matmul -----------------------------------------------------------------------------------
+
+def _exact_sum_of_products(a: np.ndarray, b: np.ndarray, bound: float) -> np.ndarray:
+    """sum_k a[i,k] b[k,j] in int64: float64 BLAS when `bound` (a bound on every partial sum)
+    is below 2**53, else int64 matmul (modulo 2**64)."""
+    if bound < FLOAT_EXACT:
+        return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+    return a @ b
+
+
+def _saturating_add(acc: np.ndarray, p: np.ndarray, fmt: FixedFormat) -> tuple[np.ndarray, np.ndarray]:
+    """acc + p, saturated by `fmt`'s rule; also where it saturated. |acc| fits the format, |p| < 2**62."""
+    total = acc + p                                    # may wrap in int64 only beyond any format
+    wrapped = ((acc ^ total) & (p ^ total)) < 0        # true sum left int64: it is out of range too
+    over = wrapped | out_of_range(total, fmt)
+    if fmt.overflow is Overflow.SAT_ZERO:
+        return np.where(over, np.int64(0), total), over
+    high = np.where(wrapped, p > 0, total > fmt.raw_max)
+    return np.where(over, np.where(high, np.int64(fmt.raw_max), np.int64(fmt.raw_min)), total), over
+
+
+def matmul(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: FixedFormat, acc: FixedFormat,
+           rng: np.random.Generator | None = None) -> Quantized:
+    """[M,K] @ [K,N] into the accumulator format `acc`.
+
+    Each product is exact (Wa + Wb bits). Where `acc` has fewer fraction bits than a product, each
+    product is rounded into it by `acc.rounding` before it is added (as a MAC with a narrow
+    accumulator would); otherwise it is shifted left exactly. The sum then wraps (AP_WRAP:
+    modular, so summed exactly and wrapped once) or saturates at every addition (the other modes).
+    `overflows` counts wrapped outputs for AP_WRAP and saturating additions otherwise."""
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise FixedPointError(f"matmul shapes do not match: {a.shape} @ {b.shape}")
+    _check_product_width(a_fmt, b_fmt)
+    shift = a_fmt.frac_bits + b_fmt.frac_bits - acc.frac_bits
+    k = a.shape[1]
+    max_a = int(np.abs(a).max()) if a.size else 0
+    max_b = int(np.abs(b).max()) if b.size else 0
+
+    if shift > 0:                                      # every product rounded on its own
+        return _matmul_stepwise(a, b, acc, shift, rng)
+    if acc.overflow is not Overflow.WRAP and (max_a * max_b) << -shift >= 1 << 62:
+        raise FixedPointError(f"products of {a_fmt} and {b_fmt} shifted into {acc} need more than 62 bits")
+
+    bound = float(k) * max_a * max_b * 2.0 ** -shift   # |every partial sum| <= bound
+    if acc.overflow is Overflow.WRAP:
+        exact = _exact_sum_of_products(a, b, bound * 2.0 ** shift) << np.int64(-shift)
+        if bound < 2.0 ** 63:
+            n_over = int(np.count_nonzero(out_of_range(exact, acc)))
+        else:                                          # the exact sum is not at hand: estimate
+            estimate = (a.astype(np.float64) @ b.astype(np.float64)) * 2.0 ** -shift
+            n_over = int(np.count_nonzero((estimate < acc.raw_min) | (estimate > acc.raw_max)))
+        return Quantized(apply_overflow(exact, acc), acc, n_over)
+
+    if bound <= acc.raw_max and -bound >= acc.raw_min:           # no addition can saturate
+        return Quantized(_exact_sum_of_products(a, b, bound) << np.int64(-shift), acc, 0)
+    # Per output: sum_k |a_ik| |b_kj| <= (sum_k |a_ik|) * max_k |b_kj|; safe outputs are exact.
+    row = np.abs(a).astype(np.float64).sum(axis=1)
+    col = np.abs(b).astype(np.float64).max(axis=0)
+    per_output = np.outer(row, col) * 2.0 ** -shift * (1 + 1e-9)
+    safe = (per_output <= acc.raw_max) & (-per_output >= acc.raw_min)
+    out = np.zeros((a.shape[0], b.shape[1]), np.int64)
+    if safe.any():
+        exact = _exact_sum_of_products(a, b, bound)     # exact wherever the output is safe
+        out[safe] = (exact << np.int64(-shift))[safe]
+    rows, cols = np.nonzero(~safe)
+    acc_values, n_sat = np.zeros(len(rows), np.int64), 0
+    for kk in range(k):                                # in order, saturating at every addition
+        p = (a[rows, kk] * b[kk, cols]) << np.int64(-shift)
+        acc_values, sat = _saturating_add(acc_values, p, acc)
+        n_sat += int(np.count_nonzero(sat))
+    out[rows, cols] = acc_values
+    return Quantized(out, acc, n_sat)
+
+
+def _matmul_stepwise(a, b, acc: FixedFormat, shift: int, rng) -> Quantized:
+    """Products rounded one by one into `acc`, accumulated in order k = 0..K-1 (an outer product
+    per k). Wrapping sums are exact modulo 2**64 and wrapped once; saturating ones step by step."""
+    out = np.zeros((a.shape[0], b.shape[1]), np.int64)
+    n_over = 0
+    wrap = acc.overflow is Overflow.WRAP
+    for kk in range(a.shape[1]):
+        p = shift_round(np.multiply.outer(a[:, kk], b[kk, :]), shift, acc.rounding, rng)
+        if wrap:
+            out += p
+        else:
+            out, sat = _saturating_add(out, p, acc)
+            n_over += int(np.count_nonzero(sat))
+    if wrap:
+        n_over = int(np.count_nonzero(out_of_range(out, acc)))   # exact unless |sum| >= 2**63
+        out = apply_overflow(out, acc)
+    return Quantized(out, acc, n_over)
+
+
+# --- tanh and sigmoid by table ----------------------------------------------------------------
+
+_FUNCTIONS = {"tanh": np.tanh, "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x))}
+
+
+@dataclass(frozen=True)
+class FunctionTable:
+    """tanh or sigmoid over [-input_range, input_range) by a table of `size` entries.
+
+    `lut`: the entry of the segment the input falls in, each entry f at the segment's centre.
+    `pwl`: linear between f at the segment ends (size + 1 knots), the slope applied in integers.
+    Outside the range the output is f at the nearer end (both functions are flat there).
+    `size` and `input_range` are powers of two, so the segment index is the input's top bits
+    (a shift), as in hardware."""
+    function: str
+    method: str
+    size: int
+    input_range: float
+    in_fmt: FixedFormat
+    out_fmt: FixedFormat
+
+    def __post_init__(self):
+        if self.function not in _FUNCTIONS:
+            raise FixedPointError(f"unknown table function {self.function!r} (tanh or sigmoid)")
+        if self.method not in ("lut", "pwl"):
+            raise FixedPointError(f"unknown table method {self.method!r} (lut or pwl)")
+        for name, v in (("size", self.size), ("input_range", self.input_range)):
+            if not (v > 0 and float(np.log2(v)).is_integer()):
+                raise FixedPointError(f"table {name} must be a power of two, got {v}")
+        if self.segment_shift < 0:
+            raise FixedPointError(f"a {self.size}-entry table over +-{self.input_range} is finer than "
+                                  f"the input's LSB ({self.in_fmt})")
+
+    @property
+    def segment_shift(self) -> int:
+        """log2 of a segment's width in input LSBs."""
+        return int(np.log2(2 * self.input_range)) + self.in_fmt.frac_bits - int(np.log2(self.size))
+
+    def _entries(self) -> np.ndarray:
+        f = _FUNCTIONS[self.function]
+        step = 2 * self.input_range / self.size
+        edges = -self.input_range + step * np.arange(self.size + 1)
+        knots = f(edges + step / 2)[:-1] if self.method == "lut" else f(edges)
+        return quantize(knots, self.out_fmt.with_(rounding=Rounding.RND_CONV, overflow=Overflow.SAT)).raw
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        raw = np.asarray(raw, np.int64)
+        entries = self._entries()
+        offset = raw + np.int64(int(self.input_range * 2 ** self.in_fmt.frac_bits))   # >= 0 in range
+        index = offset >> np.int64(self.segment_shift)
+        below, above = index < 0, index >= self.size
+        index = np.clip(index, 0, self.size - 1)
+        if self.method == "lut":
+            out = entries[index]
+        else:
+            within = offset - (index << np.int64(self.segment_shift))                    # 0 .. 2**s - 1
+            slope = entries[index + 1] - entries[index]
+            out = entries[index] + shift_round(slope * within, self.segment_shift, self.out_fmt.rounding)
+        return np.where(below, entries[0], np.where(above, entries[-1], out))
+
+
+# --- the output error of softmax cross-entropy --------------------------------------------------
+
+LOG2E_FRAC_BITS = 16
+PROB_FRAC_BITS = 16
+
+
+@dataclass(frozen=True)
+class SoftmaxError:
+    """e = (softmax(z) - onehot(y)) / batch, the way a small accelerator computes it.
+
+    exp(z - max z) = 2**t with t = (z - max z) * log2(e) <= 0 (log2 e held in 16 fraction bits);
+    t splits into an integer part n <= 0, a right shift, and a fraction, whose top
+    log2(exp_table_size) bits index a table of 2**(i / size) (16 fraction bits, rounded to nearest).
+    The row sum s divides each term: p = round(2**16 * exp / s), one integer divider per row (a
+    reciprocal table and multiplier are the usual cheaper hardware; the divide is its exact limit).
+    Division by the batch is a multiply by 1/batch held in 16 fraction bits (exact for powers of two).
+    The error goes into `out_fmt` by its rounding and overflow."""
+    in_fmt: FixedFormat
+    out_fmt: FixedFormat
+    exp_table_size: int = 64
+
+    def __post_init__(self):
+        if not (self.exp_table_size >= 2 and float(np.log2(self.exp_table_size)).is_integer()):
+            raise FixedPointError(f"the exp table size must be a power of two >= 2, got {self.exp_table_size}")
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """softmax rows as raw integers with PROB_FRAC_BITS fraction bits."""
+        z = np.asarray(logits, np.int64)
+        d = z - z.max(axis=1, keepdims=True)                                    # <= 0
+        log2e = int(round(np.log2(np.e) * 2 ** LOG2E_FRAC_BITS))
+        t = shift_round(d * log2e, self.in_fmt.frac_bits, Rounding.RND_CONV)    # 16 fraction bits
+        table_bits = int(np.log2(self.exp_table_size))
+        n = -(t >> np.int64(LOG2E_FRAC_BITS))                                   # integer part, >= 0
+        frac = t & np.int64((1 << LOG2E_FRAC_BITS) - 1)
+        table = np.round(2.0 ** (np.arange(self.exp_table_size) / self.exp_table_size)
+                         * 2 ** PROB_FRAC_BITS).astype(np.int64)                # 2**x, x in [0, 1)
+        mant = table[frac >> np.int64(LOG2E_FRAC_BITS - table_bits)]
+        exp = mant >> np.minimum(n, 62)                                         # 2**t, truncated
+        total = exp.sum(axis=1, keepdims=True)                                  # >= 2**16 (the max term)
+        return (exp * (1 << PROB_FRAC_BITS) + total // 2) // total              # round to nearest
+
+    def __call__(self, logits: np.ndarray, labels: np.ndarray, rng=None) -> Quantized:
+        p = self.probabilities(logits)
+        onehot = np.zeros_like(p)
+        onehot[np.arange(len(labels)), labels] = 1 << PROB_FRAC_BITS
+        recip = int(round(2 ** PROB_FRAC_BITS / len(labels)))                   # 1/batch, 16 fraction bits
+        return requantize((p - onehot) * recip, 2 * PROB_FRAC_BITS, self.out_fmt, rng)
