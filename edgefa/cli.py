@@ -748,6 +748,243 @@ def profile_compare(bundle, steps, batch_size, data_spec, out, url, profile_name
     console.print(f"wrote {out / 'compare.json'} and {out / 'compare.html'}")
 
 
+# --- the FPGA simulator and the accelerator cost model (device side: no torch) ------------------
+
+@cli.group()
+def fpga() -> None:
+    """Fixed-point DFA in bit-exact simulation, and a cost model of a MAC-array accelerator."""
+
+
+# (fpga simulate / sweep: numerics, below)
+
+def _fpga_inputs(bundle, data_spec, eval_spec, config_path):
+    from .bundle import read_bundle
+    from .data.datasets import load_dataset
+    from .fpga_sim.config import load_config
+
+    fxp = load_config(config_path)       # a bad config is refused before anything is read or run
+    return read_bundle(bundle), load_dataset(data_spec), load_dataset(eval_spec) if eval_spec else None, fxp
+
+
+def _sqnr_text(db: float | None) -> str:
+    return "identical" if db is None else f"{db:.1f} dB"
+
+
+@fpga.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR")
+@click.option("--eval", "eval_spec", default=None, help="evaluation data (default: the training data)")
+@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)")
+@click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="fixed-point formats per tensor class (TOML; default: 16-bit data, 48-bit accumulators)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the result as JSON")
+def simulate(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_path, json_path):
+    """Fine-tune BUNDLE with DFA in bit-exact fixed point and, beside it, in float32 (onnxruntime)."""
+    from .fpga_sim.simulate import SimulateConfig, simulate as run_simulate
+
+    if steps < 1 or batch_size < 1:
+        raise click.BadParameter("steps and batch size must be at least 1")
+    b, train_data, eval_data, fxp = _fpga_inputs(bundle, data_spec, eval_spec, config_path)
+    with progress_bar() as bar:
+        task = bar.add_task("fixed-point dfa", total=steps, status="")
+        result = run_simulate(b, train_data, SimulateConfig(steps, batch_size, lr, seed), fxp, eval_data,
+                              on_step=lambda s, lf, l32: bar.update(
+                                  task, completed=s, status=f"loss {lf:.3f} (float32 {l32:.3f})"))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    before, after = result["accuracy_before"], result["accuracy_after"]
+    table = Table(title=f"fixed point vs float32: {steps} DFA steps, batch {batch_size}, "
+                        f"lr {result['lr_fixed_point']:.6g} ({result['lr_mode']})")
+    table.add_column("")
+    table.add_column("fixed point", justify="right")
+    table.add_column("float32 (onnxruntime)", justify="right")
+    table.add_row(f"accuracy before ({result['eval_data']}, {result['eval_samples']} samples)",
+                  pct(before["fixed"]), pct(before["float32"]))
+    table.add_row("accuracy after", f"[bold]{pct(after['fixed'])}[/]", f"[bold]{pct(after['float32'])}[/]")
+    table.add_row("loss, last step", f"{result['loss_last']['fixed']:.4f}", f"{result['loss_last']['float32']:.4f}")
+    console.print(table)
+    layers = Table(title="per-layer SQNR (over all elements of the layer)")
+    for col in ("layer", "datapath (same weights)", "weights after the run"):
+        layers.add_column(col, justify="left" if col == "layer" else "right")
+    for name, db in result["datapath_sqnr_db"].items():
+        layers.add_row(name, _sqnr_text(db), _sqnr_text((result["weight_sqnr_db"] or {}).get(name)))
+    console.print(layers)
+    formats = result["config"]["formats"]
+    over = Table(title="overflow per tensor class (wrapped or saturated values)")
+    for col in ("tensor class", "format", "values written", "overflowed", "rate"):
+        over.add_column(col, justify="left" if col in ("tensor class", "format") else "right",
+                        no_wrap=col == "format", min_width=len(max(formats.values(), key=len)) if col == "format" else None)
+    for cls, o in result["overflow"].items():
+        over.add_row(cls, formats[cls], f"{o['values']:,}", f"{o['overflowed']:,}", f"{100 * o['rate']:.3f}%")
+    console.print(over)
+    zeroed = result["updates_rounded_to_zero"]
+    console.print(f"weight updates rounded to zero: [bold]{zeroed:,}[/] of {result['updates']:,} non-zero updates "
+                  f"({100 * zeroed / max(1, result['updates']):.1f}%)")
+
+
+@fpga.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR")
+@click.option("--eval", "eval_spec", default=None, help="evaluation data (default: the training data)")
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)")
+@click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="formats of the classes not swept (TOML)")
+@click.option("--widths", default="6,8,10,12,14,16", show_default=True, help="word lengths W, comma-separated")
+@click.option("--int-bits", type=int, default=2, show_default=True, help="integer bits I of the swept formats")
+@click.option("--rounding", "roundings", default="AP_RND_CONV,STOCHASTIC", show_default=True,
+              help="rounding modes, comma-separated")
+@click.option("--classes", default="weights,optimizer_state", show_default=True,
+              help="tensor classes that get ap_fixed<W,I,mode,AP_SAT>")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="folder for sweep.json, sweep.md, sweep.svg and sweep.html")
+def sweep(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_path, widths, int_bits, roundings,
+          classes, out):
+    """Accuracy against word length, one line per rounding mode (a table and a plot)."""
+    from .fpga_sim.simulate import SimulateConfig
+    from .fpga_sim.sweep import SweepConfig, markdown_table, sweep as run_sweep
+    from .report.html import render_sweep_report, standalone_svg, sweep_chart, write_report
+
+    def numbers(text, what):
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+
+    if steps < 1 or batch_size < 1:
+        raise click.BadParameter("steps and batch size must be at least 1")
+    grid = SweepConfig(numbers(widths, "--widths"), tuple(r.strip() for r in roundings.split(",") if r.strip()),
+                       int_bits, tuple(c.strip() for c in classes.split(",") if c.strip()))
+    b, train_data, eval_data, fxp = _fpga_inputs(bundle, data_spec, eval_spec, config_path)
+    total = len(grid.widths) * len(grid.roundings)
+    with progress_bar() as bar:
+        task = bar.add_task("sweep", total=total, status="")
+        result = run_sweep(b, train_data, SimulateConfig(steps, batch_size, lr, seed), grid, fxp, eval_data,
+                           on_run=lambda row: bar.update(task, advance=1, status=(
+                               f"W={row['width']} {row['rounding']}: {pct(row['accuracy'])}")))
+    result = {"schema": "edgefa.fpga-sweep/1", **result}
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sweep.json").write_text(json.dumps(result, indent=2))
+    (folder / "sweep.md").write_text(markdown_table(result))
+    write_report(folder / "sweep.svg", standalone_svg(sweep_chart(result)))
+    write_report(folder / "sweep.html", render_sweep_report(result))
+    table = Table(title=f"accuracy after {steps} fixed-point DFA steps "
+                        f"(swept: {', '.join(grid.classes)} as ap_fixed<W,{int_bits},mode,AP_SAT>)")
+    table.add_column("W", justify="right")
+    for mode in grid.roundings:
+        table.add_column(mode, justify="right")
+    cell = {(r["rounding"], r["width"]): r for r in result["rows"]}
+    for w in grid.widths:
+        table.add_row(str(w), *(f"{pct(cell[m, w]['accuracy'])} ({100 * cell[m, w]['zeroed_fraction']:.0f}% zeroed)"
+                                for m in grid.roundings))
+    console.print(table)
+    console.print(f"float32 runtime: {pct(result['float32_accuracy_before'])} -> "
+                  f"{pct(result['float32_accuracy_after'])} after the same steps")
+    console.print(f"wrote {folder / 'sweep.json'}, sweep.md, sweep.svg, sweep.html")
+
+# (fpga cost: the MAC-array cost model, below)
+
+def _seconds_text(s: float) -> str:
+    return f"{s * 1e6:,.2f} µs" if s < 1e-3 else f"{s * 1e3:,.3f} ms"
+
+
+def _joules_text(j: float) -> str:
+    return f"{j * 1e9:,.1f} nJ" if j < 1e-6 else f"{j * 1e6:,.3f} µJ"
+
+
+@fpga.command("cost")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--array", "array_spec", default="16x16", show_default=True, help="ROWSxCOLS processing elements")
+@click.option("--clock", "clock_spec", default="200MHz", show_default=True, help="200MHz | 1.5GHz | 200e6")
+@click.option("--data-bits", type=int, default=16, show_default=True, help="width of every stored tensor")
+@click.option("--acc-bits", type=int, default=32, show_default=True, help="accumulator width in the PEs")
+@click.option("--onchip-kib", type=float, default=972, show_default=True,
+              help="on-chip memory, counted in BRAM36 blocks of 4.5 KiB (972 = 216 BRAM36)")
+@click.option("--dram-gbps", type=float, default=10.0, show_default=True, help="DRAM bandwidth when tensors spill")
+@click.option("--batch", type=int, default=32, show_default=True, help="training batch")
+@click.option("--feedback", default="stored", show_default=True, help="DFA feedback: stored | lfsr (regenerated)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="write everything here")
+def fpga_cost(bundle, array_spec, clock_spec, data_bits, acc_bits, onchip_kib, dram_gbps, batch, feedback, json_out):
+    """Cycles, latency, DSP/LUT, BRAM36, DRAM traffic and energy of one training step on an
+    output-stationary MAC array: DFA against BP side by side. An analytic model, not a measurement."""
+    from .fpga_sim.cost import MacArray, cost_of_bundle, parse_array, parse_clock
+
+    rows, cols = parse_array(array_spec)
+    array = MacArray(rows, cols, parse_clock(clock_spec), data_bits, acc_bits, onchip_kib, dram_gbps)
+    result = cost_of_bundle(bundle, array, batch, feedback)
+    dfa, bp = result["dfa"], result["bp"]
+    basis = result["energy_basis"]
+    title = (f"fpga cost (model): {Path(bundle).name} on a {rows}x{cols} output-stationary MAC array, "
+             f"{array.clock_hz / 1e6:g} MHz, {data_bits}-bit data, {acc_bits}-bit accumulators, batch {batch}")
+    table = Table(title=escape(title))
+    dfa_name = f"DFA ({dfa['feedback'] or 'no hidden layer'} B)"
+    for col in ("", dfa_name, "BP", "DFA / BP"):
+        table.add_column(col, justify="right" if col else "left")
+
+    def ratio(a, b):
+        return "-" if not b else f"{a / b:.2f}"
+
+    def row(label, a, b, fmt):
+        table.add_row(escape(label), fmt(a), fmt(b), ratio(a, b))
+
+    cyc = lambda n: f"{n:,}"  # noqa: E731
+    for name in dfa["phases"]:
+        pd, pb = dfa["phases"][name], bp["phases"][name]
+        label = pd["label"] if pd["label"] == pb["label"] else f"{pd['label']} | {pb['label']}"
+        row(f"cycles: {label}", pd["cycles"], pb["cycles"], cyc)
+    row("cycles per training step", dfa["train_step"]["cycles"], bp["train_step"]["cycles"], cyc)
+    row("MACs per training step", dfa["train_step"]["macs"], bp["train_step"]["macs"], cyc)
+    table.add_row("latency per training step", *(_seconds_text(r["train_step"]["latency_s"])
+                                                 + (" (DRAM-bound)" if r["train_step"]["bound"] == "dram" else "")
+                                                 for r in (dfa, bp)),
+                  ratio(dfa["train_step"]["latency_s"], bp["train_step"]["latency_s"]))
+    row("latency per inference (batch 1)", dfa["inference"]["latency_s"], bp["inference"]["latency_s"], _seconds_text)
+    row(f"energy per training step, {basis}", dfa["train_step"]["energy_j"], bp["train_step"]["energy_j"],
+        _joules_text)
+    row(f"energy per inference, {basis}", dfa["inference"]["energy_j"], bp["inference"]["energy_j"], _joules_text)
+    row("working set (weights, momentum, feedback, activations, errors)", dfa["memory"]["working_set_bytes"],
+        bp["memory"]["working_set_bytes"], human_bytes)
+    row("of it held on chip", dfa["memory"]["on_chip_bytes"], bp["memory"]["on_chip_bytes"], human_bytes)
+    row(f"BRAM36 needed (of {array.bram36_available})", dfa["memory"]["bram36_needed"], bp["memory"]["bram36_needed"],
+        cyc)
+    table.add_row("fits on chip", *("yes" if r["memory"]["fits"] else "no" for r in (dfa, bp)), "")
+    row("DRAM traffic per step", dfa["memory"]["dram_bytes_per_step"], bp["memory"]["dram_bytes_per_step"],
+        human_bytes)
+    res = dfa["resources"]
+    row(f"DSP48E2 ({res['multiplier']} multipliers in {res['multiplier_in']})", res["dsp"], bp["resources"]["dsp"], cyc)
+    row("LUT (LUT multipliers, wide accumulators, LFSRs)", res["lut"], bp["resources"]["lut"], cyc)
+    console.print(table)
+
+    mem = Table(title="on-chip memory per tensor class (model)")
+    for col in ("tensor", "DFA bytes", "DFA BRAM36", "BP bytes", "BP BRAM36", "lanes"):
+        mem.add_column(col, justify="left" if col == "tensor" else "right")
+    for name, md in dfa["memory"]["tensors"].items():
+        mb = bp["memory"]["tensors"][name]
+        if not (md["elements"] or mb["elements"]):
+            continue
+        spill = lambda m: "" if m["on_chip"] else " (DRAM)"  # noqa: E731
+        mem.add_row(name, human_bytes(md["bytes"]) + spill(md), str(md["bram36"]), human_bytes(mb["bytes"]) + spill(mb),
+                    str(mb["bram36"]), str(md["lanes"]))
+    console.print(mem)
+    s = result["lfsr_saving"]
+    if s["feedback_bytes"]:
+        console.print(escape(f"DFA with --feedback lfsr: {s['generators']} LFSR generators (assumed {s['ff']} FF + "
+                             f"{s['lut']} LUT) replace {human_bytes(s['feedback_bytes'])} of stored feedback "
+                             f"({s['bram36_saved']} BRAM36) and save {_joules_text(s['energy_j_saved'])} per step; "
+                             f"energy: {basis}"), highlight=False)
+    console.print(escape(f"all figures: analytic model, not a measurement; energy: {basis}; "
+                         "assumptions in --json (\"assumptions\")"), highlight=False)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {escape(str(json_out))}")
+
+
 # --- the demo --------------------------------------------------------------------------------
 
 @cli.command()

@@ -20,7 +20,9 @@ DEVICE_MODULES = ["edgefa.bundle", "edgefa.runtime.engine", "edgefa.runtime.stat
                   "edgefa.link.fleet", "edgefa.profiling.profiler", "edgefa.profiling.sensors",
                   "edgefa.profiling.tegrastats", "edgefa.profiling.machine", "edgefa.profiling.session",
                   "edgefa.profiling.compare", "edgefa.device_profiles", "edgefa.device_profiles.budget",
-                  "edgefa.report.html", "edgefa.cli"]
+                  "edgefa.report.html", "edgefa.fpga_sim.cost", "edgefa.fpga_sim.fixed",
+                  "edgefa.fpga_sim.ops", "edgefa.fpga_sim.config", "edgefa.fpga_sim.datapath",
+                  "edgefa.fpga_sim.simulate", "edgefa.fpga_sim.sweep", "edgefa.cli"]
 HOST_MODULES = ("edgefa.training", "edgefa.models", "edgefa.exporters", "edgefa.demo", "torch")
 
 

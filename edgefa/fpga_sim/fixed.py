@@ -283,34 +283,43 @@ def quantize(values, fmt: FixedFormat, rng: np.random.Generator | None = None) -
     y = np.ldexp(x, fmt.frac_bits)
     if not np.all(np.isfinite(y)):
         raise FixedPointError(f"values too large for any rounding into {fmt}")
-    floor = np.floor(y)
-    rem = y - floor                                          # exact, in [0, 1)
+    return round_scaled(y, fmt, rng)
+
+
+def round_scaled(y: np.ndarray, fmt: FixedFormat, rng: np.random.Generator | None = None) -> Quantized:
+    """Finite float64 values already scaled by 2**F (so one LSB is 1.0) -> raw values in `fmt`:
+    rounded by its rule, then overflowed. Exact for any float64 input and W <= 52."""
     mode = fmt.rounding
-    if mode is Rounding.TRN:
-        up = np.zeros(y.shape, dtype=bool)
-    elif mode is Rounding.TRN_ZERO:
-        up = (rem != 0) & (y < 0)
-    elif mode is Rounding.RND:
-        up = rem >= 0.5
-    elif mode is Rounding.RND_ZERO:
-        up = (rem > 0.5) | ((rem == 0.5) & (y < 0))
-    elif mode is Rounding.RND_MIN_INF:
-        up = rem > 0.5
-    elif mode is Rounding.RND_INF:
-        up = (rem > 0.5) | ((rem == 0.5) & (y >= 0))
-    elif mode is Rounding.RND_CONV:
-        up = (rem > 0.5) | ((rem == 0.5) & (np.fmod(floor, 2) != 0))
-    else:                                                    # stochastic: P(up) = rem
-        if rng is None:
-            raise FixedPointError("stochastic rounding needs a seeded generator")
-        up = rng.random(y.shape) < rem
-    rounded = floor + up
+    if mode is Rounding.RND_CONV:
+        rounded = np.rint(y)                                 # IEEE round half to even: exact
+    elif mode is Rounding.TRN:
+        rounded = np.floor(y)
+    else:
+        floor = np.floor(y)
+        rem = y - floor                                      # exact, in [0, 1)
+        if mode is Rounding.TRN_ZERO:
+            up = (rem != 0) & (y < 0)
+        elif mode is Rounding.RND:
+            up = rem >= 0.5
+        elif mode is Rounding.RND_ZERO:
+            up = (rem > 0.5) | ((rem == 0.5) & (y < 0))
+        elif mode is Rounding.RND_MIN_INF:
+            up = rem > 0.5
+        elif mode is Rounding.RND_INF:
+            up = (rem > 0.5) | ((rem == 0.5) & (y >= 0))
+        else:                                                # stochastic: P(up) = rem
+            if rng is None:
+                raise FixedPointError("stochastic rounding needs a seeded generator")
+            up = rng.random(y.shape) < rem
+        rounded = floor + up
     # Out-of-range values are handled in float (exact: integer-valued, power-of-two bounds) so that
     # magnitudes beyond int64 still wrap or saturate correctly.
     lo, hi = float(fmt.raw_min), float(fmt.raw_max)
     over = (rounded < lo) | (rounded > hi)
     n_over = int(np.count_nonzero(over))
-    if fmt.overflow is Overflow.WRAP:
+    if n_over == 0:
+        pass
+    elif fmt.overflow is Overflow.WRAP:
         modulus = float(1 << fmt.width)
         wrapped = np.mod(rounded, modulus)                   # exact: |values| < 2**53 after fmod
         if fmt.signed:

@@ -19,11 +19,12 @@ accumulated step by step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from .fixed import (FixedFormat, FixedPointError, Overflow, Quantized, Rounding, apply_overflow,
-                    out_of_range, quantize, requantize, shift_round)
+                    out_of_range, quantize, requantize, round_scaled, shift_round)
 
 FLOAT_EXACT = 2.0 ** 53
 
@@ -84,8 +85,9 @@ def _saturating_add(acc: np.ndarray, p: np.ndarray, fmt: FixedFormat) -> tuple[n
 
 
 def matmul(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: FixedFormat, acc: FixedFormat,
-           rng: np.random.Generator | None = None) -> Quantized:
-    """[M,K] @ [K,N] into the accumulator format `acc`.
+           rng: np.random.Generator | None = None, init: np.ndarray | None = None) -> Quantized:
+    """[M,K] @ [K,N] into the accumulator format `acc`, each accumulator starting from `init`
+    (raw values in `acc`, one per column: a bias; 0 when None).
 
     Each product is exact (Wa + Wb bits). Where `acc` has fewer fraction bits than a product, each
     product is rounded into it by `acc.rounding` before it is added (as a MAC with a narrow
@@ -96,40 +98,43 @@ def matmul(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: FixedFormat,
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise FixedPointError(f"matmul shapes do not match: {a.shape} @ {b.shape}")
     _check_product_width(a_fmt, b_fmt)
+    start = np.zeros(b.shape[1], np.int64) if init is None else np.broadcast_to(np.asarray(init, np.int64), (b.shape[1],))
+    if np.any(out_of_range(start, acc)):
+        raise FixedPointError(f"an accumulator's initial value does not fit {acc}")
     shift = a_fmt.frac_bits + b_fmt.frac_bits - acc.frac_bits
-    k = a.shape[1]
+    if shift > 0:                                      # every product rounded on its own
+        return _matmul_stepwise(a, b, acc, shift, rng, start)
     max_a = int(np.abs(a).max()) if a.size else 0
     max_b = int(np.abs(b).max()) if b.size else 0
-
-    if shift > 0:                                      # every product rounded on its own
-        return _matmul_stepwise(a, b, acc, shift, rng)
     if acc.overflow is not Overflow.WRAP and (max_a * max_b) << -shift >= 1 << 62:
         raise FixedPointError(f"products of {a_fmt} and {b_fmt} shifted into {acc} need more than 62 bits")
+    products_bound = float(a.shape[1]) * max_a * max_b                    # |sum of any products|
+    bound = products_bound * 2.0 ** -shift + float(np.abs(start).max(initial=0))   # ... in acc LSBs
+    if bound <= acc.raw_max and -bound >= acc.raw_min:           # no addition can leave the range
+        return Quantized(_shift_left(_exact_sum_of_products(a, b, products_bound), -shift) + start, acc, 0)
 
-    bound = float(k) * max_a * max_b * 2.0 ** -shift   # |every partial sum| <= bound
-    if acc.overflow is Overflow.WRAP:
-        exact = _exact_sum_of_products(a, b, bound * 2.0 ** shift) << np.int64(-shift)
+    if acc.overflow is Overflow.WRAP:                  # modular: sum exactly (mod 2**64), wrap once
+        exact = _shift_left(_exact_sum_of_products(a, b, products_bound), -shift) + start
         if bound < 2.0 ** 63:
             n_over = int(np.count_nonzero(out_of_range(exact, acc)))
         else:                                          # the exact sum is not at hand: estimate
-            estimate = (a.astype(np.float64) @ b.astype(np.float64)) * 2.0 ** -shift
+            estimate = (a.astype(np.float64) @ b.astype(np.float64)) * 2.0 ** -shift + start
             n_over = int(np.count_nonzero((estimate < acc.raw_min) | (estimate > acc.raw_max)))
         return Quantized(apply_overflow(exact, acc), acc, n_over)
 
-    if bound <= acc.raw_max and -bound >= acc.raw_min:           # no addition can saturate
-        return Quantized(_exact_sum_of_products(a, b, bound) << np.int64(-shift), acc, 0)
-    # Per output: sum_k |a_ik| |b_kj| <= (sum_k |a_ik|) * max_k |b_kj|; safe outputs are exact.
+    # Saturating. Per output: |partial sums| <= |init_j| + (sum_k |a_ik|) * max_k |b_kj|; the
+    # outputs this proves safe are the exact sum; the others are accumulated step by step.
     row = np.abs(a).astype(np.float64).sum(axis=1)
     col = np.abs(b).astype(np.float64).max(axis=0)
-    per_output = np.outer(row, col) * 2.0 ** -shift * (1 + 1e-9)
+    per_output = (np.outer(row, col) * 2.0 ** -shift + np.abs(start)) * (1 + 1e-9)
     safe = (per_output <= acc.raw_max) & (-per_output >= acc.raw_min)
     out = np.zeros((a.shape[0], b.shape[1]), np.int64)
     if safe.any():
-        exact = _exact_sum_of_products(a, b, bound)     # exact wherever the output is safe
-        out[safe] = (exact << np.int64(-shift))[safe]
+        exact = _shift_left(_exact_sum_of_products(a, b, products_bound), -shift) + start
+        out[safe] = exact[safe]                        # exact wherever the output is safe
     rows, cols = np.nonzero(~safe)
-    acc_values, n_sat = np.zeros(len(rows), np.int64), 0
-    for kk in range(k):                                # in order, saturating at every addition
+    acc_values, n_sat = start[cols].copy(), 0
+    for kk in range(a.shape[1]):                       # in order, saturating at every addition
         p = (a[rows, kk] * b[kk, cols]) << np.int64(-shift)
         acc_values, sat = _saturating_add(acc_values, p, acc)
         n_sat += int(np.count_nonzero(sat))
@@ -137,10 +142,44 @@ def matmul(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: FixedFormat,
     return Quantized(out, acc, n_sat)
 
 
-def _matmul_stepwise(a, b, acc: FixedFormat, shift: int, rng) -> Quantized:
+def _shift_left(raw: np.ndarray, bits: int) -> np.ndarray:
+    return raw << np.int64(bits) if bits else raw
+
+
+def matmul_requantize(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: FixedFormat,
+                      acc: FixedFormat, out: FixedFormat, rng: np.random.Generator | None = None,
+                      init: np.ndarray | None = None) -> tuple[Quantized, int]:
+    """`matmul` into `acc`, then requantized into `out`: the result in `out` and the number of
+    accumulator overflows. Bit-identical to the two calls; faster where the accumulator provably
+    holds every partial sum and the sum is below 2**53: the float64 BLAS result is then the exact
+    sum, and it is rounded into `out` straight from float64 (a power-of-two scale, then the
+    rounding rule: exact), never becoming an int64 accumulator in between. Stochastic rounding
+    takes the two-step route, so its random draws do not depend on the route."""
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    shift = a_fmt.frac_bits + b_fmt.frac_bits - acc.frac_bits
+    fast = (shift <= 0 and out.rounding is not Rounding.STOCHASTIC and out.width <= 52
+            and a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0] and a.size and b.size)
+    if fast:
+        _check_product_width(a_fmt, b_fmt)
+        start = np.zeros(b.shape[1], np.int64) if init is None else \
+            np.broadcast_to(np.asarray(init, np.int64), (b.shape[1],))
+        products_bound = float(a.shape[1]) * float(np.abs(a).max()) * float(np.abs(b).max())
+        bound = products_bound * 2.0 ** -shift + float(np.abs(start).max(initial=0))
+        if bound <= acc.raw_max and -bound >= acc.raw_min and bound < FLOAT_EXACT \
+                and not np.any(out_of_range(start, acc)):
+            # In accumulator LSBs every value here is an integer below bound < 2**53: exact.
+            total = np.ldexp(a.astype(np.float64) @ b.astype(np.float64), -shift)
+            if init is not None:
+                total += start
+            return round_scaled(np.ldexp(total, out.frac_bits - acc.frac_bits), out, rng), 0
+    q = matmul(a, a_fmt, b, b_fmt, acc, rng, init)
+    return requantize(q.raw, acc.frac_bits, out, rng), q.overflows
+
+
+def _matmul_stepwise(a, b, acc: FixedFormat, shift: int, rng, start: np.ndarray) -> Quantized:
     """Products rounded one by one into `acc`, accumulated in order k = 0..K-1 (an outer product
     per k). Wrapping sums are exact modulo 2**64 and wrapped once; saturating ones step by step."""
-    out = np.zeros((a.shape[0], b.shape[1]), np.int64)
+    out = np.broadcast_to(start, (a.shape[0], b.shape[1])).copy()
     n_over = 0
     wrap = acc.overflow is Overflow.WRAP
     for kk in range(a.shape[1]):
@@ -194,6 +233,7 @@ class FunctionTable:
         """log2 of a segment's width in input LSBs."""
         return int(np.log2(2 * self.input_range)) + self.in_fmt.frac_bits - int(np.log2(self.size))
 
+    @cached_property
     def _entries(self) -> np.ndarray:
         f = _FUNCTIONS[self.function]
         step = 2 * self.input_range / self.size
@@ -203,7 +243,7 @@ class FunctionTable:
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         raw = np.asarray(raw, np.int64)
-        entries = self._entries()
+        entries = self._entries
         offset = raw + np.int64(int(self.input_range * 2 ** self.in_fmt.frac_bits))   # >= 0 in range
         index = offset >> np.int64(self.segment_shift)
         below, above = index < 0, index >= self.size
@@ -219,48 +259,58 @@ class FunctionTable:
 
 # --- the output error of softmax cross-entropy --------------------------------------------------
 
-LOG2E_FRAC_BITS = 16
-PROB_FRAC_BITS = 16
-
-
 @dataclass(frozen=True)
 class SoftmaxError:
-    """e = (softmax(z) - onehot(y)) / batch, the way a small accelerator computes it.
+    """e = (softmax(z) - onehot(y)) / batch, the way a small accelerator computes it, with every
+    intermediate held in `frac_bits` fraction bits (F):
 
-    exp(z - max z) = 2**t with t = (z - max z) * log2(e) <= 0 (log2 e held in 16 fraction bits);
-    t splits into an integer part n <= 0, a right shift, and a fraction, whose top
-    log2(exp_table_size) bits index a table of 2**(i / size) (16 fraction bits, rounded to nearest).
-    The row sum s divides each term: p = round(2**16 * exp / s), one integer divider per row (a
-    reciprocal table and multiplier are the usual cheaper hardware; the divide is its exact limit).
-    Division by the batch is a multiply by 1/batch held in 16 fraction bits (exact for powers of two).
-    The error goes into `out_fmt` by its rounding and overflow."""
+    exp(z - max z) = 2**t with t = (z - max z) * log2(e) <= 0, log2(e) held in F bits. t splits
+    into an integer part n >= 0 (a right shift by n) and a fraction x in [0, 1), and 2**x comes
+    from a table of 2**(i / size), i = 0..size (F bits, rounded to nearest), interpolated linearly
+    by the fraction's low bits: relative error about (ln 2)**2 / (8 size**2) + 2**-F (1.5e-5 for
+    64 entries and F = 16). The row sum s then divides each term: p = round(2**F exp / s), one
+    integer divider per row (a reciprocal table and a multiplier are the usual cheaper hardware;
+    the divide is their exact limit). The division by the batch is a multiply by 1/batch held in
+    F bits (exact for powers of two). The error goes into `out_fmt` by its rounding and overflow."""
     in_fmt: FixedFormat
     out_fmt: FixedFormat
     exp_table_size: int = 64
+    frac_bits: int = 16
 
     def __post_init__(self):
         if not (self.exp_table_size >= 2 and float(np.log2(self.exp_table_size)).is_integer()):
             raise FixedPointError(f"the exp table size must be a power of two >= 2, got {self.exp_table_size}")
+        if not int(np.log2(self.exp_table_size)) <= self.frac_bits <= 28:
+            raise FixedPointError(f"softmax fraction bits must be log2(table size)..28, got {self.frac_bits}")
+        if self.in_fmt.width + self.frac_bits + 1 > 62:
+            raise FixedPointError(f"logits in {self.in_fmt} times log2(e) in {self.frac_bits} bits overflow int64")
+
+    @cached_property
+    def _exp2_table(self) -> np.ndarray:
+        knots = 2.0 ** (np.arange(self.exp_table_size + 1) / self.exp_table_size)
+        return np.round(knots * 2.0 ** self.frac_bits).astype(np.int64)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """softmax rows as raw integers with PROB_FRAC_BITS fraction bits."""
+        """softmax rows as raw integers with `frac_bits` fraction bits."""
+        F = self.frac_bits
         z = np.asarray(logits, np.int64)
         d = z - z.max(axis=1, keepdims=True)                                    # <= 0
-        log2e = int(round(np.log2(np.e) * 2 ** LOG2E_FRAC_BITS))
-        t = shift_round(d * log2e, self.in_fmt.frac_bits, Rounding.RND_CONV)    # 16 fraction bits
-        table_bits = int(np.log2(self.exp_table_size))
-        n = -(t >> np.int64(LOG2E_FRAC_BITS))                                   # integer part, >= 0
-        frac = t & np.int64((1 << LOG2E_FRAC_BITS) - 1)
-        table = np.round(2.0 ** (np.arange(self.exp_table_size) / self.exp_table_size)
-                         * 2 ** PROB_FRAC_BITS).astype(np.int64)                # 2**x, x in [0, 1)
-        mant = table[frac >> np.int64(LOG2E_FRAC_BITS - table_bits)]
+        log2e = int(round(np.log2(np.e) * 2 ** F))
+        t = shift_round(d * log2e, self.in_fmt.frac_bits, Rounding.RND_CONV)    # F fraction bits
+        n = -(t >> np.int64(F))                                                 # integer part, >= 0
+        x = t & np.int64((1 << F) - 1)                                          # fraction, F bits
+        low_bits = F - int(np.log2(self.exp_table_size))
+        i, low = x >> np.int64(low_bits), x & np.int64((1 << low_bits) - 1)
+        table = self._exp2_table
+        mant = table[i] + shift_round((table[i + 1] - table[i]) * low, low_bits, Rounding.RND_CONV)
         exp = mant >> np.minimum(n, 62)                                         # 2**t, truncated
-        total = exp.sum(axis=1, keepdims=True)                                  # >= 2**16 (the max term)
-        return (exp * (1 << PROB_FRAC_BITS) + total // 2) // total              # round to nearest
+        total = exp.sum(axis=1, keepdims=True)                                  # >= 2**F (the max term)
+        return (exp * (1 << F) + total // 2) // total                           # round to nearest
 
     def __call__(self, logits: np.ndarray, labels: np.ndarray, rng=None) -> Quantized:
+        F = self.frac_bits
         p = self.probabilities(logits)
         onehot = np.zeros_like(p)
-        onehot[np.arange(len(labels)), labels] = 1 << PROB_FRAC_BITS
-        recip = int(round(2 ** PROB_FRAC_BITS / len(labels)))                   # 1/batch, 16 fraction bits
-        return requantize((p - onehot) * recip, 2 * PROB_FRAC_BITS, self.out_fmt, rng)
+        onehot[np.arange(len(labels)), labels] = 1 << F
+        recip = int(round(2 ** F / len(labels)))                                # 1/batch, F bits
+        return requantize((p - onehot) * recip, 2 * F, self.out_fmt, rng)

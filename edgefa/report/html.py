@@ -260,26 +260,42 @@ def line_chart(xs: Sequence[float], ys: Sequence[float], kind: str, label: str, 
                y_label: str, ref: tuple[str, float] | None = None, zero_based: bool = False,
                color: str = PALETTE[0]) -> str | None:
     """A polyline through (x, y) pairs, with an optional dashed horizontal reference line."""
-    points = [(x, y) for x, y in zip(xs, ys) if _is_num(x) and _is_num(y)]
-    if not points:
+    return lines_chart([("", xs, ys, color)], kind, label, x_label, y_label, ref, zero_based)
+
+
+def lines_chart(lines: Sequence[tuple[str, Sequence[float], Sequence[float], str]], kind: str, label: str,
+                x_label: str, y_label: str, ref: tuple[str, float] | None = None,
+                zero_based: bool = False, markers: bool = False) -> str | None:
+    """One polyline per (name, xs, ys, colour) on shared axes, named in a legend across the top;
+    points drawn as dots with `markers`; an optional dashed horizontal reference line."""
+    series = [(name, [(x, y) for x, y in zip(xs, ys) if _is_num(x) and _is_num(y)], color)
+              for name, xs, ys, color in lines]
+    series = [s for s in series if s[1]]
+    if not series:
         return None
     ref = ref if ref and _is_num(ref[1]) else None
+    points = [p for _, pts, _ in series for p in pts]
     y_values = [y for _, y in points] + ([ref[1]] if ref else []) + ([0.0] if zero_based else [])
     x_ticks = nice_ticks(min(x for x, _ in points), max(x for x, _ in points))
     y_ticks = nice_ticks(min(y_values), max(y_values))
-    frame = Frame(x_range=(x_ticks[0], x_ticks[-1]), y_range=(y_ticks[0], y_ticks[-1]), top=24)
+    named = any(name for name, _, _ in series)
+    frame = Frame(x_range=(x_ticks[0], x_ticks[-1]), y_range=(y_ticks[0], y_ticks[-1]), top=34 if named else 24)
     parts = [y_axis(frame, y_ticks, y_label), x_axis(frame, x_ticks, x_label)]
     if ref:
         y = frame.sy(ref[1])
         parts.append(f'<line class="ref dashed" x1="{frame.x0}" y1="{y:.1f}" x2="{frame.x1}" y2="{y:.1f}"/>')
         parts.append(text(frame.x1, y - 5, ref[0], "end", "ref-label"))
-    coords = " ".join(f"{frame.sx(x):.1f},{frame.sy(y):.1f}" for x, y in points)
-    if len(points) > 1:
-        parts.append(f'<polyline class="mark line" stroke="{color}" points="{coords}"/>')
-    else:
-        x, y = points[0]
-        parts.append(f'<circle class="mark point" fill="{color}" cx="{frame.sx(x):.1f}" '
-                     f'cy="{frame.sy(y):.1f}" r="4"/>')
+    for name, pts, color in series:
+        coords = " ".join(f"{frame.sx(x):.1f},{frame.sy(y):.1f}" for x, y in pts)
+        if len(pts) > 1:
+            parts.append(f'<polyline class="mark line" stroke="{color}" points="{coords}"/>')
+        if markers or len(pts) == 1:
+            parts.extend(f'<circle class="mark point" fill="{color}" cx="{frame.sx(x):.1f}" '
+                         f'cy="{frame.sy(y):.1f}" r="{3 if len(pts) > 1 else 4}"/>' for x, y in pts)
+    for i, (name, _, color) in enumerate(s for s in series if s[0]):      # the legend, across the top
+        x = frame.x0 + 10 + i * 150
+        parts.append(f'<line class="mark line" stroke="{color}" x1="{x}" y1="12" x2="{x + 18}" y2="12"/>')
+        parts.append(text(x + 24, 16, name, "start", "value-label"))
     return svg(kind, frame, parts, label)
 
 
@@ -751,6 +767,60 @@ def render_compare_report(compare: dict) -> str:
             f'<p class="note">ratio: {esc(compare.get("ratio_definition", "first run / second run"))}</p>',
             "<h2>Figures</h2>", *compare_figures(compare),
             "<h2>Machine</h2>", machine_table(compare.get("machine"))]
+    return page(title, body)
+
+
+def sweep_chart(sweep: dict) -> str | None:
+    """Accuracy (%) against word length W, one line per rounding mode, float32 as a dashed line."""
+    rows = sweep.get("rows") or []
+    modes = list(dict.fromkeys(r["rounding"] for r in rows))
+    lines = []
+    for i, mode in enumerate(modes):
+        mine = sorted((r["width"], r["accuracy"]) for r in rows if r["rounding"] == mode)
+        lines.append((mode, [w for w, _ in mine], [100 * a if _is_num(a) else None for _, a in mine],
+                      PALETTE[i % len(PALETTE)]))
+    ref = sweep.get("float32_accuracy_after")
+    return lines_chart(lines, "sweep", "accuracy against word length per rounding mode",
+                       f"word length W of {', '.join(sweep.get('swept_classes', []))} "
+                       f"(ap_fixed<W,{sweep.get('int_bits')}>)", "accuracy after fine-tuning (%)",
+                       ref=("float32 runtime", 100 * ref) if _is_num(ref) else None, markers=True)
+
+
+def standalone_svg(chart: str) -> str:
+    """An <svg> from the charts above as a file of its own: the namespace and the page's styles."""
+    style = "\n".join(line for line in CSS.splitlines() if line.startswith("svg.plot"))
+    return chart.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1).replace(
+        "<title>", f"<style>{style}</style><title>", 1)
+
+
+def render_sweep_report(sweep: dict) -> str:
+    """A complete HTML document for an `edgefa fpga sweep` result (schema edgefa.fpga-sweep/1)."""
+    sweep = _check(sweep, "edgefa.fpga-sweep/")
+    rows = sweep["rows"]
+    modes = list(dict.fromkeys(r["rounding"] for r in rows))
+    cell = {(r["rounding"], r["width"]): r for r in rows}
+    table_rows = []
+    for w in sweep["widths"]:
+        cells = [esc(w)]
+        for m in modes:
+            r = cell.get((m, w))
+            cells.append("-" if r is None else
+                         f"{100 * r['accuracy']:.1f}% <span class=\"note\">({100 * r['zeroed_fraction']:.0f}% zeroed)</span>")
+        table_rows.append(cells)
+    before, after = sweep.get("float32_accuracy_before"), sweep.get("float32_accuracy_after")
+    title = "edgefa fpga sweep"
+    body = [f"<h1>{esc(title)}</h1>",
+            f'<p class="sub">{esc(sweep.get("bundle", ""))} \u00b7 {esc(sweep.get("steps"))} steps of batch '
+            f'{esc(sweep.get("batch_size"))} \u00b7 swept: {esc(", ".join(sweep.get("swept_classes", [])))}</p>',
+            figure("Accuracy against word length", sweep_chart(sweep), caption=(
+                "Round-to-nearest loses every update smaller than half an LSB; stochastic rounding keeps "
+                "it in expectation (Gupta et al., ICML 2015).")),
+            "<h2>Accuracy after fine-tuning (share of weight updates rounded to zero)</h2>",
+            grid_table(["W", *modes], table_rows),
+            f'<p class="note">float32 runtime: {esc(fmt_num(100 * before) if _is_num(before) else "-")}% before, '
+            f'{esc(fmt_num(100 * after) if _is_num(after) else "-")}% after the same steps.</p>',
+            "<h2>Other formats</h2>",
+            kv_table([(k, esc(v)) for k, v in (sweep.get("base_config") or {}).get("formats", {}).items()])]
     return page(title, body)
 
 

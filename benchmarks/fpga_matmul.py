@@ -1,0 +1,243 @@
+"""Fixed-point matmul speed: edgefa.fpga_sim against numpy float64, apytypes and fxpmath.
+
+    .venv/bin/python benchmarks/fpga_matmul.py [--pairs N] [--reps K] [--threads T] [--quick]
+
+The work (issue 5, section 2 "Speed"): A, B are 256x256 Q8.8 (ap_fixed<16,8>) raw values from a
+seeded generator; C = A @ B is accumulated exactly in ap_fixed<40,24> (16 fraction bits, the
+products' own, and 40 bits: 256 * 2**15 * 2**15 = 2**38 needs 39 bits and a sign), then requantized
+to Q8.8 with AP_RND_CONV (half to even) and AP_SAT. Four contenders, on the same raw values:
+
+    numpy     A_float @ B_float in float64 on the real values: the floor (no requantization)
+    ours      edgefa.fpga_sim.ops.matmul_requantize (accumulate, then requantize: its fused route
+              rounds the exact float64 BLAS sum straight into Q8.8; checked equal to the two calls
+              matmul + requantize on every data set)
+    apytypes  APyFixedArray @ APyFixedArray (its full-width result, ap_fixed<40,24> here), then
+              .cast(int_bits=8, frac_bits=8, TIES_EVEN, SAT)
+    fxpmath   Fxp.dot (its 'optimal' sizing: fxp-s40/16, the same accumulator), then set_val into
+              a Q8.8 Fxp with rounding='around' (np.around: half to even) and overflow='saturate'
+
+Inputs are built outside the timed region (raw -> float64 for numpy, APyFixedArray / Fxp objects
+for the others); inside it is exactly the work above. Each turn runs the work --reps times (1 for
+fxpmath, ~30x slower) and reports the time per call; turns alternate in a seeded shuffled order,
+pairs with a VM stall are replaced (benchmarks/_pairs.py), and the headlines are medians of
+per-pair ratios: ours/numpy (target <= 3), apytypes/ours (target >= 3), fxpmath/ours.
+
+Bit identity: ours against apytypes (asserted) and fxpmath (recorded) on the timed outputs and on
+three data sets: the timed one (values in [-4, 4): a mix of rounded and saturated outputs, ~1/256
+of them exact ties), full range (every int16 code: the largest partial-sum bound, 2**38, nearly
+everything saturates) and small values in [-1/2, 1/2) (nothing saturates).
+
+Writes benchmarks/results/fpga_matmul.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's edgefa first
+
+import numpy as np  # noqa: E402
+
+from _pairs import fmt, load_now, machine_info, ratio_summary, run_pairs, spread, write_json  # noqa: E402
+from edgefa.fpga_sim.fixed import FixedFormat, Rounding, parse_format, requantize  # noqa: E402
+from edgefa.fpga_sim.ops import FLOAT_EXACT, matmul, matmul_requantize  # noqa: E402
+
+N, SEED = 256, 0
+DATA = parse_format("Q8.8")                                        # ap_fixed<16,8>
+ACC = FixedFormat(40, 24)                                          # ap_fixed<40,24>: exact sums
+OUT = DATA.with_(rounding=Rounding.RND_CONV, overflow="AP_SAT")    # ap_fixed<16,8,AP_RND_CONV,AP_SAT>
+# raw ranges [-r, r) of A and B per data set; "timed" is the one the pairs run on
+DATASETS = {"timed": 2 ** 10, "full_range": 2 ** 15, "small": 2 ** 7}
+
+
+def make_data(raw_range: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.integers(-raw_range, raw_range, (N, N), dtype=np.int64),
+            rng.integers(-raw_range, raw_range, (N, N), dtype=np.int64))
+
+
+# --- the four contenders: build outside the timed region, return a callable doing the work -----
+
+def ours_work(a, b):
+    return lambda: matmul_requantize(a, DATA, b, DATA, ACC, OUT)[0].raw
+
+
+def ours_two_calls(a, b) -> np.ndarray:
+    """The same work as two calls (matmul into the accumulator, then requantize): must be equal."""
+    return requantize(matmul(a, DATA, b, DATA, ACC).raw, ACC.frac_bits, OUT).raw
+
+
+def numpy_work(a, b):
+    fa, fb = DATA.to_float(a), DATA.to_float(b)
+    return lambda: fa @ fb
+
+
+def apytypes_work(a, b):
+    from apytypes import APyFixedArray, OverflowMode, QuantizationMode
+    # From *signed* int64 raw values. apytypes 0.5.1 does not sign-extend bit patterns given as
+    # unsigned numpy arrays (uint16/uint64, or int64 holding 0..65535): 0xFFFE then reads +255.99
+    # in an ap_fixed<16,8> and every product is wrong; a Python list of the same patterns works.
+    A = APyFixedArray(a, int_bits=DATA.int_bits, frac_bits=DATA.frac_bits)
+    B = APyFixedArray(b, int_bits=DATA.int_bits, frac_bits=DATA.frac_bits)
+
+    def work():
+        return (A @ B).cast(int_bits=OUT.int_bits, frac_bits=OUT.frac_bits,
+                            quantization=QuantizationMode.TIES_EVEN, overflow=OverflowMode.SAT)
+    return work
+
+
+def apytypes_raw(result) -> np.ndarray:
+    bits = np.asarray(result.to_bits(numpy=True)).astype(np.int64)
+    return np.where(bits >= 1 << (OUT.width - 1), bits - (1 << OUT.width), bits)
+
+
+def fxpmath_work(a, b):
+    from fxpmath import Fxp
+    settings = dict(signed=True, n_word=DATA.width, n_frac=DATA.frac_bits, rounding="around", overflow="saturate")
+    A, B = Fxp(a, raw=True, **settings), Fxp(b, raw=True, **settings)
+
+    def work():
+        acc = A.dot(B)                                   # fxp-s40/16: 40 bits, 16 fraction bits
+        out = Fxp(None, **{**settings, "n_word": OUT.width, "n_frac": OUT.frac_bits})
+        return out.set_val(acc)                          # np.around (half to even), then saturate
+    return work, settings
+
+
+def fxpmath_raw(result) -> np.ndarray:
+    return np.asarray(result.val).astype(np.int64)
+
+
+# --- bit identity -----------------------------------------------------------------------------
+
+def identity_check(name: str, raw_range: int, seed: int) -> dict:
+    a, b = make_data(raw_range, seed)
+    exact = a @ b                                        # int64: |sum| <= 2**38, exact
+    ours = ours_work(a, b)()
+    apy = apytypes_raw(apytypes_work(a, b)())
+    fxp = fxpmath_raw(fxpmath_work(a, b)[0]())
+    bound = float(N) * np.abs(a).max() * np.abs(b).max()
+    shift = ACC.frac_bits - OUT.frac_bits
+    low = exact & ((1 << shift) - 1)                                 # bits the requantization drops
+    out = {"raw_range": [-raw_range, raw_range - 1], "seed": seed,
+           "real_range": [-raw_range * DATA.lsb, (raw_range - 1) * DATA.lsb],
+           "partial_sum_bound": bound, "fast_path": "float64 BLAS" if bound < FLOAT_EXACT else "int64",
+           "ties": int(np.count_nonzero(low == 1 << (shift - 1))),
+           "saturated": requantize(exact, ACC.frac_bits, OUT).overflows, "outputs": int(exact.size),
+           "ours_eq_apytypes": bool(np.array_equal(ours, apy)),
+           "ours_eq_fxpmath": bool(np.array_equal(ours, fxp)),
+           "ours_vs_fxpmath_mismatches": int(np.count_nonzero(ours != fxp)),
+           "ours_eq_two_calls": bool(np.array_equal(ours, ours_two_calls(a, b)))}
+    assert out["ours_eq_apytypes"], f"{name}: ours and apytypes differ in {np.count_nonzero(ours != apy)} outputs"
+    assert out["ours_eq_two_calls"], f"{name}: matmul_requantize and matmul + requantize differ"
+    return out
+
+
+def set_threads(threads: int) -> dict:
+    import apytypes
+    apytypes.reset_thread_pool(threads)
+    info = {"apytypes_pool": apytypes.n_threads()}
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+        threadpool_limits(threads, user_api="blas")
+        info["blas"] = [{k: p.get(k) for k in ("internal_api", "num_threads", "architecture")}
+                        for p in threadpool_info() if p.get("user_api") == "blas"]
+    except ImportError:                          # not a dependency: then say what the env says
+        info["blas"] = "threadpoolctl missing: OpenBLAS default (all cores unless OPENBLAS_NUM_THREADS)"
+    info["numpy_integer_ops"] = 1                # numpy's elementwise and integer loops: one thread
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="calls per turn (numpy, ours, apytypes); fxpmath: 1")
+    ap.add_argument("--threads", type=int, default=2, help="BLAS and apytypes thread pools")
+    ap.add_argument("--quick", action="store_true", help="smoke check: 4 pairs, 1 warm-up pair")
+    args = ap.parse_args()
+    pairs, warmup = (4, 1) if args.quick else (args.pairs, args.warmup)
+    load_start = load_now()
+    threads = set_threads(args.threads)
+
+    identity = {name: identity_check(name, r, SEED + i) for i, (name, r) in enumerate(DATASETS.items())}
+    for name, r in identity.items():
+        print(f"bit identity [{name}: raw in {r['raw_range']}, {r['ties']} ties, {r['saturated']} saturated, "
+              f"{r['fast_path']}]: ours == apytypes {r['ours_eq_apytypes']}, ours == fxpmath {r['ours_eq_fxpmath']}")
+
+    a, b = make_data(DATASETS["timed"], SEED)
+    fxp_fn, fxp_settings = fxpmath_work(a, b)
+    works = {"numpy": (numpy_work(a, b), args.reps), "ours": (ours_work(a, b), args.reps),
+             "apytypes": (apytypes_work(a, b), args.reps), "fxpmath": (fxp_fn, 1)}
+    last = {}
+
+    def turn(name):
+        fn, reps = works[name]
+
+        def run():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                r = fn()
+            seconds = (time.perf_counter() - t0) / reps
+            last[name] = r
+            return seconds
+        return run
+
+    # Run 1: numpy, ours, apytypes. Run 2: ours and fxpmath, a third as many pairs: an fxpmath call
+    # takes ~30x ours, and in one run with the others its long turns, hit by most VM stalls,
+    # would leave almost no clean pairs for the rest.
+    fxp_pairs = max(4, pairs // 3)
+    times, info = run_pairs({n: turn(n) for n in ("numpy", "ours", "apytypes")}, pairs, warmup, SEED)
+    times2, info2 = run_pairs({n: turn(n) for n in ("ours", "fxpmath")}, fxp_pairs, min(warmup, 2), SEED + 1)
+    timed_identity = {"ours_eq_apytypes": bool(np.array_equal(last["ours"], apytypes_raw(last["apytypes"]))),
+                      "ours_eq_fxpmath": bool(np.array_equal(last["ours"], fxpmath_raw(last["fxpmath"])))}
+    assert timed_identity["ours_eq_apytypes"], "timed outputs: ours and apytypes differ"
+
+    ratios = {"ours/numpy": ratio_summary(times["ours"], times["numpy"], "ours", "numpy", info["clean"]),
+              "apytypes/ours": ratio_summary(times["apytypes"], times["ours"], "apytypes", "ours", info["clean"]),
+              "fxpmath/ours": ratio_summary(times2["fxpmath"], times2["ours"], "fxpmath", "ours", info2["clean"])}
+    for s in ratios.values():
+        has_clean = bool(s["ratio_stats"].get("n"))
+        s["headline_pairs"] = "clean" if has_clean else "all (none clean)"
+        s["headline"] = s["ratio_stats"] if has_clean else s["all_pairs"]["ratio_stats"]
+    ratios["fxpmath/ours"]["run"] = "second run (ours vs fxpmath)"
+    clean, clean2 = np.asarray(info["clean"], bool), np.asarray(info2["clean"], bool)
+    per_call = {n: spread(np.asarray(t)[clean] * 1e3) for n, t in times.items()}
+    per_call["fxpmath"] = spread(np.asarray(times2["fxpmath"])[clean2] * 1e3)
+    per_call["ours (run 2)"] = spread(np.asarray(times2["ours"])[clean2] * 1e3)
+    targets = {"ours/numpy <= 3": ratios["ours/numpy"]["headline"]["median"] <= 3.0,
+               "apytypes/ours >= 3": ratios["apytypes/ours"]["headline"]["median"] >= 3.0}
+
+    print(f"\n{N}x{N} @ {N}x{N} {DATA} -> {ACC} -> {OUT}; {info['pairs_clean']}/{info['pairs_run']} clean pairs "
+          f"(ours vs fxpmath: {info2['pairs_clean']}/{info2['pairs_run']}), {args.reps} calls per turn (fxpmath 1), "
+          f"threads {args.threads}")
+    print(f"{'contender':13s} ms per call: median [p25-p75] (min, max)")
+    for n, s in per_call.items():
+        print(f"{n:13s} {fmt(s, ' ms')}")
+    for k, s in ratios.items():
+        print(f"{k:14s} per pair {fmt(s['headline'])}")
+    for k, ok in targets.items():
+        print(f"target {k}: {'met' if ok else 'MISSED'}")
+
+    payload = {"benchmark": "fpga_matmul",
+               "target": "ours/numpy float64 <= 3 and apytypes/ours >= 3 (issue 5, section 2), bit-identical",
+               "machine": machine_info(threads),
+               "versions": {d: metadata.version(d) for d in ("numpy", "apytypes", "fxpmath")},
+               "config": {"shape": [N, N, N], "data": str(DATA), "accumulator": str(ACC), "output": str(OUT),
+                          "timed_data": identity["timed"]["raw_range"], "seed": SEED, "pairs": pairs,
+                          "warmup_pairs": warmup, "fxpmath_pairs": fxp_pairs, "calls_per_turn": {n: r for n, (_, r) in works.items()},
+                          "fxpmath_settings": fxp_settings,
+                          "apytypes_cast": "cast(int_bits=8, frac_bits=8, TIES_EVEN, SAT)"},
+               "load": {"start": load_start, "end": load_now()},
+               "pairs": {"run1_numpy_ours_apytypes": {k: info[k] for k in ("pairs_run", "pairs_clean", "stall_factor")},
+                         "run2_ours_fxpmath": {k: info2[k] for k in ("pairs_run", "pairs_clean", "stall_factor")}},
+               "bit_identity": {"datasets": identity, "timed_outputs": timed_identity},
+               "per_call_ms": per_call, "ratios": ratios, "targets_met": targets}
+    print(f"wrote {write_json('fpga_matmul', payload)}")
+
+
+if __name__ == "__main__":
+    main()

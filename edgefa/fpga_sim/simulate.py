@@ -1,0 +1,134 @@
+"""Fine-tune a bundle in fixed point and, beside it, in float32 through the real runtime.
+
+Both runs start from the bundle's weights and see the same batches in the same order (the
+runtime's seeded `batch_indices`) with the same learning rate. The float32 run is `train_step.onnx`
+in onnxruntime, the step a device runs; the fixed-point run is `datapath.FixedPointDFA`.
+
+What comes back (all figures per run, none averaged across classes unless named):
+  * accuracy of both on the evaluation data, before and after;
+  * per-layer SQNR, two kinds:
+      - datapath SQNR of each layer's output on the evaluation data: the fixed-point forward pass
+        against a float64 forward pass with the *same* (dequantized) weights, so it measures the
+        arithmetic alone;
+      - weight SQNR after the run: fixed-point weights against the float32 run's, so it measures
+        how far the two trainings drifted apart;
+    SQNR = 10 log10(sum ref^2 / sum (fixed - ref)^2) over every element of the layer (None where
+    the two are identical);
+  * values written and values that overflowed (wrapped or saturated) per tensor class;
+  * weight updates that were non-zero and rounded to zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..data.datasets import Dataset
+from ..runtime.batches import batch_indices
+from ..runtime.engine import OrtEngine
+from ..runtime.finetune import standardize
+from .config import FxpConfig
+from .datapath import FixedPointDFA
+
+SQNR_SAMPLES = 256
+
+
+@dataclass
+class SimulateConfig:
+    steps: int
+    batch_size: int = 32
+    lr: float | None = None
+    seed: int = 0                   # batch order (the runtime's)
+    float_reference: bool = True    # also run the float32 runtime beside the fixed-point one
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float | None:
+    """10 log10(signal / noise) over all elements; None when the two are identical."""
+    ref, diff = np.asarray(reference, np.float64), np.asarray(test, np.float64) - np.asarray(reference, np.float64)
+    noise = float(np.sum(diff * diff))
+    if noise == 0.0:
+        return None
+    return float(10 * np.log10(max(float(np.sum(ref * ref)), 1e-300) / noise))
+
+
+def float_forward(weights: dict[str, np.ndarray], layers: list[str], activation: str, x: np.ndarray) -> list[np.ndarray]:
+    """Every layer's output in float64 (hidden layers after the activation, then the logits)."""
+    outs, h = [], np.asarray(x, np.float64)
+    for i, name in enumerate(layers):
+        a = h @ weights[f"{name}.weight"].T.astype(np.float64) + weights[f"{name}.bias"]
+        h = a if i == len(layers) - 1 else (np.maximum(a, 0) if activation == "relu" else np.tanh(a))
+        outs.append(h)
+    return outs
+
+
+def datapath_sqnr(fixed: FixedPointDFA, x: np.ndarray) -> dict[str, float | None]:
+    """Per layer: fixed-point outputs against float64 outputs with the same dequantized weights."""
+    act = fixed.f["activations"]
+    saved, fixed.counters = fixed.counters, type(fixed.counters)()
+    try:
+        trace = fixed.forward(fixed.quantize_input(x))
+    finally:
+        fixed.counters = saved
+    fixed_outs = [act.to_float(h) for h in trace.hidden] + [act.to_float(trace.logits)]
+    ref = float_forward(fixed.weights_float(), fixed.layers, fixed.activation, x)
+    return {name: sqnr_db(r, f) for name, r, f in zip(fixed.layers, ref, fixed_outs)}
+
+
+def _accuracy(logits: np.ndarray, y: np.ndarray) -> float | None:
+    return float((logits.argmax(axis=1) == y).mean()) if len(y) else None
+
+
+def simulate(bundle: Bundle, train: Dataset, config: SimulateConfig, fxp: FxpConfig,
+             eval_data: Dataset | None = None,
+             on_step: Callable[[int, float, float | None], None] | None = None) -> dict:
+    X, y = standardize(bundle, train, train.name), train.y
+    X_eval, y_eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else (X, y)
+    fixed = FixedPointDFA(bundle, fxp, config.lr)
+    # The engine trains the arrays it is given in place (a device holds its weights once), so it
+    # gets copies: the bundle is read again by later runs (a sweep). One intra-op thread: a pool
+    # would spin between steps and starve the fixed-point arithmetic of the second core.
+    engine = OrtEngine(replace(bundle, weights={n: a.copy() for n, a in bundle.weights.items()}),
+                       threads=1) if config.float_reference else None
+
+    acc_before = {"fixed": _accuracy(fixed.predict(X_eval), y_eval),
+                  "float32": _accuracy(engine.predict_logits(X_eval), y_eval) if engine else None}
+    losses_fixed, losses_float = [], []
+    for step in range(config.steps):
+        idx = batch_indices(len(y), config.batch_size, config.seed, step)
+        losses_fixed.append(fixed.step(X[idx], y[idx]))
+        if engine:
+            losses_float.append(engine.step(X[idx], y[idx], fixed.lr).loss)
+        if on_step:
+            on_step(step + 1, losses_fixed[-1], losses_float[-1] if engine else None)
+
+    acc_after = {"fixed": _accuracy(fixed.predict(X_eval), y_eval),
+                 "float32": _accuracy(engine.predict_logits(X_eval), y_eval) if engine else None}
+    weight_sqnr = None
+    if engine:
+        final = engine.state()
+        fixed_w = fixed.weights_float()
+        weight_sqnr = {name: sqnr_db(np.concatenate([final[f"{name}.weight"].ravel(), final[f"{name}.bias"]]),
+                                     np.concatenate([fixed_w[f"{name}.weight"].ravel(), fixed_w[f"{name}.bias"]]))
+                       for name in fixed.layers}
+    c = fixed.counters
+    return {
+        "bundle": str(bundle.path),
+        "steps": config.steps, "batch_size": config.batch_size, "seed": config.seed,
+        "lr": fixed.lr, "lr_fixed_point": fixed.effective_lr,
+        "lr_mode": fxp.lr_mode if fxp.lr_mode == "multiplier" else f"shift {fixed.lr_shift}",
+        "config": fxp.describe(),
+        "eval_samples": int(len(y_eval)), "eval_data": "eval" if eval_data else "train",
+        "accuracy_before": acc_before, "accuracy_after": acc_after,
+        "loss_first": {"fixed": losses_fixed[0] if losses_fixed else None,
+                       "float32": losses_float[0] if losses_float else None},
+        "loss_last": {"fixed": losses_fixed[-1] if losses_fixed else None,
+                      "float32": losses_float[-1] if losses_float else None},
+        "datapath_sqnr_db": datapath_sqnr(fixed, X_eval[:SQNR_SAMPLES]),
+        "weight_sqnr_db": weight_sqnr,
+        "overflow": c.summary(),
+        "updates": c.updates,
+        "updates_rounded_to_zero": c.updates_rounded_to_zero,
+    }
