@@ -275,7 +275,9 @@ def serve(port, listen_address, store, checkpoint_every, provider, threads, max_
     def say(line: str) -> None:
         click.echo(f"edgefa device server: {line}", err=True)
 
-    profiler, machine = open_profiler(profile_name)
+    from .runtime.engine import choose_providers, on_gpu
+
+    profiler, machine = open_profiler(profile_name, work_on_gpu=on_gpu(choose_providers(provider)))
     say(f"device profile {machine.profile.name} ({machine.how_recognized}); {machine.energy_line}")
     service = DeviceService(ServiceConfig(Path(store), checkpoint_every, provider, threads,
                                           max_bundle_bytes=max_bundle_mb << 20), profiler.start())
@@ -881,7 +883,7 @@ def sweep(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_path
         table.add_column(mode, justify="right")
     cell = {(r["rounding"], r["width"]): r for r in result["rows"]}
     for w in grid.widths:
-        table.add_row(str(w), *(f"{pct(cell[m, w]['accuracy'])} ({100 * cell[m, w]['zeroed_fraction']:.0f}% zeroed)"
+        table.add_row(str(w), *(f"{pct(cell[m, w]['accuracy'])} ({100 * cell[m, w]['zeroed_fraction']:.1f}% zeroed)"
                                 for m in grid.roundings))
     console.print(table)
     console.print(f"float32 runtime: {pct(result['float32_accuracy_before'])} -> "

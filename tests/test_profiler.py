@@ -150,8 +150,8 @@ def test_memory_is_sampled_over_time():
     mem = p.summary()["memory"]
     assert len(mem["timeline"]["t_s"]) >= 5 and len(mem["timeline"]["t_s"]) == len(mem["timeline"]["rss_bytes"])
     assert max(mem["timeline"]["rss_bytes"]) - min(mem["timeline"]["rss_bytes"]) >= 15 << 20
-    # the kernel updates VmHWM from per-thread counters that may lag VmRSS by up to 64 pages per thread
-    assert mem["peak_rss_bytes"] >= max(mem["timeline"]["rss_bytes"]) - (1 << 20)
+    # VmHWM may lag the sampled VmRSS (per-thread counters): the peak is never below a sample
+    assert mem["peak_rss_bytes"] >= max(mem["timeline"]["rss_bytes"])
 
 
 def test_long_series_travel_as_arrays_not_json():

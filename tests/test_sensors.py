@@ -274,7 +274,7 @@ def no_tegrastats_nor_nvml(monkeypatch, tmp_path):
 
 
 def test_an_empty_root_gives_no_source_and_one_note_per_backend(tmp_path, no_tegrastats_nor_nvml):
-    source, notes = open_energy_source(tmp_path)
+    source, notes = open_energy_source(tmp_path, work_on_gpu=True)
     assert source is None
     assert notes == [
         f"ina3221-hwmon: no {tmp_path}/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*",
@@ -440,6 +440,23 @@ def test_nvml_millijoules_since_driver_load_become_joules_since_open(tmp_path, m
     assert source.read() == pytest.approx(12.345)
     source.close()
     assert nvml.calls == ["init", "shutdown"]
+
+
+def test_a_gpu_meter_is_not_used_for_work_on_the_cpu(tmp_path, monkeypatch, no_tegrastats_nor_nvml):
+    """On an H200 host the device server ran on the CPU and NVML, next in line, metered the idle
+    GPU: 0 J per step, labelled measured. Work on the CPU now skips it for RAPL (or the estimate)."""
+    nvml = fake_pynvml([1_000_000] * 10)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    rapl_domain(tmp_path, "intel-rapl:0", 1_000_000)
+    source, notes = open_energy_source(tmp_path)
+    assert source.name == "rapl" and nvml.calls == []
+    assert notes[-1] == "nvml: skipped: it meters the GPU board only, and the work runs on the CPU"
+    on_gpu, _ = open_energy_source(tmp_path, work_on_gpu=True)
+    assert on_gpu.name == "nvml"
+    on_gpu.close()
+    asked_for, _ = open_energy_source(tmp_path, order=["nvml", "rapl"])    # a profile that names it
+    assert asked_for.name == "nvml"
+    asked_for.close()
 
 
 def test_nvml_not_supported_gives_a_note_and_shuts_nvml_down(tmp_path, monkeypatch):

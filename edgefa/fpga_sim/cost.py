@@ -99,7 +99,7 @@ ASSUMPTIONS = [
     "for another). --feedback lfsr regenerates B on chip from one 32-bit leap-forward LFSR per array column "
     "(assumed 32 FF + 32 LUT6 each, after Xilinx XAPP052; each generated element charged as one 32-bit add); "
     "this saves the feedback storage and its reads, but the feedback must then be the LFSR's own sequence "
-    "(the DF-LNPU chip, Han et al., ISSCC 2019 / JSSC 2020, does this); a bundle's feedback.npz is not",
+    "(the DF-LNPU chip, Han, Lee and Yoo, IEEE JSSC 2021, does this with its built-in PRNG); a bundle's feedback.npz is not",
 ]
 
 

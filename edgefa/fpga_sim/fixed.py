@@ -161,6 +161,9 @@ def parse_format(text: str, rounding: str | Rounding | None = None,
     else:
         raise FixedPointError(f"cannot read the fixed-point format {text!r} "
                               "(write ap_fixed<W,I>, ap_ufixed<W,I,AP_RND,AP_SAT> or Q8.8)")
+    if q and not o and q.upper() in {m.value for m in Overflow} | {m.value.removeprefix("AP_") for m in Overflow}:
+        raise FixedPointError(f"{text!r}: {q} is an overflow mode; the rounding mode comes first "
+                              f"(ap_fixed<{width},{int_bits},AP_TRN,{q}>)")
     return FixedFormat(width, int_bits, signed=not unsigned,
                        rounding=q or rounding or Rounding.TRN, overflow=o or overflow or Overflow.WRAP)
 
@@ -243,8 +246,9 @@ def apply_overflow(raw, fmt: FixedFormat) -> np.ndarray:
         if fmt.width == 64:
             return raw.copy()                                  # int64 arithmetic already wrapped
         low = raw & np.int64((1 << fmt.width) - 1)             # the low W bits, as unsigned
-        if fmt.signed:
-            low = np.where(low >= (1 << (fmt.width - 1)), low - np.int64(1 << fmt.width), low)
+        if fmt.signed:                                         # sign-extend bit W-1
+            sign = np.int64(1 << (fmt.width - 1))
+            low = (low ^ sign) - sign
         return low
     if mode is Overflow.SAT_ZERO:
         return np.where(out_of_range(raw, fmt), np.int64(0), raw)
@@ -264,10 +268,32 @@ class Quantized:
 
 def requantize(raw, src_frac_bits: int, fmt: FixedFormat,
                rng: np.random.Generator | None = None) -> Quantized:
-    """Integers with `src_frac_bits` fraction bits -> `fmt`: shift, round, overflow."""
-    shifted = shift_round(raw, src_frac_bits - fmt.frac_bits, fmt.rounding, rng)
-    n_over = int(np.count_nonzero(out_of_range(shifted, fmt)))
-    return Quantized(apply_overflow(shifted, fmt), fmt, n_over)
+    """Integers with `src_frac_bits` fraction bits -> `fmt`: shift, round, overflow.
+
+    A left shift (the target has more fraction bits) is exact; where it would leave int64 the value
+    is out of every format's range, and is wrapped (the int64 shift is right modulo 2**64) or
+    saturated by its sign."""
+    raw = _as_raw(raw)
+    shift = src_frac_bits - fmt.frac_bits
+    if shift >= 0:
+        shifted = shift_round(raw, shift, fmt.rounding, rng)
+        n_over = int(np.count_nonzero(out_of_range(shifted, fmt)))
+        return Quantized(apply_overflow(shifted, fmt), fmt, n_over)
+    left = -shift
+    if left >= 63:
+        beyond = raw != 0
+    else:
+        beyond = (raw >= (1 << (63 - left))) | (raw < -(1 << (63 - left)))
+    shifted = raw << np.int64(left) if left < 64 else np.zeros_like(raw)   # modulo 2**64
+    over = beyond | out_of_range(shifted, fmt)
+    if fmt.overflow is Overflow.WRAP:
+        out = apply_overflow(shifted, fmt)
+    elif fmt.overflow is Overflow.SAT_ZERO:
+        out = np.where(over, np.int64(0), shifted)
+    else:
+        out = np.where(beyond, np.where(raw > 0, np.int64(fmt.raw_max), np.int64(fmt.raw_min)),
+                       np.clip(shifted, fmt.raw_min, fmt.raw_max))
+    return Quantized(out, fmt, int(np.count_nonzero(over)))
 
 
 def quantize(values, fmt: FixedFormat, rng: np.random.Generator | None = None) -> Quantized:
@@ -283,6 +309,9 @@ def quantize(values, fmt: FixedFormat, rng: np.random.Generator | None = None) -
     y = np.ldexp(x, fmt.frac_bits)
     if not np.all(np.isfinite(y)):
         raise FixedPointError(f"values too large for any rounding into {fmt}")
+    # With F < 0 a tiny x can underflow to (-)0, which would round as an exact zero; the smallest
+    # subnormal of the same sign takes every rounding decision the true value would.
+    y = np.where((y == 0) & (x != 0), np.copysign(5e-324, x), y)
     return round_scaled(y, fmt, rng)
 
 
@@ -315,11 +344,11 @@ def round_scaled(y: np.ndarray, fmt: FixedFormat, rng: np.random.Generator | Non
     # Out-of-range values are handled in float (exact: integer-valued, power-of-two bounds) so that
     # magnitudes beyond int64 still wrap or saturate correctly.
     lo, hi = float(fmt.raw_min), float(fmt.raw_max)
+    if rounded.size == 0 or (rounded.min() >= lo and rounded.max() <= hi):   # two cheap reductions
+        return Quantized(rounded.astype(np.int64), fmt, 0)
     over = (rounded < lo) | (rounded > hi)
     n_over = int(np.count_nonzero(over))
-    if n_over == 0:
-        pass
-    elif fmt.overflow is Overflow.WRAP:
+    if fmt.overflow is Overflow.WRAP:
         modulus = float(1 << fmt.width)
         wrapped = np.mod(rounded, modulus)                   # exact: |values| < 2**53 after fmod
         if fmt.signed:

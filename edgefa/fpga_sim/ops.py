@@ -30,8 +30,20 @@ FLOAT_EXACT = 2.0 ** 53
 
 
 def _check_product_width(a: FixedFormat, b: FixedFormat) -> None:
-    if a.width + b.width > 64:
-        raise FixedPointError(f"a product of {a} and {b} needs {a.width + b.width} bits; at most 64 are supported")
+    """Every product must fit int64: Wa + Wb <= 64 when either is signed (|a b| <= 2**62, or
+    < 2**63 mixed), Wa + Wb <= 63 when both are unsigned ((2**Wa - 1)(2**Wb - 1) < 2**63)."""
+    limit = 64 if (a.signed or b.signed) else 63
+    if a.width + b.width > limit:
+        raise FixedPointError(f"a product of {a} and {b} needs {a.width + b.width} bits"
+                              f"{'' if limit == 64 else ' unsigned'}; at most {limit} are supported")
+
+
+def _wrap_overflows(wrapped: np.ndarray, estimate: np.ndarray, fmt: FixedFormat) -> int:
+    """How many exact sums lie outside `fmt`, given them modulo 2**64 (as int64) and a float64
+    estimate: the estimate's error (far below 2**62 for any sum of int64 products that float64
+    can count) fixes the multiple of 2**64, so the count is exact, also beyond +-2**63."""
+    turns = np.rint((estimate - wrapped.astype(np.float64)) / 2.0 ** 64)
+    return int(np.count_nonzero((turns != 0) | out_of_range(wrapped, fmt)))
 
 
 # --- elementwise ------------------------------------------------------------------------------
@@ -117,9 +129,9 @@ def matmul(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: FixedFormat,
         exact = _shift_left(_exact_sum_of_products(a, b, products_bound), -shift) + start
         if bound < 2.0 ** 63:
             n_over = int(np.count_nonzero(out_of_range(exact, acc)))
-        else:                                          # the exact sum is not at hand: estimate
-            estimate = (a.astype(np.float64) @ b.astype(np.float64)) * 2.0 ** -shift + start
-            n_over = int(np.count_nonzero((estimate < acc.raw_min) | (estimate > acc.raw_max)))
+        else:                                          # the exact sum is known modulo 2**64
+            estimate = np.ldexp(a.astype(np.float64) @ b.astype(np.float64), -shift) + start
+            n_over = _wrap_overflows(exact, estimate, acc)
         return Quantized(apply_overflow(exact, acc), acc, n_over)
 
     # Saturating. Per output: |partial sums| <= |init_j| + (sum_k |a_ik|) * max_k |b_kj|; the
@@ -140,6 +152,11 @@ def matmul(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: FixedFormat,
         n_sat += int(np.count_nonzero(sat))
     out[rows, cols] = acc_values
     return Quantized(out, acc, n_sat)
+
+
+def _max_abs(x: np.ndarray) -> float:
+    """max |x| without an |x| temporary (two reductions)."""
+    return float(max(int(x.max()), -int(x.min()))) if x.size else 0.0
 
 
 def _shift_left(raw: np.ndarray, bits: int) -> np.ndarray:
@@ -163,15 +180,17 @@ def matmul_requantize(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: F
         _check_product_width(a_fmt, b_fmt)
         start = np.zeros(b.shape[1], np.int64) if init is None else \
             np.broadcast_to(np.asarray(init, np.int64), (b.shape[1],))
-        products_bound = float(a.shape[1]) * float(np.abs(a).max()) * float(np.abs(b).max())
-        bound = products_bound * 2.0 ** -shift + float(np.abs(start).max(initial=0))
+        products_bound = float(a.shape[1]) * _max_abs(a) * _max_abs(b)
+        bound = products_bound * 2.0 ** -shift + _max_abs(start)
         if bound <= acc.raw_max and -bound >= acc.raw_min and bound < FLOAT_EXACT \
                 and not np.any(out_of_range(start, acc)):
-            # In accumulator LSBs every value here is an integer below bound < 2**53: exact.
-            total = np.ldexp(a.astype(np.float64) @ b.astype(np.float64), -shift)
+            # Every value here is a multiple of the accumulator's LSB below bound < 2**53 of them,
+            # so the sum and the power-of-two scalings are exact in float64.
+            total = a.astype(np.float64) @ b.astype(np.float64)           # in product LSBs
             if init is not None:
-                total += start
-            return round_scaled(np.ldexp(total, out.frac_bits - acc.frac_bits), out, rng), 0
+                total += start * 2.0 ** shift
+            total *= 2.0 ** (out.frac_bits - a_fmt.frac_bits - b_fmt.frac_bits)
+            return round_scaled(total, out, rng), 0
     q = matmul(a, a_fmt, b, b_fmt, acc, rng, init)
     return requantize(q.raw, acc.frac_bits, out, rng), q.overflows
 
@@ -182,15 +201,17 @@ def _matmul_stepwise(a, b, acc: FixedFormat, shift: int, rng, start: np.ndarray)
     out = np.broadcast_to(start, (a.shape[0], b.shape[1])).copy()
     n_over = 0
     wrap = acc.overflow is Overflow.WRAP
+    estimate = out.astype(np.float64) if wrap else None
     for kk in range(a.shape[1]):
         p = shift_round(np.multiply.outer(a[:, kk], b[kk, :]), shift, acc.rounding, rng)
         if wrap:
-            out += p
+            out += p                                   # modulo 2**64
+            estimate += p
         else:
             out, sat = _saturating_add(out, p, acc)
             n_over += int(np.count_nonzero(sat))
     if wrap:
-        n_over = int(np.count_nonzero(out_of_range(out, acc)))   # exact unless |sum| >= 2**63
+        n_over = _wrap_overflows(out, estimate, acc)
         out = apply_overflow(out, acc)
     return Quantized(out, acc, n_over)
 
@@ -206,7 +227,9 @@ class FunctionTable:
 
     `lut`: the entry of the segment the input falls in, each entry f at the segment's centre.
     `pwl`: linear between f at the segment ends (size + 1 knots), the slope applied in integers.
-    Outside the range the output is f at the nearer end (both functions are flat there).
+    Outside the range the output is the table's end value (the end segment's entry for `lut`, f at
+    the range end for `pwl`): choose `input_range` where f is flat enough (tanh at 4: 1 - 7e-4;
+    sigmoid at 4 is still 0.018 from 1, so sigmoid wants 8).
     `size` and `input_range` are powers of two, so the segment index is the input's top bits
     (a shift), as in hardware."""
     function: str

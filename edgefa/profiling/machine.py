@@ -21,15 +21,17 @@ class Machine:
     energy_line: str               # one line saying what energy figures will be
 
 
-def open_profiler(profile: str | None = None, root: str = "/", **profiler_options) -> tuple[Profiler, Machine]:
-    """A Profiler reading the best energy sensor here (or estimating from the device profile),
-    with the device profile `profile` (a name or TOML path) or the one detected here."""
+def open_profiler(profile: str | None = None, root: str = "/", work_on_gpu: bool = False,
+                  **profiler_options) -> tuple[Profiler, Machine]:
+    """A Profiler reading the best energy sensor here for work on the CPU or, with `work_on_gpu`,
+    the GPU (or estimating from the device profile), with the device profile `profile` (a name or
+    TOML path) or the one detected here."""
     if profile:
         device, how = load_profile(profile), f"given: {profile}"
     else:
         device, how = detect_profile(root, measure=False)   # energy needs no bandwidth probe
     order = None if device.sensor_backend in ("none", "", None) else _backends_first(device.sensor_backend)
-    source, notes = open_energy_source(root, order=order, total_rail=device.total_rail)
+    source, notes = open_energy_source(root, order=order, total_rail=device.total_rail, work_on_gpu=work_on_gpu)
     if source is not None:
         line = f"energy: measured by {source.name} ({source.what})"
         estimate = None

@@ -383,18 +383,27 @@ _BACKENDS: dict[str, Callable[[Path, str | None], EnergySource]] = {
 }
 
 
+GPU_ONLY_BACKENDS = ("nvml",)           # meters that see the GPU board and nothing else
+
+
 def open_energy_source(root: str | Path = "/", order: Sequence[str] | None = None,
-                       total_rail: str | None = None) -> tuple[EnergySource | None, list[str]]:
+                       total_rail: str | None = None,
+                       work_on_gpu: bool = False) -> tuple[EnergySource | None, list[str]]:
     """The first backend in `order` that opens and gives a valid first read(), and one note per
     backend that failed ("rapl: /sys/.../energy_uj: permission denied"); (None, notes) if none did.
-    `total_rail` (from a device profile) names the rail that is the module's total."""
+    `total_rail` (from a device profile) names the rail that is the module's total. Unless the
+    work runs on the GPU, a GPU-only meter is skipped (it would report the idle GPU's energy as
+    the CPU's work: seen as 0 J per step on an H200 host), except when it comes first in `order`."""
     order = DEFAULT_ORDER if order is None else ((order,) if isinstance(order, str) else tuple(order))
     unknown = [name for name in order if name not in _BACKENDS]
     if unknown:
         raise SensorError(f"unknown energy sensor {', '.join(map(repr, unknown))}; "
                           f"known: {', '.join(DEFAULT_ORDER)}")
     notes = []
-    for name in order:
+    for i, name in enumerate(order):
+        if name in GPU_ONLY_BACKENDS and not work_on_gpu and i > 0:
+            notes.append(f"{name}: skipped: it meters the GPU board only, and the work runs on the CPU")
+            continue
         source = None
         try:
             source = _BACKENDS[name](Path(root), total_rail)

@@ -65,7 +65,10 @@ def profile_local(bundle_path: str | Path, cfg: ProfileConfig, data: Dataset | N
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise EdgefaError("steps and batch size must be at least 1")
-    profiler, machine = open_profiler(cfg.profile, warmup=cfg.warmup, sample_interval_s=cfg.sample_interval_s)
+    from ..runtime.engine import choose_providers, on_gpu
+
+    profiler, machine = open_profiler(cfg.profile, work_on_gpu=on_gpu(choose_providers(cfg.provider)),
+                                      warmup=cfg.warmup, sample_interval_s=cfg.sample_interval_s)
     read_bundle(bundle_path)        # a bad bundle is reported by its own path, before any work
     with tempfile.TemporaryDirectory(prefix="edgefa-profile-") as scratch, profiler:
         with profiler.window("load"):

@@ -805,7 +805,7 @@ def render_sweep_report(sweep: dict) -> str:
         for m in modes:
             r = cell.get((m, w))
             cells.append("-" if r is None else
-                         f"{100 * r['accuracy']:.1f}% <span class=\"note\">({100 * r['zeroed_fraction']:.0f}% zeroed)</span>")
+                         f"{100 * r['accuracy']:.1f}% <span class=\"note\">({100 * r['zeroed_fraction']:.1f}% zeroed)</span>")
         table_rows.append(cells)
     before, after = sweep.get("float32_accuracy_before"), sweep.get("float32_accuracy_after")
     title = "edgefa fpga sweep"

@@ -44,6 +44,11 @@ def choose_providers(requested: str | None = None) -> tuple[str, ...]:
     return tuple(p for p in AUTO_PROVIDERS if p in available)
 
 
+def on_gpu(providers: tuple[str, ...]) -> bool:
+    """Whether the step runs on a GPU with these providers (the first one is the one used)."""
+    return bool(providers) and providers[0] != "CPUExecutionProvider"
+
+
 OVERFLOW_LIMIT = 1e37  # float32 max is 3.4e38: a 34x margin for rounding inside the Gemms
 
 

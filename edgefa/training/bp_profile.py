@@ -50,9 +50,10 @@ def bp_step_cost(model: dict, batch: int, momentum: float) -> tuple[float, float
 def profile_bp(bundle_path, cfg: ProfileConfig, data: Dataset | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    profiler, machine = open_profiler(cfg.profile, warmup=cfg.warmup, sample_interval_s=cfg.sample_interval_s)
     # on a GPU host BP runs there, as onnxruntime's CUDA provider would run the DFA side
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.provider != "CPUExecutionProvider" else "cpu")
+    profiler, machine = open_profiler(cfg.profile, work_on_gpu=device.type == "cuda", warmup=cfg.warmup,
+                                      sample_interval_s=cfg.sample_interval_s)
     if device.type == "cuda":
         profiler.gpu_memory = lambda: {"source": "torch.cuda (this process)",
                                        "used_bytes": torch.cuda.memory_allocated(),
