@@ -772,16 +772,26 @@ def _sqnr_text(db: float | None) -> str:
     return "identical" if db is None else f"{db:.1f} dB"
 
 
+def fpga_run_options(steps: int, config_help: str):
+    """BUNDLE and the fine-tuning options shared by `fpga simulate` and `fpga sweep`."""
+    def decorate(f):
+        for option in reversed([
+            click.argument("bundle", type=click.Path()),
+            click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR"),
+            click.option("--eval", "eval_spec", default=None, help="evaluation data (default: the training data)"),
+            click.option("--steps", type=int, default=steps, show_default=True),
+            click.option("--batch-size", type=int, default=32, show_default=True),
+            click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)"),
+            click.option("--seed", type=int, default=0, show_default=True, help="batch order seed"),
+            click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help=config_help),
+        ]):
+            f = option(f)
+        return f
+    return decorate
+
+
 @fpga.command()
-@click.argument("bundle", type=click.Path())
-@click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR")
-@click.option("--eval", "eval_spec", default=None, help="evaluation data (default: the training data)")
-@click.option("--steps", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)")
-@click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="fixed-point formats per tensor class (TOML; default: 16-bit data, 48-bit accumulators)")
+@fpga_run_options(200, "fixed-point formats per tensor class (TOML; default: 16-bit data, 48-bit accumulators)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the result as JSON")
 def simulate(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_path, json_path):
     """Fine-tune BUNDLE with DFA in bit-exact fixed point and, beside it, in float32 (onnxruntime)."""
@@ -828,15 +838,7 @@ def simulate(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_p
 
 
 @fpga.command()
-@click.argument("bundle", type=click.Path())
-@click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR")
-@click.option("--eval", "eval_spec", default=None, help="evaluation data (default: the training data)")
-@click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)")
-@click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="formats of the classes not swept (TOML)")
+@fpga_run_options(100, "formats of the classes not swept (TOML)")
 @click.option("--widths", default="6,8,10,12,14,16", show_default=True, help="word lengths W, comma-separated")
 @click.option("--int-bits", type=int, default=2, show_default=True, help="integer bits I of the swept formats")
 @click.option("--rounding", "roundings", default="AP_RND_CONV,STOCHASTIC", show_default=True,
