@@ -798,7 +798,7 @@ def simulate(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_p
     from .fpga_sim.simulate import SimulateConfig, simulate as run_simulate
 
     if steps < 1 or batch_size < 1:
-        raise click.BadParameter("steps and batch size must be at least 1")
+        raise EdgefaError("--steps and --batch-size must be at least 1")
     b, train_data, eval_data, fxp = _fpga_inputs(bundle, data_spec, eval_spec, config_path)
     with progress_bar() as bar:
         task = bar.add_task("fixed-point dfa", total=steps, status="")
@@ -858,10 +858,10 @@ def sweep(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_path
         try:
             return tuple(int(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise click.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+            raise EdgefaError(f"{what} must be comma-separated integers, got {text!r}") from None
 
     if steps < 1 or batch_size < 1:
-        raise click.BadParameter("steps and batch size must be at least 1")
+        raise EdgefaError("--steps and --batch-size must be at least 1")
     grid = SweepConfig(numbers(widths, "--widths"), tuple(r.strip() for r in roundings.split(",") if r.strip()),
                        int_bits, tuple(c.strip() for c in classes.split(",") if c.strip()))
     b, train_data, eval_data, fxp = _fpga_inputs(bundle, data_spec, eval_spec, config_path)

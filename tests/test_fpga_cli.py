@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from conftest import assert_one_error_line, run_edgefa
+from conftest import assert_one_error_line, run_all, run_edgefa
 
 
 def test_simulate_reports_both_runs_sqnr_overflow_and_zeroed_updates(tiny_bundle, digits_npz, tmp_path):
@@ -79,12 +77,15 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("text, where, what", BAD_CONFIGS, ids=[b[1] + ":" + b[2][:12] for b in BAD_CONFIGS])
-def test_a_bad_config_is_one_line_and_exit_code_2(tiny_bundle, digits_npz, tmp_path, text, where, what):
-    config = tmp_path / "fxp.toml"
-    config.write_text(text)
-    proc = run_edgefa("fpga", "simulate", tiny_bundle, "--data", digits_npz, "--steps", "1", "--config", config)
-    assert_one_error_line(proc, where, what, str(config))
+def test_a_bad_config_is_one_line_and_exit_code_2(tiny_bundle, digits_npz, tmp_path):
+    configs = []
+    for i, (text, _, _) in enumerate(BAD_CONFIGS):
+        configs.append(tmp_path / f"fxp{i}.toml")
+        configs[-1].write_text(text)
+    procs = run_all(*[("fpga", "simulate", tiny_bundle, "--data", digits_npz, "--steps", "1", "--config", c)
+                      for c in configs])
+    for proc, config, (text, where, what) in zip(procs, configs, BAD_CONFIGS):
+        assert_one_error_line(proc, where, what, str(config))
 
 
 def test_a_missing_config_file_and_a_bad_sweep_width_are_one_line(tiny_bundle, digits_npz, tmp_path):
@@ -93,3 +94,6 @@ def test_a_missing_config_file_and_a_bad_sweep_width_are_one_line(tiny_bundle, d
     wide = run_edgefa("fpga", "sweep", tiny_bundle, "--data", digits_npz, "--widths", "8,70", "--out", tmp_path / "s")
     assert_one_error_line(wide, "word length 70")
     assert not (tmp_path / "s").exists()                # refused before anything was written
+    for bad in (("--steps", "0"), ("--widths", "8,x")):
+        assert_one_error_line(run_edgefa("fpga", "sweep", tiny_bundle, "--data", digits_npz, *bad,
+                                         "--out", tmp_path / "s"), bad[0])

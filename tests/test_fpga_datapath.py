@@ -115,3 +115,19 @@ def test_stochastic_rounding_is_seeded(tiny_bundle, digits_npz):
         fixed.step(X, data.y[:32])
         weights.append(fixed.params["fc0.weight"].copy())
     assert np.array_equal(weights[0], weights[1]) and not np.array_equal(weights[0], weights[2])
+
+
+def test_a_power_of_two_learning_rate_as_a_shift_equals_it_as_a_multiplier(tmp_path):
+    """lr = 2**-5: the shift datapath (no multiplier) and the multiplier datapath round the same
+    exact update, so they agree bit for bit; a shift of None takes the nearest power of two."""
+    run = make_run([20, 48, 24, 5], "relu", 0.9)
+    bundle = read_bundle(export_bundle(run, tmp_path / "b"))
+    shift = FixedPointDFA(bundle, FxpConfig(lr_mode="shift"), lr=2.0 ** -5)
+    multiplier = FixedPointDFA(bundle, FxpConfig(lr_mode="multiplier"), lr=2.0 ** -5)
+    assert (shift.lr_shift, shift.effective_lr, multiplier.effective_lr) == (5, 2.0 ** -5, 2.0 ** -5)
+    for x, y in batches(20, 5):
+        shift.step(x, y)
+        multiplier.step(x, y)
+    assert all(np.array_equal(shift.params[n], multiplier.params[n]) for n in shift.params)
+    assert FixedPointDFA(bundle, FxpConfig(lr_mode="shift"), lr=0.003).effective_lr == 2.0 ** -8
+    assert FixedPointDFA(bundle, FxpConfig(lr_mode="shift", lr_shift=3), lr=0.003).effective_lr == 2.0 ** -3
