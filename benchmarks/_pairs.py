@@ -24,7 +24,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable

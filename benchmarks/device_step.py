@@ -189,7 +189,7 @@ def report(r: dict) -> None:
         print(f"  NaN/Inf full-pass check (in the step) {c['full_pass_np_sum_ms']['median']:.2f} ms = {share:.1f} % "
               f"of the runtime step; ratio without it {c['runtime_step_without_full_pass_over_torch']['median']:.3f}")
     else:
-        print(f"  engine proves steps finite from in-graph bounds"
+        print("  engine proves steps finite from in-graph bounds"
               + (f" ({c['in_graph_bound_ops_kernel_ms_per_step']:.2f} ms/step of kernels)"
                  if "in_graph_bound_ops_kernel_ms_per_step" in c else "")
               + f"; a full np.sum pass would add {c['full_pass_np_sum_ms']['median']:.2f} ms ({share:.1f} %), "

@@ -177,7 +177,7 @@ def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_ref
         Path(report).write_text(json.dumps(result, indent=2))
     table = Table(title="device fine-tuning (DFA, onnxruntime)", show_header=False)
     table.add_row("steps", f"{result['resumed_from_step']} -> {result['final_step']}"
-                  + (f"  (resumed)" if result["resumed_from_step"] else ""))
+                  + ("  (resumed)" if result["resumed_from_step"] else ""))
     if result["loss_first"] is not None:
         table.add_row("loss", f"{result['loss_first']:.4f} -> {result['loss_last']:.4f}")
     if result["accuracy_before"] is not None:

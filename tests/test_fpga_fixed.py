@@ -565,7 +565,6 @@ def test_matmul_saturation_mixed_outputs(overflow, fewer):
         expected = check_matmul(a.tolist(), a_fmt, b.tolist(), b_fmt, acc)
         # saturated anywhere vs never: from the reference, output by output
         shift = 10 - f
-        lo, hi = acc.raw_min, acc.raw_max
         sat_any = np.zeros((m, n), bool)
         for i in range(m):
             for j in range(n):
