@@ -88,9 +88,11 @@ class FixedPointDFA:
         scalar = config.scalar_format
         self.mu = quantize(self.momentum, scalar).raw if self.momentum else None
         if config.lr_mode == "shift":
+            # lr = 2**-shift: the nearest power of two unless the config names the shift; 0 stays 0
             self.lr_shift = config.lr_shift if config.lr_shift is not None else \
-                max(0, int(round(-np.log2(self.lr)))) if self.lr > 0 else 40
-            self.lr_raw, self.lr_fmt = np.int64(1), FixedFormat(2, 2 - self.lr_shift)   # 2**-shift
+                max(0, int(round(-np.log2(self.lr)))) if self.lr > 0 else 0
+            self.lr_raw = np.int64(1 if self.lr > 0 else 0)
+            self.lr_fmt = FixedFormat(2, 2 - self.lr_shift)                          # raw 1 = 2**-shift
         else:
             self.lr_raw, self.lr_fmt = quantize(self.lr, scalar).raw, scalar
         self.effective_lr = float(self.lr_fmt.to_float(self.lr_raw))
