@@ -64,7 +64,7 @@ def cli() -> None:
 @cli.command()
 @click.option("--method", type=click.Choice(["bp", "fa", "dfa"]), default="dfa", show_default=True)
 @click.option("--dataset", default="digits", show_default=True,
-              help="digits | npz:FILE (arrays X, y) | mnist:DIR (IDX files)")
+              help="digits | npz:FILE (arrays X, y) | mnist:DIR (IDX files) | cifar10:DIR (binary batches)")
 @click.option("--hidden", default="256,256", show_default=True, help="hidden widths, comma-separated")
 @click.option("--activation", type=click.Choice(["relu", "tanh"]), default="relu", show_default=True)
 @click.option("--epochs", type=int, default=30, show_default=True)
@@ -78,11 +78,13 @@ def cli() -> None:
 def train(method, dataset, hidden, activation, epochs, batch_size, lr, momentum, seed, feedback_seed,
           device, out):
     """Train an MLP on the host with bp, fa or dfa; write checkpoint.pt and metrics.json."""
+    from .data.datasets import load_dataset
     from .training.trainer import TrainConfig, save_run, train as run_training
 
     widths = [int(w) for w in hidden.split(",") if w.strip()]
     config = TrainConfig(method, dataset, widths, activation, epochs, batch_size, lr, momentum, seed,
                          feedback_seed, device=device)
+    data = load_dataset(dataset)           # a bad data file is one line, before the progress bar
     with progress_bar() as bar:
         task = bar.add_task(f"train {method}", total=epochs, status="")
 
@@ -90,7 +92,7 @@ def train(method, dataset, hidden, activation, epochs, batch_size, lr, momentum,
             bar.update(task, completed=epoch,
                        status=f"loss {row['batch_loss_mean']:.3f}  test {pct(row['test_accuracy'])}")
 
-        run = run_training(config, on_epoch)
+        run = run_training(config, on_epoch, data)
     path = save_run(run, out)
     console.print(f"final test accuracy [bold]{pct(run.metrics['final_test_accuracy'])}[/] "
                   f"({method}, {run.metrics['dataset']}, {epochs} epochs on {run.metrics['device']}) -> {path}")

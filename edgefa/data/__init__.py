@@ -3,6 +3,7 @@
 from edgefa.data.datasets import (
     Dataset,
     Standardizer,
+    load_cifar10_dir,
     load_dataset,
     load_digits,
     load_idx,
@@ -17,6 +18,7 @@ __all__ = [
     "Dataset",
     "SensorShift",
     "Standardizer",
+    "load_cifar10_dir",
     "load_dataset",
     "load_digits",
     "load_idx",

@@ -1,4 +1,5 @@
-"""Datasets: loading (sklearn digits, .npz, MNIST IDX), a stratified split and a global standardizer.
+"""Datasets: loading (sklearn digits, .npz, MNIST IDX, CIFAR-10 binary batches), a stratified split
+and a global standardizer.
 
 Everything here is numpy-only so the device side (no torch, no sklearn) can load the same files.
 Every problem with a user's file raises DataError with one line that names the file.
@@ -257,17 +258,59 @@ def load_mnist_dir(directory, split: str = "train") -> Dataset:
     return load_idx(images, labels)
 
 
-_ACCEPTED_SPECS = "'digits', 'npz:PATH', a PATH ending in .npz, or 'mnist:DIR'"
+CIFAR10_RECORD = 1 + 3 * 32 * 32      # a label byte, then 1024 red, 1024 green, 1024 blue (row-major)
+
+
+def load_cifar10_batches(paths) -> Dataset:
+    """CIFAR-10 binary batches (`data_batch_N.bin`, `test_batch.bin`): records of a label byte and
+    3072 pixel bytes, channel by channel. X keeps that order (3 x 32 x 32 flattened), raw 0..255."""
+    parts_x, parts_y = [], []
+    for path in map(Path, paths):
+        label = _label_name(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"{label}: cannot read CIFAR-10 batch ({_one_line(e)})") from None
+        if not raw or len(raw) % CIFAR10_RECORD:
+            raise DataError(f"{label}: {len(raw)} bytes is not a whole number of {CIFAR10_RECORD}-byte "
+                            "CIFAR-10 records (a label byte and 3072 pixels)")
+        records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR10_RECORD)
+        if records[:, 0].max() > 9:
+            bad = int(np.flatnonzero(records[:, 0] > 9)[0])
+            raise DataError(f"{label}: record {bad} has label {records[bad, 0]}, CIFAR-10 labels are 0..9")
+        parts_y.append(records[:, 0].astype(np.int64))
+        parts_x.append(records[:, 1:].astype(np.float32))
+    return Dataset(np.concatenate(parts_x), np.concatenate(parts_y), 10, "cifar10")
+
+
+def load_cifar10_dir(directory, split: str = "train") -> Dataset:
+    """CIFAR-10 from the folder of its binary version (cifar-10-batches-bin): the training split is
+    every data_batch_N.bin present (N = 1..5), the test split test_batch.bin."""
+    if split not in ("train", "test"):
+        raise DataError(f"unknown CIFAR-10 split {split!r} (expected 'train' or 'test')")
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: not a directory")
+    names = [f"data_batch_{n}.bin" for n in range(1, 6)] if split == "train" else ["test_batch.bin"]
+    paths = [directory / n for n in names if (directory / n).is_file()]
+    if not paths:
+        raise DataError(f"{directory}: no CIFAR-10 {split} batch ({', '.join(names)})")
+    return load_cifar10_batches(paths)
+
+
+_ACCEPTED_SPECS = "'digits', 'npz:PATH', a PATH ending in .npz, 'mnist:DIR' or 'cifar10:DIR'"
 
 
 def load_dataset(spec: str) -> Dataset:
-    """Dispatch a CLI dataset spec: 'digits', 'npz:PATH', 'PATH.npz' or 'mnist:DIR'."""
+    """Dispatch a CLI dataset spec: 'digits', 'npz:PATH', 'PATH.npz', 'mnist:DIR' or 'cifar10:DIR'."""
     if spec == "digits":
         return load_digits()
     if spec.startswith("npz:") and spec[4:]:
         return load_npz(spec[4:])
     if spec.startswith("mnist:") and spec[6:]:
         return load_mnist_dir(spec[6:], "train")
+    if spec.startswith("cifar10:") and spec[8:]:
+        return load_cifar10_dir(spec[8:], "train")
     if spec.lower().endswith(".npz"):
         return load_npz(spec)
     raise DataError(f"unknown dataset {spec!r}: expected {_ACCEPTED_SPECS}")

@@ -102,10 +102,13 @@ def train_steps(model: MLP, optimizer, X: torch.Tensor, y: torch.Tensor, steps: 
     return losses
 
 
-def train(config: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None) -> Run:
+def train(config: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
+          data: Dataset | None = None) -> Run:
+    """Train by `config`; `data` is `config.dataset` already loaded (the CLI loads it first, so a
+    bad file is reported before any progress is shown)."""
     seed_everything(config.seed)
     device = pick_device(config.device)
-    full = load_dataset(config.dataset)
+    full = data if data is not None else load_dataset(config.dataset)
     train_ds, test_ds = stratified_split(full, config.test_fraction, config.seed)
     std = Standardizer.fit(train_ds.X)
     Xtr, ytr = to_tensors(train_ds, std, device)
