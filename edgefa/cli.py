@@ -62,7 +62,10 @@ def cli() -> None:
 # --- host ------------------------------------------------------------------------------------
 
 @cli.command()
-@click.option("--method", type=click.Choice(["bp", "fa", "dfa"]), default="dfa", show_default=True)
+@click.option("--method", type=click.Choice(["bp", "fa", "dfa", "usf", "hybrid"]), default="dfa", show_default=True,
+              help="bp | fa | dfa | usf (sign-symmetric feedback) | hybrid (dfa with a bp step every --hybrid-every)")
+@click.option("--hybrid-every", type=int, default=10, show_default=True,
+              help="hybrid: every k-th step is a true BP step (10, 50 and 100 are the interesting values)")
 @click.option("--dataset", default="digits", show_default=True,
               help="digits | npz:FILE (arrays X, y) | mnist:DIR (IDX files) | cifar10:DIR (binary batches)")
 @click.option("--hidden", default="256,256", show_default=True, help="hidden widths, comma-separated")
@@ -75,15 +78,17 @@ def cli() -> None:
 @click.option("--feedback-seed", type=int, default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when present) | cpu | cuda")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="run directory to write")
-def train(method, dataset, hidden, activation, epochs, batch_size, lr, momentum, seed, feedback_seed,
+def train(method, hybrid_every, dataset, hidden, activation, epochs, batch_size, lr, momentum, seed, feedback_seed,
           device, out):
-    """Train an MLP on the host with bp, fa or dfa; write checkpoint.pt and metrics.json."""
+    """Train an MLP on the host with bp, fa, dfa, usf or hybrid; write checkpoint.pt and metrics.json."""
     from .data.datasets import load_dataset
     from .training.trainer import TrainConfig, save_run, train as run_training
 
     widths = [int(w) for w in hidden.split(",") if w.strip()]
+    if hybrid_every < 1:
+        raise EdgefaError(f"--hybrid-every must be at least 1, got {hybrid_every}")
     config = TrainConfig(method, dataset, widths, activation, epochs, batch_size, lr, momentum, seed,
-                         feedback_seed, device=device)
+                         feedback_seed, device=device, hybrid_every=hybrid_every)
     data = load_dataset(dataset)           # a bad data file is one line, before the progress bar
     with progress_bar() as bar:
         task = bar.add_task(f"train {method}", total=epochs, status="")

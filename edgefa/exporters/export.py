@@ -29,8 +29,8 @@ def dfa_feedback(model: MLP) -> tuple[dict[str, np.ndarray], dict]:
     topo = topology(model)
     shapes = feedback_shapes(topo)
     std = dfa_feedback_std(model.config.n_classes)
-    if model.config.rule == "dfa":
-        mats, source = [b.detach().cpu() for b in model.feedback()], "trained with (host DFA run)"
+    if model.config.rule in ("dfa", "hybrid"):
+        mats, source = [b.detach().cpu() for b in model.feedback()], f"trained with (host {model.config.rule} run)"
     else:
         mats = draw_feedback(list(shapes.values()), model.config.feedback_seed, [std] * len(shapes))
         source = f"drawn at export (host run used {model.config.rule})"

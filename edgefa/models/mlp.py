@@ -21,10 +21,13 @@ class MLPConfig:
     activation: str = "relu"
     rule: str = "dfa"
     feedback_seed: int = 1
+    hybrid_every: int = 10          # rule "hybrid": every k-th step is a true BP step
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
+        if self.hybrid_every < 1:
+            raise ValueError(f"hybrid_every must be at least 1, got {self.hybrid_every}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; expected relu or tanh")
         if not self.hidden:
@@ -43,8 +46,10 @@ class MLP(nn.Module):
     """Hidden layers `fc0..fc{L-1}` (Linear + activation) and a linear `head`.
 
     Feedback matrices are registered buffers, so they live in state_dict and in every checkpoint:
-      dfa: `feedback_fc{l}`  [n_classes, width_l]   (output error -> hidden layer l)
+      dfa, hybrid: `feedback_fc{l}`  [n_classes, width_l]   (output error -> hidden layer l)
       fa:  `feedback_fc{l}`, `feedback_head`  with each layer's weight shape (W^T's stand-in)
+      usf: none; sign(W) of the current weights
+    Under `hybrid`, `bp_step` (set by the trainer before each step) makes the forward pass plain BP.
     """
 
     def __init__(self, config: MLPConfig):
@@ -55,7 +60,8 @@ class MLP(nn.Module):
         self.head = nn.Linear(widths[-1], config.n_classes)
         self.act = ACTIVATIONS[config.activation]
 
-        if config.rule == "dfa":
+        self.bp_step = False
+        if config.rule in ("dfa", "hybrid"):
             shapes = [(config.n_classes, w) for w in config.hidden]
             stds = [dfa_feedback_std(config.n_classes)] * len(shapes)
         elif config.rule == "fa":
@@ -73,7 +79,7 @@ class MLP(nn.Module):
         return [f"fc{i}" for i in range(len(self.hidden_layers))] + ["head"]
 
     def feedback_names(self) -> list[str]:
-        if self.config.rule == "dfa":
+        if self.config.rule in ("dfa", "hybrid"):
             return [f"feedback_{n}" for n in self.layer_names()[:-1]]
         if self.config.rule == "fa":
             return [f"feedback_{n}" for n in self.layer_names()]
@@ -84,6 +90,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rule = self.config.rule
+        if rule == "hybrid":
+            rule = "bp" if self.bp_step else "dfa"
         if rule == "dfa":
             hidden, h = [], x
             for lin in self.hidden_layers:
@@ -91,10 +99,11 @@ class MLP(nn.Module):
                 hidden.append(h)
             return dfa_output(self.head(h.detach()), self.feedback(), hidden)
         h = x
-        if rule == "fa":
-            for lin, b in zip(self.hidden_layers, self.feedback()):
+        if rule in ("fa", "usf"):
+            feedback = self.feedback() if rule == "fa" else [torch.sign(lin.weight).detach() for lin in self.linears()]
+            for lin, b in zip(self.hidden_layers, feedback):
                 h = self.act(fa_linear(h, lin.weight, lin.bias, b))
-            return fa_linear(h, self.head.weight, self.head.bias, self.feedback()[-1])
+            return fa_linear(h, self.head.weight, self.head.bias, feedback[-1])
         for lin in self.hidden_layers:
             h = self.act(lin(h))
         return self.head(h)

@@ -6,6 +6,10 @@
 - dfa: Direct Feedback Alignment. The output error e = dLoss/dlogits reaches every hidden layer
        l directly as e @ B_l (B_l of shape [classes, width_l]); the true backward path between
        layers is cut, so autograd never computes an input gradient it would throw away.
+- usf: sign-symmetric feedback (uSF, Liao, Leibo and Poggio 2016; Moskovitz et al. 2018): FA with
+       B = sign(W), taken from the current weights at every step (nothing random is stored).
+- hybrid: DFA, with a true BP step every k-th optimizer step (k = `hybrid_every`); the trainer
+       says which steps (`MLP.bp_step`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-RULES = ("bp", "fa", "dfa")
+RULES = ("bp", "fa", "dfa", "usf", "hybrid")
 
 
 class _FALinear(torch.autograd.Function):

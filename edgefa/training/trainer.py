@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     feedback_seed: int = 1
     test_fraction: float = 0.25
+    hybrid_every: int = 10           # method "hybrid": a true BP step every k-th step
     device: str = "auto"
 
 
@@ -90,7 +91,9 @@ def train_steps(model: MLP, optimizer, X: torch.Tensor, y: torch.Tensor, steps: 
                 on_step: Callable[[float], None] | None = None) -> list[float]:
     """`steps` optimizer steps on batches chosen by `batch_indices` (the device runtime's order)."""
     losses = []
+    every = model.config.hybrid_every if model.config.rule == "hybrid" else 0
     for step in range(first_step, first_step + steps):
+        model.bp_step = bool(every) and (step + 1) % every == 0       # hybrid: steps k, 2k, ... are BP
         idx = torch.from_numpy(batch_indices(len(y), batch_size, seed, step)).to(X.device)
         loss = F.cross_entropy(model(X[idx]), y[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -99,6 +102,7 @@ def train_steps(model: MLP, optimizer, X: torch.Tensor, y: torch.Tensor, steps: 
         losses.append(loss.item())
         if on_step:
             on_step(losses[-1])
+    model.bp_step = False
     return losses
 
 
@@ -115,7 +119,8 @@ def train(config: TrainConfig, on_epoch: Callable[[int, dict], None] | None = No
     Xte, yte = to_tensors(test_ds, std, device)
 
     model = MLP(MLPConfig(train_ds.X.shape[1], list(config.hidden), full.n_classes,
-                          config.activation, config.method, config.feedback_seed)).to(device)
+                          config.activation, config.method, config.feedback_seed,
+                          config.hybrid_every)).to(device)
     optimizer = make_optimizer(model, config.lr, config.momentum)
     steps_per_epoch = max(1, len(ytr) // min(config.batch_size, len(ytr)))
     metrics = {"dataset": full.name, "method": config.method, "device": str(device),
