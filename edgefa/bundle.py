@@ -5,9 +5,11 @@
                        optimizer, feedback provenance, graph signatures, sha256 of every file
       infer.onnx       x + weights -> logits                       (dynamic batch)
       train_step.onnx  x, labels, lr, weights [, momentum], feedback
-                         -> next weights [, next momentum], loss, logits
-      weights.npz      float32, keys "<layer>.weight" / "<layer>.bias"
-      feedback.npz     float32, key "<layer>" for every hidden layer: B_l [classes, width_l]
+                         -> next weights [, next momentum], update_bound, loss, logits
+                       (loss "bradley-terry": x_chosen, x_rejected instead of x, labels;
+                        -> ..., update_bound, loss, score_chosen, score_rejected)
+      weights.npz      float32, keys "<layer>.weight" / "<layer>.bias" (every layer)
+      feedback.npz     float32, one B [classes, width] per trainable hidden stage (see below)
       state/           written by the device (runtime/state.py); not part of the manifest
 
 Weights and feedback are graph *inputs*, not initializers: the file holds one copy of them, and
@@ -38,23 +40,140 @@ STATE_DIR = "state"
 
 
 # --- the naming contract shared by the exporter, the graphs and the runtime ------------------
+#
+# A model's tensors are grouped into *layers*, each with a `.weight` and a `.bias` (a LayerNorm's
+# gamma and beta are its weight and bias). The graphs, the runtime's overflow bounds and
+# `--trainable` all work layer by layer. What the layers are depends on the manifest's model
+# "kind" (absent: "mlp", the bundles written before resmlp existed):
+#
+#   mlp     fc0 .. fc{L-1}, head                                   (model["layers"])
+#   resmlp  embed, blocks.{i}.norm, blocks.{i}.fc1, blocks.{i}.fc2 (i < depth), norm, head
+#
+# Trainable *units*, counted from the head (`--trainable last:K` trains the last K of them):
+#   mlp     [head], [fc{L-1}], ..., [fc0]
+#   resmlp  [norm, head], [block depth-1: its norm, fc1, fc2], ..., [block 0], [embed]
+
+MODEL_KINDS = ("mlp", "resmlp")
+LOSS_CROSS_ENTROPY = "cross_entropy (mean over the batch)"
+LOSS_BRADLEY_TERRY = "bradley-terry"
+LOSSES = (LOSS_CROSS_ENTROPY, LOSS_BRADLEY_TERRY)
+ACTIVATIONS = {"mlp": ("relu", "tanh"), "resmlp": ("relu", "tanh", "gelu")}
+
+
+def model_kind(model: dict) -> str:
+    return model.get("kind", "mlp")
+
+
+def _block_layers(i: int) -> list[str]:
+    return [f"blocks.{i}.norm", f"blocks.{i}.fc1", f"blocks.{i}.fc2"]
+
 
 def layer_names(model: dict) -> list[str]:
+    """Every parameter layer, in graph order."""
+    if model_kind(model) == "resmlp":
+        return ["embed", *[n for i in range(model["depth"]) for n in _block_layers(i)], "norm", "head"]
     return [layer["name"] for layer in model["layers"]]
 
 
-def param_shapes(model: dict) -> dict[str, tuple[int, ...]]:
-    """Trainable tensors in graph order: `<layer>.weight` [out, in] and `<layer>.bias` [out]."""
-    shapes = {}
-    for layer in model["layers"]:
-        shapes[f"{layer['name']}.weight"] = (layer["out"], layer["in"])
-        shapes[f"{layer['name']}.bias"] = (layer["out"],)
+def layer_shapes(model: dict) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """layer -> (weight shape, bias shape), in graph order."""
+    if model_kind(model) != "resmlp":
+        return {layer["name"]: ((layer["out"], layer["in"]), (layer["out"],)) for layer in model["layers"]}
+    d, hidden, classes = model["width"], model["width"] * model["expansion"], model["n_classes"]
+    shapes = {"embed": ((d, model["in_features"]), (d,))}
+    for i in range(model["depth"]):
+        shapes[f"blocks.{i}.norm"] = ((d,), (d,))
+        shapes[f"blocks.{i}.fc1"] = ((hidden, d), (hidden,))
+        shapes[f"blocks.{i}.fc2"] = ((d, hidden), (d,))
+    shapes["norm"] = ((d,), (d,))
+    shapes["head"] = ((classes, d), (classes,))
     return shapes
 
 
+def param_shapes(model: dict) -> dict[str, tuple[int, ...]]:
+    """Every weight tensor in graph order: `<layer>.weight` and `<layer>.bias` (weights.npz)."""
+    shapes = {}
+    for layer, (w, b) in layer_shapes(model).items():
+        shapes[f"{layer}.weight"] = w
+        shapes[f"{layer}.bias"] = b
+    return shapes
+
+
+def trainable_units(model: dict) -> list[list[str]]:
+    """The units `--trainable last:K` counts, from the head back (see the table above)."""
+    if model_kind(model) == "resmlp":
+        return [["norm", "head"], *[_block_layers(i) for i in reversed(range(model["depth"]))], ["embed"]]
+    return [[name] for name in reversed(layer_names(model))]
+
+
+def check_trainable_syntax(spec) -> int | None:
+    """`all` -> None; `last:K` -> K (an integer; its range depends on the model). Else BundleError."""
+    if spec is None or spec == "all":
+        return None
+    text = str(spec)
+    kind, sep, count = text.partition(":")
+    if kind != "last" or not sep:
+        raise BundleError(f"trainable {text!r}: expected 'all' or 'last:K'")
+    try:
+        return int(count)
+    except ValueError:
+        raise BundleError(f"trainable {text!r}: K must be an integer, got {count!r}") from None
+
+
+def parse_trainable(spec, model: dict) -> int | None:
+    """`all` -> None; `last:K` -> K (1 <= K <= the model's unit count). Anything else: BundleError."""
+    k = check_trainable_syntax(spec)
+    if k is None:
+        return None
+    units, text = trainable_units(model), str(spec)
+    if not 1 <= k <= len(units):
+        names = ", ".join("+".join(u) if len(u) < 3 else u[0].rsplit(".", 1)[0] for u in units)
+        raise BundleError(f"trainable {text!r}: K must be between 1 and {len(units)} "
+                          f"(this {model_kind(model)}'s units from the head: {names})")
+    return k
+
+
+def trainable_layers(model: dict) -> list[str]:
+    """The layers the train_step graph updates, in graph order (model["trainable"], default all)."""
+    k = parse_trainable(model.get("trainable", "all"), model)
+    if k is None:
+        return layer_names(model)
+    chosen = {name for unit in trainable_units(model)[:k] for name in unit}
+    return [name for name in layer_names(model) if name in chosen]
+
+
+def trainable_params(model: dict) -> dict[str, tuple[int, ...]]:
+    """The tensors the device trains (with momentum and ping-pong buffers), in graph order."""
+    layers = set(trainable_layers(model))
+    return {n: s for n, s in param_shapes(model).items() if n.rsplit(".", 1)[0] in layers}
+
+
+def layer_params(layer: str) -> list[str]:
+    return [f"{layer}.weight", f"{layer}.bias"]
+
+
 def feedback_shapes(model: dict) -> dict[str, tuple[int, int]]:
-    """DFA feedback B_l [classes, width_l] for every hidden layer (all layers but the head)."""
-    return {layer["name"]: (model["n_classes"], layer["out"]) for layer in model["layers"][:-1]}
+    """DFA feedback B [classes, width] for every trainable stage that is not the readout:
+    mlp: every hidden layer fc{l}; resmlp: `embed` and `block{i}` (the residual stream, width d)."""
+    classes, trained = model["n_classes"], set(trainable_layers(model))
+    if model_kind(model) == "resmlp":
+        stages = {"embed": ["embed"]}
+        stages.update({f"block{i}": _block_layers(i) for i in range(model["depth"])})
+        return {s: (classes, model["width"]) for s, layers in stages.items() if trained & set(layers)}
+    return {layer["name"]: (classes, layer["out"]) for layer in model["layers"][:-1] if layer["name"] in trained}
+
+
+def describe_model(model: dict) -> str:
+    """One line for tables: `64 -> 32 -> 10 (relu)`, or the residual MLP's shape."""
+    if model_kind(model) == "resmlp":
+        text = (f"resmlp {model['in_features']} -> {model['depth']} x [{model['width']} -> "
+                f"{model['width'] * model['expansion']} -> {model['width']}] -> {model['n_classes']} "
+                f"({model['activation']}, pre-LN)")
+    else:
+        text = " -> ".join([str(model["in_features"])] + [str(l["out"]) for l in model["layers"]]) \
+            + f"  ({model['activation']})"
+    trainable = model.get("trainable", "all")
+    return text + ("" if trainable == "all" else f", trains {trainable}")
 
 
 def momentum_name(param: str) -> str:
@@ -196,17 +315,33 @@ def check_manifest(m: dict, where) -> None:
              and isinstance(entry.get("bytes"), int), f"file entry {name!r} needs a sha256 and a byte count")
     model = m.get("model")
     need(isinstance(model, dict), "no 'model' table")
+    kind = model.get("kind", "mlp")
+    need(kind in MODEL_KINDS, f"unknown model kind {kind!r} (this edgefa's device trains {' and '.join(MODEL_KINDS)})")
     need(all(isinstance(model.get(k), int) and model[k] > 0 for k in ("in_features", "n_classes")),
          "model needs positive integers in_features and n_classes")
-    need(model.get("activation") in ("relu", "tanh"), f"unknown activation {model.get('activation')!r}")
-    layers = model.get("layers")
-    need(isinstance(layers, list) and len(layers) >= 2
-         and all(isinstance(l, dict) and isinstance(l.get("name"), str)
-                 and all(isinstance(l.get(k), int) and l[k] > 0 for k in ("in", "out")) for l in layers),
-         "model.layers must list at least two layers, each with a name and positive in/out widths")
-    widths = [model["in_features"]] + [l["out"] for l in layers]
-    need([l["in"] for l in layers] == widths[:-1] and widths[-1] == model["n_classes"],
-         "model.layers do not connect in_features to n_classes")
+    need(model.get("activation") in ACTIVATIONS[kind], f"unknown activation {model.get('activation')!r}")
+    if kind == "resmlp":
+        need(all(isinstance(model.get(k), int) and not isinstance(model.get(k), bool) and model[k] > 0
+                 for k in ("width", "depth", "expansion")),
+             "a resmlp model needs positive integers width, depth and expansion")
+        need(_is_number(model.get("ln_eps")) and model["ln_eps"] > 0, "a resmlp model needs a number ln_eps > 0")
+    else:
+        layers = model.get("layers")
+        need(isinstance(layers, list) and len(layers) >= 2
+             and all(isinstance(l, dict) and isinstance(l.get("name"), str)
+                     and all(isinstance(l.get(k), int) and l[k] > 0 for k in ("in", "out")) for l in layers),
+             "model.layers must list at least two layers, each with a name and positive in/out widths")
+        widths = [model["in_features"]] + [l["out"] for l in layers]
+        need([l["in"] for l in layers] == widths[:-1] and widths[-1] == model["n_classes"],
+             "model.layers do not connect in_features to n_classes")
+    try:
+        parse_trainable(model.get("trainable", "all"), model)
+    except BundleError as exc:
+        need(False, f"model.{exc}")
+    loss = m.get("loss", LOSS_CROSS_ENTROPY)
+    need(loss in LOSSES, f"unknown loss {loss!r} (expected one of: {', '.join(LOSSES)})")
+    need(loss != LOSS_BRADLEY_TERRY or model["n_classes"] == 1,
+         "a bradley-terry bundle scores with one output (n_classes 1)")
     opt = m.get("optimizer")
     need(isinstance(opt, dict) and _is_number(opt.get("lr")) and _is_number(opt.get("momentum"))
          and 0 <= opt["momentum"] < 1, "optimizer needs numbers lr and momentum (0 <= momentum < 1)")

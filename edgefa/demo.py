@@ -46,7 +46,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[], Progress], say: Callable[[s
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     train_cfg = TrainConfig(method="dfa", dataset="digits", epochs=cfg.epochs, batch_size=cfg.batch_size,
-                            lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed, device="cpu")
+                            lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed, device="cpu",
+                            alignment=False)   # the demo is about the device; `edgefa train` logs it
 
     # 1. host pre-training with DFA, then export
     with progress() as bar:

@@ -27,14 +27,14 @@ def test_usf_sends_the_error_back_through_the_sign_of_the_weights():
     x, y = data(6)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
-    # by hand: the forward, then each layer's error through sign(W) of the layer above
+    # by hand: the forward, then each layer's error through sign(W) * mean|W| of the layer above
     w = [lin.weight.detach() for lin in model.linears()]
     b = [lin.bias.detach() for lin in model.linears()]
     h1 = torch.tanh(x @ w[0].T + b[0])
     h2 = torch.tanh(h1 @ w[1].T + b[1])
     e = (torch.softmax(h2 @ w[2].T + b[2], dim=1) - F.one_hot(y, 4)) / len(y)
-    d2 = (e @ torch.sign(w[2])) * (1 - h2 ** 2)
-    d1 = (d2 @ torch.sign(w[1])) * (1 - h1 ** 2)
+    d2 = (e @ (torch.sign(w[2]) * w[2].abs().mean())) * (1 - h2 ** 2)
+    d1 = (d2 @ (torch.sign(w[1]) * w[1].abs().mean())) * (1 - h1 ** 2)
     for lin, expected in zip(model.linears(), (d1.T @ x, d2.T @ h1, e.T @ h2)):
         torch.testing.assert_close(lin.weight.grad, expected, rtol=1e-5, atol=1e-6)
     assert model.feedback() == []                       # nothing random is stored for usf

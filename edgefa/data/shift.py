@@ -92,6 +92,8 @@ class SensorShift:
         """A shifted copy of ds; the same seed gives the same noise."""
         if ds.image_shape is None:
             raise DataError(f"{ds.name}: a sensor shift needs images, but the dataset has no image_shape")
+        if len(ds.image_shape) != 2:
+            raise DataError(f"{ds.name}: a sensor shift needs one-channel images, got shape {ds.image_shape}")
         h, w = ds.image_shape
         images = ds.X.reshape(len(ds), h, w).astype(np.float64)
 

@@ -4,15 +4,22 @@ Memory is the peak resident set of the fine-tuning process, added up from what t
 (see runtime/engine.py):
 
     runtime      python + numpy + onnxruntime (the profile's figure) + edgefa and two sessions
-    weights      the bundle's weights, read once (they become ping-pong side A)
-    optimizer    the momentum buffers, side A
-    ping-pong    side B: a second copy of weights and momentum the step writes into
-    feedback     the stored B_l matrices
-    update temp  one weight-sized temporary per layer inside the step graph (lr * v', or delta^T h)
-    checkpoint   a checkpoint copies weights and momentum out of the engine before writing them
+    weights      the bundle's weights, read once (trainable ones become ping-pong side A; frozen
+                 ones are bound as they are)
+    optimizer    the momentum buffers of the trainable layers, side A
+    ping-pong    side B: a second copy of trainable weights and momentum the step writes into
+    feedback     the stored B_l matrices (trainable stages only)
+    update temp  one weight-sized temporary per trainable layer inside the step graph (lr * v', or delta^T h)
+    checkpoint   a checkpoint copies trainable weights and momentum out of the engine before writing them
     activations  per layer and sample: a, h, f'(a), e B_l and delta (5 floats per unit), plus x,
-                 and logits, log-softmax, exp, one-hot and e at the head
-    data         the fine-tuning set: as read and standardized, both float32 (when its size is given)
+                 and logits, log-softmax, exp, one-hot and e at the head (a resmlp: 5 per unit of
+                 the stream and of each block's hidden layer, 2 per unit for the terminal LN);
+                 the same whatever `trainable` says, a slight overestimate for frozen layers
+    data         the fine-tuning set: as read and standardized, both float32 (when its size is given;
+                 a Bradley-Terry set holds two samples per pair)
+
+So a `--trainable last:K` bundle saves optimizer, ping-pong, update temp, checkpoint and feedback
+memory for every frozen layer; its weights are still held once.
 
 Time is a roofline lower bound: a step cannot beat its FLOPs at the peak FLOP/s of the compute
 unit that runs it, nor its compulsory memory traffic (read weights and momentum, write the new
@@ -26,7 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..bundle import feedback_shapes, param_shapes
+from ..bundle import (LOSS_BRADLEY_TERRY, feedback_shapes, layer_shapes, model_kind, param_shapes,
+                      trainable_layers, trainable_params)
 from ..runtime.engine import AUTO_PROVIDERS
 
 FLOAT = 4                                  # bytes: the runtime is float32 throughout
@@ -46,19 +54,47 @@ class StepCost:
     bytes_moved: float    # compulsory memory traffic of one step, bytes
 
 
-def step_cost(model: dict, batch: int, momentum: float) -> StepCost:
-    """FLOPs and compulsory bytes of one train_step graph run on `batch` samples."""
-    weights = sum(layer["in"] * layer["out"] for layer in model["layers"])
+def _matmuls(model: dict) -> list[tuple[str, int, int]]:
+    """(layer, in, out) of every layer that is a matrix product (LayerNorms are not)."""
+    return [(name, w[1], w[0]) for name, (w, _) in layer_shapes(model).items() if len(w) == 2]
+
+
+def step_cost(model: dict, batch: int, momentum: float, pairs: bool = False) -> StepCost:
+    """FLOPs and compulsory bytes of one train_step graph run on `batch` samples (`pairs`: a
+    Bradley-Terry step, whose forward pass runs on both items of `batch` pairs). Gradients,
+    projections and the optimizer count only the trainable layers (bundle.trainable_layers)."""
+    rows = 2 * batch if pairs else batch
+    trained = set(trainable_layers(model))
+    mats = _matmuls(model)
     params = sum(_size(s) for s in param_shapes(model).values())
+    trainable = sum(_size(s) for s in trainable_params(model).values())
     feedback = sum(_size(s) for s in feedback_shapes(model).values())
-    forward = 2 * batch * weights                  # every Gemm a = h W^T
-    gradient = 2 * batch * weights                 # every outer product delta^T h
-    projection = 2 * batch * feedback              # e B_l
-    optimizer = (4 if momentum else 2) * params    # v' = mu v + g, W' = W - lr v'   (or W - g)
-    elementwise = 10 * batch * (sum(layer["out"] for layer in model["layers"]))  # activation, f', softmax...
-    state = params * (2 if momentum else 1)        # weights (+ momentum): read once, written once
-    traffic = FLOAT * (2 * state + feedback + batch * (model["in_features"] + 1))
+    forward = 2 * rows * sum(i * o for _, i, o in mats)                      # every Gemm a = h W^T
+    gradient = 2 * rows * sum(i * o for n, i, o in mats if n in trained)     # every outer product delta^T h
+    projection = 2 * rows * feedback                                         # e B_l
+    if model_kind(model) == "resmlp":   # the local backward inside trained blocks and into the readout's LN
+        d, hidden = model["width"], model["width"] * model["expansion"]
+        projection += 2 * rows * (2 * d * hidden * sum(f"blocks.{i}.fc2" in trained for i in range(model["depth"]))
+                                  + (d * model["n_classes"] if "head" in trained else 0))
+    optimizer = (4 if momentum else 2) * trainable                           # v' = mu v + g, W' = W - lr v' (or W - g)
+    units = sum(o for _, _, o in mats) + sum(w[0] for w, _ in layer_shapes(model).values() if len(w) == 1)
+    elementwise = 10 * rows * units                                          # activation, f', LN, softmax...
+    # every weight read once; the trainable ones (and their momentum, read too) written once
+    state = params + trainable * (3 if momentum else 1)
+    traffic = FLOAT * (state + feedback + rows * (model["in_features"] + 1))
     return StepCost(float(forward + gradient + projection + optimizer + elementwise), float(traffic))
+
+
+def activation_floats(model: dict, rows: int) -> int:
+    """Floats of activations held during one step of `rows` samples (see the module doc)."""
+    if model_kind(model) == "resmlp":
+        d, hidden = model["width"], model["width"] * model["expansion"]
+        per_row = (model["in_features"] + UNIT_ACTIVATIONS * d + model["depth"] * UNIT_ACTIVATIONS * (d + hidden)
+                   + 2 * d + HEAD_ACTIVATIONS * model["n_classes"])
+    else:
+        hidden_units = sum(layer["out"] for layer in model["layers"][:-1])
+        per_row = model["in_features"] + UNIT_ACTIVATIONS * hidden_units + HEAD_ACTIVATIONS * model["n_classes"]
+    return rows * per_row
 
 
 def _size(shape) -> int:
@@ -112,21 +148,21 @@ def budget(manifest: dict, profile, batch: int, provider: str | None = None, sam
     if batch < 1:
         raise ValueError("batch must be at least 1")
     model, momentum = manifest["model"], float(manifest["optimizer"]["momentum"])
+    pairs = manifest.get("loss") == LOSS_BRADLEY_TERRY
     params = sum(_size(s) for s in param_shapes(model).values())
+    trainable = sum(_size(s) for s in trainable_params(model).values())   # all of them unless last:K
     feedback = sum(_size(s) for s in feedback_shapes(model).values())
-    hidden_units = sum(layer["out"] for layer in model["layers"][:-1])
-    weight_bytes = FLOAT * params
+    weight_bytes, trained_bytes = FLOAT * params, FLOAT * trainable
     memory = {
         "runtime": profile.runtime_overhead_bytes + EDGEFA_AND_SESSIONS_BYTES,
         "weights": weight_bytes,
-        "optimizer": weight_bytes if momentum else 0,
-        "ping-pong": weight_bytes * (2 if momentum else 1),
+        "optimizer": trained_bytes if momentum else 0,
+        "ping-pong": trained_bytes * (2 if momentum else 1),
         "feedback": FLOAT * feedback,
-        "update temp": weight_bytes,
-        "checkpoint": weight_bytes * (2 if momentum else 1),
-        "activations": FLOAT * batch * (model["in_features"] + UNIT_ACTIVATIONS * hidden_units
-                                        + HEAD_ACTIVATIONS * model["n_classes"]),
-        "data": 2 * FLOAT * samples * model["in_features"],
+        "update temp": trained_bytes,
+        "checkpoint": trained_bytes * (2 if momentum else 1),
+        "activations": FLOAT * activation_floats(model, 2 * batch if pairs else batch),
+        "data": 2 * FLOAT * samples * model["in_features"] * (2 if pairs else 1),
     }
     peak = sum(memory.values())
     notes = []
@@ -144,7 +180,7 @@ def budget(manifest: dict, profile, batch: int, provider: str | None = None, sam
     peak_flops = profile.gpu_peak_flops if on_gpu else profile.cpu_peak_flops
     if provider != "CPUExecutionProvider" and not profile.gpu_peak_flops:
         notes.append(f"{profile.name} has no GPU figure: {provider} bounded by the CPU peak")
-    cost = step_cost(model, batch, momentum)
+    cost = step_cost(model, batch, momentum, pairs)
     bandwidth = profile.memory_bandwidth_gbps * 1e9
     return Budget(profile.name, batch, provider, memory, peak, available_bytes, basis, peak <= available_bytes,
                   cost, peak_flops, bandwidth, cost.flops / peak_flops, cost.bytes_moved / bandwidth, notes)

@@ -1,21 +1,50 @@
-"""Turn a trained run into a bundle: topology, graphs, weights, stored feedback, hashed manifest."""
+"""Turn a trained run into a bundle: topology, graphs, weights, stored feedback, hashed manifest.
+
+The device trains two kinds of model: the MLP and the pre-LN residual MLP (`resmlp`). Both export
+a DFA train_step graph for cross-entropy; an MLP scorer (one output) can instead export a
+Bradley-Terry step on pairs (`loss="bradley-terry"`). `trainable="last:K"` writes a step that
+updates only the last K units from the head (bundle.trainable_units); the rest stay frozen.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import __version__
-from ..bundle import feedback_shapes, write_bundle
+from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, feedback_shapes, parse_trainable,
+                      write_bundle)
+from ..errors import EdgefaError
 from ..models.mlp import MLP, dfa_feedback_std
 from ..training.rules import draw_feedback
 from ..training.trainer import Run
 from .onnx_graphs import OPSET, infer_graph, serialize_checked, train_step_graph
 
+DEVICE_KINDS = ("mlp", "resmlp")
+LN_EPS = 1e-5
 
-def topology(model: MLP) -> dict:
+
+def model_kind(model) -> str:
+    """"mlp" for the spine's MLP, otherwise the FeedbackNet's config.kind."""
+    if isinstance(model, MLP):
+        return "mlp"
+    return getattr(getattr(model, "config", None), "kind", type(model).__name__.lower())
+
+
+def check_exportable(model) -> str:
+    kind = model_kind(model)
+    if kind not in DEVICE_KINDS:
+        raise EdgefaError(f"export: {kind} models are host-only; the device trains mlp and resmlp bundles")
+    return kind
+
+
+def topology(model) -> dict:
+    if model_kind(model) == "resmlp":
+        return _resmlp_topology(model)
     cfg = model.config
     layers = [{"name": n, "in": lin.in_features, "out": lin.out_features}
               for n, lin in zip(model.layer_names(), model.linears())]
@@ -23,9 +52,22 @@ def topology(model: MLP) -> dict:
             "activation": cfg.activation, "layers": layers}
 
 
-def dfa_feedback(model: MLP) -> tuple[dict[str, np.ndarray], dict]:
-    """The B_l the device will use: the run's own when it trained with DFA; otherwise drawn once
-    here from the recorded seed (and stored, so the device never draws anything)."""
+def _resmlp_topology(model) -> dict:
+    cfg = model.config
+    eps = {float(m.eps) for m in [model.norm, *(b.norm for b in model.blocks)]}
+    if eps != {LN_EPS}:
+        raise EdgefaError(f"export: this resmlp's LayerNorms use eps {sorted(eps)}; the device graphs use {LN_EPS}")
+    return {"kind": "resmlp", "in_features": int(np.prod(cfg.in_shape)), "n_classes": cfg.n_outputs,
+            "width": cfg.width, "depth": cfg.depth, "expansion": cfg.expansion,
+            "activation": cfg.activation, "ln_eps": LN_EPS}
+
+
+def dfa_feedback(model) -> tuple[dict[str, np.ndarray], dict]:
+    """The B the device will use: the run's own when it trained with DFA; otherwise drawn once
+    here from the recorded seed (and stored, so the device never draws anything). All of them,
+    keyed as in bundle.feedback_shapes of the whole (all-trainable) model."""
+    if model_kind(model) == "resmlp":
+        return _resmlp_feedback(model)
     topo = topology(model)
     shapes = feedback_shapes(topo)
     std = dfa_feedback_std(model.config.n_classes)
@@ -41,13 +83,45 @@ def dfa_feedback(model: MLP) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, info
 
 
-def build_manifest(run: Run, topo: dict, feedback_info: dict, momentum: float, lr: float) -> dict:
+def _resmlp_feedback(model) -> tuple[dict[str, np.ndarray], dict]:
+    """FeedbackNet.finish draws B_stage for dfa and hybrid runs; for any other rule a dfa-rule twin
+    of the model draws the same ones from the run's feedback seed (the global RNG left untouched)."""
+    cfg = model.config
+    if cfg.rule in ("dfa", "hybrid"):
+        source, net = f"trained with (host {cfg.rule} run)", model
+    else:
+        with torch.random.fork_rng(devices=[]):
+            net = type(model)(replace(cfg, rule="dfa", freeze_blocks=False))
+        source = f"drawn at export (host run used {cfg.rule})"
+    arrays = {name: b.detach().cpu().numpy().astype(np.float32)
+              for name, b in zip(net.stage_names(), net.dfa_feedback())}
+    from ..models.feedback_net import dfa_feedback_std as net_std
+    info = {"seed": cfg.feedback_seed, "distribution": "normal", "mean": 0.0, "std": net_std(cfg.n_outputs),
+            "generator": "torch.Generator (CPU) + torch.randn, one matrix per stage in order "
+                         "(FeedbackNet.finish)",
+            "source": source}
+    return arrays, info
+
+
+def run_loss(run: Run, loss: str | None) -> str:
+    """The bundle's loss: `loss` when given, else the run's (`run.loss` or `run.config.loss`,
+    "bradley-terry" for a preference run), else cross-entropy."""
+    name = loss or getattr(run, "loss", None) or getattr(run.config, "loss", None) or "cross_entropy"
+    if name in ("cross_entropy", LOSS_CROSS_ENTROPY):
+        return LOSS_CROSS_ENTROPY
+    if name == LOSS_BRADLEY_TERRY:
+        return LOSS_BRADLEY_TERRY
+    raise EdgefaError(f"export: the device trains cross_entropy and bradley-terry bundles, not {name!r}")
+
+
+def build_manifest(run: Run, topo: dict, feedback_info: dict, momentum: float, lr: float,
+                   loss: str = LOSS_CROSS_ENTROPY) -> dict:
     return {
         "edgefa_version": __version__,
         "model": topo,
         "input": {"standardize": run.standardizer.to_dict(),
                   "image_shape": list(run.image_shape) if run.image_shape else None},
-        "loss": "cross_entropy (mean over the batch)",
+        "loss": loss,
         "update_rule": "dfa",
         "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "dampening": 0.0,
                       "nesterov": False, "weight_decay": 0.0},
@@ -59,21 +133,37 @@ def build_manifest(run: Run, topo: dict, feedback_info: dict, momentum: float, l
 
 
 def export_bundle(run: Run, out_dir: str | os.PathLike, momentum: float | None = None,
-                  lr: float | None = None) -> Path:
+                  lr: float | None = None, trainable: str = "all", loss: str | None = None) -> Path:
+    """`trainable`: "all" or "last:K" (see bundle.trainable_units). `loss`: None (the run's),
+    "cross_entropy" or "bradley-terry" (an MLP scorer with one output, trained on pairs)."""
+    check_exportable(run.model)
     momentum = run.config.momentum if momentum is None else momentum
     lr = run.config.lr if lr is None else lr
+    loss = run_loss(run, loss)
     topo = topology(run.model)
+    try:
+        k = parse_trainable(trainable, topo)
+    except EdgefaError as exc:
+        raise EdgefaError(f"export: --{exc}") from None
+    topo["trainable"] = "all" if k is None else f"last:{k}"
+    if loss == LOSS_BRADLEY_TERRY and (topo["kind"] != "mlp" or topo["n_classes"] != 1):
+        raise EdgefaError(f"export: a bradley-terry bundle needs an MLP scorer with one output, "
+                          f"not a {topo['kind']} with {topo['n_classes']}")
     feedback, info = dfa_feedback(run.model)
+    feedback = {k: feedback[k] for k in feedback_shapes(topo)}     # the trainable stages' only
     graphs = {"infer.onnx": serialize_checked(infer_graph(topo)),
-              "train_step.onnx": serialize_checked(train_step_graph(topo, momentum))}
-    weights = {k: v.detach().cpu().numpy().astype(np.float32)
-               for k, v in run.model.state_dict().items() if not k.startswith("feedback_")}
-    weights = {_param_name(k): v for k, v in weights.items()}
-    return write_bundle(out_dir, build_manifest(run, topo, info, momentum, lr), graphs, weights, feedback)
+              "train_step.onnx": serialize_checked(train_step_graph(topo, momentum, loss))}
+    if topo["kind"] == "resmlp":
+        weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in run.model.named_parameters()}
+    else:
+        weights = {_param_name(k): v.detach().cpu().numpy().astype(np.float32)
+                   for k, v in run.model.state_dict().items() if not k.startswith("feedback_")}
+    return write_bundle(out_dir, build_manifest(run, topo, info, momentum, lr, loss), graphs, weights, feedback)
 
 
 def _param_name(state_key: str) -> str:
-    """torch's `hidden_layers.3.weight` / `head.bias` -> the bundle's `fc3.weight` / `head.bias`."""
+    """torch's `hidden_layers.3.weight` / `head.bias` -> the bundle's `fc3.weight` / `head.bias`.
+    (A resmlp's parameter names are the bundle's names as they are.)"""
     if state_key.startswith("hidden_layers."):
         _, idx, kind = state_key.split(".")
         return f"fc{idx}.{kind}"

@@ -11,19 +11,30 @@ A DFA step is an ordinary forward graph, which is the point of edgefa:
 
 Without momentum the learning rate scales the small [batch, width] deltas, so the update is
 W - delta^T h: one Gemm and one Sub, with no weight-sized multiply.
+
+The residual MLP (kind "resmlp") does block-level DFA: the readout (terminal LayerNorm + head)
+gets its true gradient, the embedding e B_embed, and each block, its input a constant, e B_block
+at its output, backpropagated locally through fc2, the activation, fc1 and its LayerNorm's gamma
+and beta. Only the trainable layers (bundle.trainable_layers) get updates; a Bradley-Terry step
+(preference_step_graph) runs both items of every pair through one forward of 2 x batch rows.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import onnx
 from onnx import TensorProto, helper
 
-from ..bundle import (feedback_input_name, feedback_shapes, momentum_name, next_name,
-                      param_shapes)
+from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, feedback_input_name, feedback_shapes,
+                      model_kind, momentum_name, next_name, param_shapes, trainable_layers, trainable_params)
 
 OPSET = 17          # TensorRT 8.6 (JetPack 5/6) parses up to opset 17
 IR_VERSION = 8      # onnxruntime >= 1.10 and TensorRT 8.x read IR 8
 BATCH = "batch"
+SQRT1_2 = math.sqrt(0.5)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 class _Graph:
@@ -53,6 +64,12 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"{op_type}_{self._n}", **attrs))
         return out
 
+    def op_multi(self, op_type, inputs, outs, **attrs):
+        """A node with several named outputs."""
+        self._n += 1
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outs), name=f"{op_type}_{self._n}", **attrs))
+        return outs
+
     def model(self, name: str, doc: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
@@ -61,19 +78,87 @@ class _Graph:
         return m
 
 
-def _forward(g: _Graph, model: dict, x: str) -> tuple[list[str], list[str], str]:
-    """Forward pass; returns (layer inputs h_{l-1}, hidden outputs h_l, logits)."""
-    act = {"relu": "Relu", "tanh": "Tanh"}[model["activation"]]
-    inputs, hidden, h = [], [], x
-    for layer in model["layers"]:
-        inputs.append(h)
+def _activation(g: _Graph, activation: str, a: str) -> tuple[str, str | None]:
+    """f(a), and for GELU the normal CDF Phi(a) its derivative reuses. GELU is the exact erf form,
+    torch's default nn.GELU: a * 0.5 * (1 + erf(a / sqrt 2))."""
+    if activation == "gelu":
+        cdf = g.op("Mul", g.const("half", 0.5), g.op("Add", g.const("one", 1.0),
+                                                      g.op("Erf", g.op("Mul", a, g.const("rsqrt2", SQRT1_2)))))
+        return g.op("Mul", a, cdf), cdf
+    return g.op({"relu": "Relu", "tanh": "Tanh"}[activation], a), None
+
+
+def _activation_grad(g: _Graph, activation: str, h: str, a: str | None = None, cdf: str | None = None) -> str:
+    """f'(a) written in terms of h = f(a): relu' = (h > 0), tanh' = 1 - h^2;
+    gelu' = Phi(a) + a phi(a), phi the normal density."""
+    if activation == "relu":  # a compare + cast measured 3% faster per step than Sign in ORT's CPU EP
+        return g.op("Cast", g.op("Greater", h, g.const("zero_f", 0.0)), to=TensorProto.FLOAT)
+    if activation == "gelu":
+        pdf = g.op("Mul", g.const("inv_sqrt_2pi", INV_SQRT_2PI),
+                   g.op("Exp", g.op("Mul", g.op("Mul", a, a), g.const("minus_half", -0.5))))
+        return g.op("Add", cdf, g.op("Mul", a, pdf))
+    return g.op("Sub", g.const("one", 1.0), g.op("Mul", h, h))
+
+
+@dataclass
+class _Forward:
+    """What the local updates need from the forward pass."""
+    logits: str
+    inputs: dict = field(default_factory=dict)     # layer -> its input (a LayerNorm's: x-hat)
+    hidden: dict = field(default_factory=dict)     # mlp: layer -> h_l; resmlp: block i -> (u, z, cdf)
+
+
+def _layer_norm(g: _Graph, x: str, layer: str, eps: float, fused: bool) -> tuple[str, str | None]:
+    """LayerNorm over the last axis (biased variance, like torch). `fused`: one
+    LayerNormalization op (inference); otherwise written out, returning x-hat for the update."""
+    gamma, beta = f"{layer}.weight", f"{layer}.bias"
+    if fused:
+        return g.op("LayerNormalization", x, gamma, beta, axis=-1, epsilon=float(eps)), None
+    centred = g.op("Sub", x, g.op("ReduceMean", x, axes=[-1], keepdims=1))
+    var = g.op("ReduceMean", g.op("Mul", centred, centred), axes=[-1], keepdims=1)
+    xhat = g.op("Div", centred, g.op("Sqrt", g.op("Add", var, g.const(f"eps_{eps!r}", float(eps)))))
+    return g.op("Add", g.op("Mul", xhat, gamma), beta), xhat
+
+
+def _linear(g: _Graph, h: str, layer: str) -> str:
+    return g.op("Gemm", h, f"{layer}.weight", f"{layer}.bias", transB=1)
+
+
+def _forward(g: _Graph, model: dict, x: str, train: bool = False) -> _Forward:
+    if model_kind(model) == "resmlp":
+        return _forward_resmlp(g, model, x, train)
+    fwd, h = _Forward(""), x
+    layers = model["layers"]
+    for layer in layers:
         name = layer["name"]
-        a = g.op("Gemm", h, f"{name}.weight", f"{name}.bias", transB=1)
-        if layer is model["layers"][-1]:
-            return inputs, hidden, g.op("Identity", a, out="logits")
-        h = g.op(act, a)
-        hidden.append(h)
+        fwd.inputs[name] = h
+        a = _linear(g, h, name)
+        if layer is layers[-1]:
+            fwd.logits = g.op("Identity", a, out="logits")
+            return fwd
+        h, _ = _activation(g, model["activation"], a)
+        fwd.hidden[name] = h
     raise AssertionError("unreachable: the head is the last layer")
+
+
+def _forward_resmlp(g: _Graph, model: dict, x: str, train: bool) -> _Forward:
+    """h0 = embed(x); h_{i+1} = h_i + fc2(act(fc1(LN_i(h_i)))); logits = head(LN(h_L))."""
+    fwd, eps = _Forward(""), model["ln_eps"]
+    fwd.inputs["embed"] = x
+    h = _linear(g, x, "embed")
+    for i in range(model["depth"]):
+        norm, fc1, fc2 = f"blocks.{i}.norm", f"blocks.{i}.fc1", f"blocks.{i}.fc2"
+        n, fwd.inputs[norm] = _layer_norm(g, h, norm, eps, fused=not train)
+        fwd.inputs[fc1] = n
+        u = _linear(g, n, fc1)
+        z, cdf = _activation(g, model["activation"], u)
+        fwd.inputs[fc2] = z
+        fwd.hidden[i] = (u, z, cdf)
+        h = g.op("Add", h, _linear(g, z, fc2))
+    n, fwd.inputs["norm"] = _layer_norm(g, h, "norm", eps, fused=not train)
+    fwd.inputs["head"] = n
+    fwd.logits = g.op("Identity", _linear(g, n, "head"), out="logits")
+    return fwd
 
 
 def _declare_params(g: _Graph, model: dict) -> None:
@@ -90,56 +175,60 @@ def infer_graph(model: dict) -> onnx.ModelProto:
     return g.model("edgefa_infer", "edgefa forward pass: x, weights -> logits")
 
 
-def _activation_grad(g: _Graph, activation: str, h: str) -> str:
-    """f'(a) written in terms of h = f(a): relu' = (h > 0), tanh' = 1 - h^2."""
-    if activation == "relu":  # a compare + cast measured 3% faster per step than Sign in ORT's CPU EP
-        return g.op("Cast", g.op("Greater", h, g.const("zero_f", 0.0)), to=TensorProto.FLOAT)
-    return g.op("Sub", g.const("one", 1.0), g.op("Mul", h, h))
+def _local_errors(g: _Graph, model: dict, fwd: _Forward, e: str, trained: list[str]) -> dict[str, str]:
+    """Per trainable layer, dLoss/d(its output) under DFA: the readout's true gradient, e @ B at
+    every other stage's output, and inside a residual block the block's own local backward."""
+    activation, deltas, want = model["activation"], {}, set(trained)
+    if model_kind(model) != "resmlp":
+        for name in trained:
+            if name == model["layers"][-1]["name"]:
+                deltas[name] = e
+            else:
+                projected = g.op("MatMul", e, feedback_input_name(name))
+                deltas[name] = g.op("Mul", projected, _activation_grad(g, activation, fwd.hidden[name]))
+        return deltas
+    if "head" in want:                                   # the readout: its true gradient
+        deltas["head"] = e
+        deltas["norm"] = g.op("MatMul", e, "head.weight")
+    if "embed" in want:
+        deltas["embed"] = g.op("MatMul", e, feedback_input_name("embed"))
+    for i in range(model["depth"]):
+        norm, fc1, fc2 = f"blocks.{i}.norm", f"blocks.{i}.fc1", f"blocks.{i}.fc2"
+        if fc2 not in want:
+            continue
+        u, z, cdf = fwd.hidden[i]
+        deltas[fc2] = g.op("MatMul", e, feedback_input_name(f"block{i}"))     # dLoss/d(block output)
+        du = g.op("Mul", g.op("MatMul", deltas[fc2], f"{fc2}.weight"), _activation_grad(g, activation, z, u, cdf))
+        deltas[fc1] = du
+        deltas[norm] = g.op("MatMul", du, f"{fc1}.weight")                    # dLoss/d(LN output)
+    return deltas
 
 
-def train_step_graph(model: dict, momentum: float) -> onnx.ModelProto:
-    g = _Graph()
-    classes = model["n_classes"]
-    g.input("x", [BATCH, model["in_features"]])
-    g.input("labels", [BATCH], TensorProto.INT64)
-    g.input("lr", [])
-    _declare_params(g, model)
-    if momentum:
-        for name, shape in param_shapes(model).items():
-            g.input(momentum_name(name), shape)
-    for layer, shape in feedback_shapes(model).items():
-        g.input(feedback_input_name(layer), shape)
+def _is_norm(model: dict, layer: str) -> bool:
+    return model_kind(model) == "resmlp" and (layer == "norm" or layer.endswith(".norm"))
 
-    layer_inputs, hidden, logits = _forward(g, model, "x")
 
-    # loss and output error e = (softmax - onehot) / batch
-    logp = g.op("LogSoftmax", logits, axis=1)
-    onehot = g.op("OneHot", "labels", g.const("depth", classes, TensorProto.INT64),
-                  g.const("onehot_values", [0.0, 1.0], dims=(2,)), axis=-1)
-    nll = g.op("Neg", g.op("ReduceSum", g.op("Mul", onehot, logp), g.const("axis1", [1], TensorProto.INT64, (1,)),
-                           keepdims=0))
-    g.op("ReduceMean", nll, out="loss", keepdims=0)
-    batch = g.op("Cast", g.op("Gather", g.op("Shape", "x"), g.const("zero", 0, TensorProto.INT64), axis=0),
-                 to=TensorProto.FLOAT)
-    e = g.op("Div", g.op("Sub", g.op("Exp", logp), onehot), batch)
+def _updates(g: _Graph, model: dict, fwd: _Forward, deltas: dict[str, str], trained: list[str],
+             momentum: float, rows: str) -> None:
+    """SGD (with momentum) on every trainable layer, and the per-layer update bounds.
+
+    A linear layer's gradient is delta^T h_in (one Gemm); a LayerNorm's gamma gets
+    sum_batch(delta * x-hat) and its beta sum_batch(delta). Both are bounded elementwise by
+    ||delta||_F * sqrt(||input||_F^2 + rows) (Cauchy-Schwarz), `rows` the number of samples."""
     axis0 = g.const("axis0", [0], TensorProto.INT64, (1,))
-
-    # per-layer local error: the head gets e itself, hidden layer l gets (e B_l) * f'(a_l)
-    names = [layer["name"] for layer in model["layers"]]
-    if not momentum:
-        e = g.op("Mul", e, "lr")  # lr folded into the small deltas (see module doc)
-    deltas = {names[-1]: e}
-    for name, h in zip(names[:-1], hidden):
-        projected = g.op("MatMul", e, feedback_input_name(name))
-        deltas[name] = g.op("Mul", projected, _activation_grad(g, model["activation"], h))
-
     bounds = []
-    for name, h_in in zip(names, layer_inputs):
-        d = deltas[name]
+    for name in trained:
+        d, h_in = deltas[name], fwd.inputs[name]
         w, b = f"{name}.weight", f"{name}.bias"
+        norm = _is_norm(model, name)
         if momentum:
-            vw = g.op("Gemm", d, h_in, momentum_name(w), transA=1, alpha=1.0, beta=float(momentum),
-                      out=next_name(momentum_name(w)))
+            if norm:
+                vw = g.op("Add", g.op("ReduceSum", g.op("Mul", d, h_in), axis0, keepdims=0),
+                          g.op("Mul", momentum_name(w), g.const("mu", float(momentum))),
+                          out=next_name(momentum_name(w)))
+            else:
+                vw = g.op("Gemm", d, h_in, momentum_name(w), transA=1, alpha=1.0, beta=float(momentum),
+                          out=next_name(momentum_name(w)))
             g.op("Sub", w, g.op("Mul", vw, "lr"), out=next_name(w))
             vb = g.op("Add", g.op("ReduceSum", d, axis0, keepdims=0),
                       g.op("Mul", momentum_name(b), g.const("mu", float(momentum))),
@@ -147,25 +236,108 @@ def train_step_graph(model: dict, momentum: float) -> onnx.ModelProto:
             g.op("Sub", b, g.op("Mul", vb, "lr"), out=next_name(b))
         else:
             # Sub(W, delta^T h) measured 9% faster per step than one Gemm with C = W in ORT's CPU EP.
-            g.op("Sub", w, g.op("Gemm", d, h_in, transA=1), out=next_name(w))
+            grad = (g.op("ReduceSum", g.op("Mul", d, h_in), axis0, keepdims=0) if norm
+                    else g.op("Gemm", d, h_in, transA=1))
+            g.op("Sub", w, grad, out=next_name(w))
             g.op("Sub", b, g.op("ReduceSum", d, axis0, keepdims=0), out=next_name(b))
         # |every element of delta^T h and of sum_batch(delta)| <= ||delta||_F * sqrt(||h||_F^2 + batch)
         # (Cauchy-Schwarz). The runtime turns these into overflow bounds on the new weights, so it
         # can prove them finite without reading them again (see runtime/engine.py).
         squares = g.op("Mul", g.op("ReduceSumSquare", d, keepdims=0),
-                       g.op("Add", g.op("ReduceSumSquare", h_in, keepdims=0), batch))
+                       g.op("Add", g.op("ReduceSumSquare", h_in, keepdims=0), rows))
         bounds.append(g.op("Unsqueeze", g.op("Sqrt", squares), axis0))
     g.op("Concat", *bounds, axis=0, out="update_bound")
 
-    for name, shape in param_shapes(model).items():
+
+def _batch_size(g: _Graph, x: str) -> str:
+    return g.op("Cast", g.op("Gather", g.op("Shape", x), g.const("zero", 0, TensorProto.INT64), axis=0),
+                to=TensorProto.FLOAT)
+
+
+def _declare_state(g: _Graph, model: dict, momentum: float) -> None:
+    _declare_params(g, model)
+    if momentum:
+        for name, shape in trainable_params(model).items():
+            g.input(momentum_name(name), shape)
+    for layer, shape in feedback_shapes(model).items():
+        g.input(feedback_input_name(layer), shape)
+
+
+def _declare_next(g: _Graph, model: dict, momentum: float) -> None:
+    for name, shape in trainable_params(model).items():
         g.output(next_name(name), shape)
         if momentum:
             g.output(next_name(momentum_name(name)), shape)
-    g.output("update_bound", [len(names)])
+    g.output("update_bound", [len(trainable_layers(model))])
+
+
+def train_step_graph(model: dict, momentum: float, loss: str = LOSS_CROSS_ENTROPY) -> onnx.ModelProto:
+    """One DFA step of `model` (only its trainable layers, see bundle.trainable_layers)."""
+    if loss == LOSS_BRADLEY_TERRY:
+        return preference_step_graph(model, momentum)
+    g = _Graph()
+    classes = model["n_classes"]
+    g.input("x", [BATCH, model["in_features"]])
+    g.input("labels", [BATCH], TensorProto.INT64)
+    g.input("lr", [])
+    _declare_state(g, model, momentum)
+
+    fwd = _forward(g, model, "x", train=True)
+
+    # loss and output error e = (softmax - onehot) / batch
+    logp = g.op("LogSoftmax", fwd.logits, axis=1)
+    onehot = g.op("OneHot", "labels", g.const("depth", classes, TensorProto.INT64),
+                  g.const("onehot_values", [0.0, 1.0], dims=(2,)), axis=-1)
+    nll = g.op("Neg", g.op("ReduceSum", g.op("Mul", onehot, logp), g.const("axis1", [1], TensorProto.INT64, (1,)),
+                           keepdims=0))
+    g.op("ReduceMean", nll, out="loss", keepdims=0)
+    batch = _batch_size(g, "x")
+    e = g.op("Div", g.op("Sub", g.op("Exp", logp), onehot), batch)
+    if not momentum:
+        e = g.op("Mul", e, "lr")  # lr folded into the small deltas (see module doc)
+
+    trained = trainable_layers(model)
+    _updates(g, model, fwd, _local_errors(g, model, fwd, e, trained), trained, momentum, batch)
+    _declare_next(g, model, momentum)
     g.output("loss", [])
     g.output("logits", [BATCH, classes])
     return g.model("edgefa_dfa_train_step",
                    f"edgefa DFA training step, SGD momentum {momentum}: weights, batch, lr -> next weights")
+
+
+def preference_step_graph(model: dict, momentum: float) -> onnx.ModelProto:
+    """One DFA step of a scorer (one output) on Bradley-Terry pairs: both items of every pair go
+    through the same weights in one pass of 2 x batch rows (chosen first), so the update is
+    delta_w^T h_w + delta_l^T h_l with e_w = -sigmoid(-(s_w - s_l)) / batch and e_l = -e_w."""
+    if model["n_classes"] != 1:
+        raise ValueError("a Bradley-Terry step needs a scorer with one output")
+    g = _Graph()
+    g.input("x_chosen", [BATCH, model["in_features"]])
+    g.input("x_rejected", [BATCH, model["in_features"]])
+    g.input("lr", [])
+    _declare_state(g, model, momentum)
+
+    x = g.op("Concat", "x_chosen", "x_rejected", axis=0)
+    fwd = _forward(g, model, x, train=True)
+    scores = g.op("Reshape", fwd.logits, g.const("flat", [-1], TensorProto.INT64, (1,)))
+    s_w, s_l = g.op_multi("Split", [scores], ["score_chosen", "score_rejected"], axis=0)
+    margin = g.op("Sub", s_w, s_l)
+    g.op("ReduceMean", g.op("Softplus", g.op("Neg", margin)), out="loss", keepdims=0)
+    batch = _batch_size(g, "x_chosen")
+    e_l = g.op("Div", g.op("Sigmoid", g.op("Neg", margin)), batch)       # dLoss/ds_l;  dLoss/ds_w = -e_l
+    e = g.op("Unsqueeze", g.op("Concat", g.op("Neg", e_l), e_l, axis=0), g.const("axis1", [1], TensorProto.INT64, (1,)))
+    if not momentum:
+        e = g.op("Mul", e, "lr")
+
+    trained = trainable_layers(model)
+    rows = g.op("Mul", batch, g.const("two", 2.0))
+    _updates(g, model, fwd, _local_errors(g, model, fwd, e, trained), trained, momentum, rows)
+    _declare_next(g, model, momentum)
+    g.output("loss", [])
+    g.output("score_chosen", [BATCH])
+    g.output("score_rejected", [BATCH])
+    return g.model("edgefa_dfa_preference_step",
+                   f"edgefa DFA Bradley-Terry step, SGD momentum {momentum}: weights, pairs, lr -> next weights")
 
 
 def serialize_checked(m: onnx.ModelProto) -> bytes:

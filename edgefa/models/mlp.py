@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ..training.rules import RULES, dfa_output, draw_feedback, fa_linear
+from ..training.rules import RULES, dfa_output, draw_feedback, fa_linear, sign_feedback
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 
@@ -48,7 +48,7 @@ class MLP(nn.Module):
     Feedback matrices are registered buffers, so they live in state_dict and in every checkpoint:
       dfa, hybrid: `feedback_fc{l}`  [n_classes, width_l]   (output error -> hidden layer l)
       fa:  `feedback_fc{l}`, `feedback_head`  with each layer's weight shape (W^T's stand-in)
-      usf: none; sign(W) of the current weights
+      usf: none; sign(W) * mean|W| of the current weights
     Under `hybrid`, `bp_step` (set by the trainer before each step) makes the forward pass plain BP.
     """
 
@@ -100,7 +100,7 @@ class MLP(nn.Module):
             return dfa_output(self.head(h.detach()), self.feedback(), hidden)
         h = x
         if rule in ("fa", "usf"):
-            feedback = self.feedback() if rule == "fa" else [torch.sign(lin.weight).detach() for lin in self.linears()]
+            feedback = self.feedback() if rule == "fa" else [sign_feedback(lin.weight) for lin in self.linears()]
             for lin, b in zip(self.hidden_layers, feedback):
                 h = self.act(fa_linear(h, lin.weight, lin.bias, b))
             return fa_linear(h, self.head.weight, self.head.bias, feedback[-1])

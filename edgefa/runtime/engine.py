@@ -26,7 +26,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import EdgefaError
-from ..bundle import Bundle, feedback_input_name, momentum_name, next_name, param_shapes
+from ..bundle import (LOSS_BRADLEY_TERRY, Bundle, feedback_input_name, layer_params, momentum_name, next_name,
+                      param_shapes, trainable_layers, trainable_params)
 
 # Chosen automatically in this order when the installed onnxruntime offers them. TensorRT is
 # taken only when asked for (`--provider TensorrtExecutionProvider`): it builds an engine per shape.
@@ -59,6 +60,14 @@ class StepResult:
     logits: np.ndarray
 
 
+@dataclass
+class PairStepResult:
+    loss: float
+    accepted: bool
+    score_chosen: np.ndarray
+    score_rejected: np.ndarray
+
+
 def _session(path, providers, threads: int | None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     if threads:
@@ -76,7 +85,12 @@ class OrtEngine:
         self.momentum = float(bundle.manifest["optimizer"]["momentum"])
         self.train_session = _session(bundle.graph_path("train_step"), providers, threads)
         self.infer_session = _session(bundle.graph_path("infer"), providers, threads)
-        self.params = list(param_shapes(bundle.model))
+        self.preference = bundle.manifest.get("loss") == LOSS_BRADLEY_TERRY
+        # Only the trainable tensors (all of them unless the bundle says `trainable: last:K`) get
+        # momentum and ping-pong buffers; frozen ones are bound once, from the bundle's arrays.
+        self.params = list(trainable_params(bundle.model))
+        self.frozen = {n: np.ascontiguousarray(bundle.weights[n]) for n in param_shapes(bundle.model)
+                       if n not in self.params}
         self.state_names = self.params + ([momentum_name(p) for p in self.params] if self.momentum else [])
 
         # Side A starts as the bundle's own arrays (no copy: the weights are held once, not twice);
@@ -87,7 +101,7 @@ class OrtEngine:
         self.sides = [side_a, {n: np.empty_like(a) for n, a in side_a.items()}]
         self.feedback = {n: np.ascontiguousarray(a) for n, a in bundle.feedback.items()}
         self.current = 0
-        self.layers = [layer["name"] for layer in bundle.model["layers"]]
+        self.layers = trainable_layers(bundle.model)   # the order of the graph's update_bound
         self._refresh_bounds()
         self._train_bindings = [self._bind_train(k) for k in (0, 1)]
         self._infer_bindings = [self._bind_infer(k) for k in (0, 1)]
@@ -101,27 +115,49 @@ class OrtEngine:
             b.bind_ortvalue_output(next_name(n), ort.OrtValue.ortvalue_from_numpy(dst[n]))
         for layer, arr in self.feedback.items():
             b.bind_ortvalue_input(feedback_input_name(layer), ort.OrtValue.ortvalue_from_numpy(arr))
+        for n, arr in self.frozen.items():
+            b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(arr))
         return b
 
     def _bind_infer(self, k: int):
         b = self.infer_session.io_binding()
         for n in self.params:
             b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(self.sides[k][n]))
+        for n, arr in self.frozen.items():
+            b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(arr))
         return b
 
     # -- training and inference ------------------------------------------------------------------
     def step(self, x: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
         """One DFA step. The new state is accepted only if the loss and every new tensor are finite."""
+        if self.preference:
+            raise EdgefaError(f"{self.bundle.path}: a bradley-terry bundle trains on pairs (step_pairs), not labels")
         b = self._train_bindings[self.current]
         b.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
         b.bind_cpu_input("labels", np.ascontiguousarray(labels, dtype=np.int64))
+        loss, accepted, (logits,) = self._run_step(b, lr, ("logits",))
+        return StepResult(loss, accepted, logits)
+
+    def step_pairs(self, chosen: np.ndarray, rejected: np.ndarray, lr: float) -> PairStepResult:
+        """One DFA step of a Bradley-Terry bundle on a batch of pairs (row i of `chosen` preferred
+        to row i of `rejected`); accepted under the same proof of finiteness as `step`."""
+        if not self.preference:
+            raise EdgefaError(f"{self.bundle.path}: this bundle trains on labels (step), not on pairs")
+        b = self._train_bindings[self.current]
+        b.bind_cpu_input("x_chosen", np.ascontiguousarray(chosen, dtype=np.float32))
+        b.bind_cpu_input("x_rejected", np.ascontiguousarray(rejected, dtype=np.float32))
+        loss, accepted, (s_w, s_l) = self._run_step(b, lr, ("score_chosen", "score_rejected"))
+        return PairStepResult(loss, accepted, s_w, s_l)
+
+    def _run_step(self, b, lr: float, per_sample: tuple[str, ...]):
         b.bind_cpu_input("lr", np.array(lr, dtype=np.float32))
         # Outputs whose shape follows the batch are bound afresh each run: a binding reuses the
         # previous run's buffer, which fails when the batch size changes.
-        for name in ("update_bound", "loss", "logits"):  # get_outputs() keeps this binding order
+        names = ("update_bound", "loss", *per_sample)
+        for name in names:  # get_outputs() keeps this binding order
             b.bind_output(name)
         self.train_session.run_with_iobinding(b)
-        bound_value, loss_value, logits_value = b.get_outputs()[-3:]
+        bound_value, loss_value, *rest = b.get_outputs()[-len(names):]
         loss, update_bound = float(loss_value.numpy()), bound_value.numpy().astype(np.float64)
         if self.momentum:
             v_bound = self.momentum * self.v_bound + update_bound
@@ -129,11 +165,11 @@ class OrtEngine:
         else:  # the graph folded lr into the update already
             v_bound, w_bound = self.v_bound, self.w_bound + update_bound
         accepted = (np.isfinite(loss) and np.isfinite(update_bound).all()
-                    and max(w_bound.max(), v_bound.max()) < OVERFLOW_LIMIT)
+                    and max(w_bound.max(initial=0.0), v_bound.max(initial=0.0)) < OVERFLOW_LIMIT)
         if accepted:
             self.current = 1 - self.current
             self.w_bound, self.v_bound = w_bound, v_bound
-        return StepResult(loss, bool(accepted), logits_value.numpy())
+        return loss, bool(accepted), [r.numpy() for r in rest]
 
     def _refresh_bounds(self) -> None:
         """Exact per-layer max |W|, |b| and max |v| of the current side (one pass; not per step)."""
@@ -142,9 +178,9 @@ class OrtEngine:
         def max_abs(names):
             return max(max(float(side[n].max()), -float(side[n].min())) if side[n].size else 0.0 for n in names)
 
-        self.w_bound = np.array([max_abs([f"{l}.weight", f"{l}.bias"]) for l in self.layers])
-        self.v_bound = (np.array([max_abs([momentum_name(f"{l}.weight"), momentum_name(f"{l}.bias")])
-                                  for l in self.layers]) if self.momentum else np.zeros(len(self.layers)))
+        self.w_bound = np.array([max_abs(layer_params(l)) for l in self.layers])
+        self.v_bound = (np.array([max_abs([momentum_name(p) for p in layer_params(l)]) for l in self.layers])
+                        if self.momentum else np.zeros(len(self.layers)))
         if not (np.isfinite(self.w_bound).all() and np.isfinite(self.v_bound).all()):
             raise EdgefaError("the weights or momentum to start from hold NaN or Inf")
 
@@ -160,7 +196,8 @@ class OrtEngine:
 
     # -- state in and out ------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
-        """Copies of the current weights (and momentum), keyed by bundle name."""
+        """Copies of the current trainable weights (and momentum), keyed by bundle name; frozen
+        weights never change, so they stay in the bundle and out of checkpoints."""
         self._refresh_bounds()  # we are reading everything anyway: tighten the bounds for free
         return {n: a.copy() for n, a in self.sides[self.current].items()}
 

@@ -1,4 +1,10 @@
-"""On-device DFA fine-tuning: the loop around the engine (batches, refusals, checkpoints, timing)."""
+"""On-device DFA fine-tuning: the loop around the engine (batches, refusals, checkpoints, timing).
+
+A classifier bundle trains on labelled samples (`X`, `y`) and reports accuracy; a Bradley-Terry
+bundle (a scorer, manifest `loss: "bradley-terry"`) trains on pairs (`chosen`, `rejected`: row i
+of `chosen` preferred to row i of `rejected`) and reports preference accuracy, the share of pairs
+scored s(chosen) > s(rejected). Batch k is pairs `batch_indices(n_pairs, batch, seed, k)`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..bundle import Bundle
+from pathlib import Path
+
+from ..bundle import LOSS_BRADLEY_TERRY, Bundle
 from ..data.datasets import Dataset, Standardizer
+from ..data.preference import PreferencePairs
 from ..errors import DataError, EdgefaError
 from ..device_profiles.budget import step_cost
 from ..profiling.memory import peak_rss_bytes, rss_bytes
@@ -45,6 +54,50 @@ def standardize(bundle: Bundle, ds: Dataset, what: str) -> np.ndarray:
     return bundle_standardizer(bundle).apply(ds.X)
 
 
+def is_preference(bundle: Bundle) -> bool:
+    return bundle.manifest.get("loss") == LOSS_BRADLEY_TERRY
+
+
+def load_pairs(path: str | Path) -> PreferencePairs:
+    """Preference pairs from an .npz with float arrays `chosen` and `rejected` [N, D] (never
+    unpickled); any problem is one DataError line naming the file."""
+    path = Path(str(path).removeprefix("npz:"))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("chosen", "rejected") if k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable preference pairs ({str(exc).splitlines()[0]})") from None
+    missing = [k for k in ("chosen", "rejected") if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: preference pairs need float arrays 'chosen' and 'rejected' [N, D]; "
+                        f"missing {', '.join(repr(k) for k in missing)}")
+    c, r = arrays["chosen"], arrays["rejected"]
+    for name, a in arrays.items():
+        if a.dtype.kind != "f":
+            raise DataError(f"{path}: '{name}' is {a.dtype}, preference pairs need float arrays")
+    if c.ndim != 2 or c.shape != r.shape or not len(c):
+        raise DataError(f"{path}: 'chosen' {c.shape} and 'rejected' {r.shape} must both be [N, D] with N >= 1")
+    for name, a in arrays.items():
+        if not np.isfinite(a).all():
+            raise DataError(f"{path}: '{name}' holds non-finite values (NaN/Inf)")
+    return PreferencePairs(c.astype(np.float32), r.astype(np.float32), str(path))
+
+
+def standardize_pairs(bundle: Bundle, pairs: PreferencePairs) -> tuple[np.ndarray, np.ndarray]:
+    if pairs.chosen.shape[1] != bundle.model["in_features"]:
+        raise DataError(f"{pairs.name}: items have {pairs.chosen.shape[1]} features, "
+                        f"the bundle expects {bundle.model['in_features']}")
+    std = bundle_standardizer(bundle)
+    return std.apply(pairs.chosen), std.apply(pairs.rejected)
+
+
+def preference_accuracy(engine: OrtEngine, chosen: np.ndarray, rejected: np.ndarray) -> float:
+    """The share of pairs the scorer ranks right (a tie counts as wrong)."""
+    if not len(chosen):
+        return float("nan")
+    return float((engine.predict_logits(chosen)[:, 0] > engine.predict_logits(rejected)[:, 0]).mean())
+
+
 def bundle_standardizer(bundle: Bundle) -> Standardizer:
     s = bundle.manifest["input"]["standardize"]
     return Standardizer(s["mean"], s["std"])
@@ -66,8 +119,19 @@ class Finetuner:
         self.lr = bundle.manifest["optimizer"]["lr"] if config.lr is None else config.lr
         if not (np.isfinite(self.lr) and self.lr >= 0):
             raise EdgefaError(f"learning rate must be finite and >= 0, got {self.lr}")
-        self.X, self.y = standardize(bundle, train, train.name), train.y
-        self.eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else None
+        self.pairs = is_preference(bundle)
+        want = PreferencePairs if self.pairs else Dataset
+        for data in (train, eval_data):
+            if data is not None and not isinstance(data, want):
+                raise DataError(f"{data.name}: this bundle trains on "
+                                + ("preference pairs (an npz with 'chosen' and 'rejected')" if self.pairs
+                                   else "labelled samples (X, y)"))
+        if self.pairs:
+            self.X, self.R = standardize_pairs(bundle, train)
+            self.eval = standardize_pairs(bundle, eval_data) if eval_data else None
+        else:
+            self.X, self.y = standardize(bundle, train, train.name), train.y
+            self.eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else None
         rss_before = rss_bytes()
         with self.profiler.window("load"):
             self.engine = OrtEngine(bundle, choose_providers(config.provider), config.threads)
@@ -77,7 +141,7 @@ class Finetuner:
         if rss_before is not None:
             self.profiler.extra["runtime_growth_bytes"] = rss_bytes() - rss_before
         self.start, self.refused = (saved.step, list(saved.refused_steps)) if saved else (0, [])
-        self.cost = step_cost(bundle.model, config.batch_size, self.engine.momentum)
+        self.cost = step_cost(bundle.model, config.batch_size, self.engine.momentum, self.engine.preference)
 
     def checkpoint(self, step: int) -> None:
         with self.profiler.window("checkpoint"):
@@ -87,12 +151,16 @@ class Finetuner:
         if not self.eval:
             return None
         with self.profiler.window("forward"):
-            return accuracy(self.engine, *self.eval)
+            return (preference_accuracy if self.pairs else accuracy)(self.engine, *self.eval)
 
     def train_step(self, step: int):
         """Apply step `step` (batch `step` of the seeded order) to the engine; nothing else."""
         # (the batch's selection is not a window of its own: a few microseconds, like a window)
-        idx = batch_indices(len(self.y), self.config.batch_size, self.config.seed, step)
+        idx = batch_indices(len(self.X), self.config.batch_size, self.config.seed, step)
+        if self.pairs:
+            chosen, rejected = self.X[idx], self.R[idx]
+            with self.profiler.window("train_step", self.cost.flops, self.cost.bytes_moved):
+                return self.engine.step_pairs(chosen, rejected, self.lr)
         x, y = self.X[idx], self.y[idx]
         with self.profiler.window("train_step", self.cost.flops, self.cost.bytes_moved):
             return self.engine.step(x, y, self.lr)
@@ -135,6 +203,8 @@ class Finetuner:
             "refused_steps": self.refused,
             "step_time_ms_median": float(np.median(ms)) if len(ms) else None,
             "step_time_ms_p95": float(np.percentile(ms, 95)) if len(ms) else None,
+            "loss": self.bundle.manifest.get("loss"),
+            "metric": "preference accuracy" if self.pairs else "accuracy",
             "accuracy_before": acc_before,
             "accuracy_after": self.eval_accuracy(),
             "peak_rss_bytes": peak_rss_bytes(),
@@ -143,11 +213,19 @@ class Finetuner:
 
 
 def evaluate(bundle: Bundle, data: Dataset, threads: int | None = None) -> dict:
-    """Accuracy of the bundle's current weights (its saved device state when present)."""
+    """Accuracy of the bundle's current weights (its saved device state when present); for a
+    Bradley-Terry bundle, preference accuracy on pairs."""
+    if isinstance(data, PreferencePairs) != is_preference(bundle):
+        raise DataError(f"{data.name}: this bundle is evaluated on "
+                        + ("preference pairs (an npz with 'chosen' and 'rejected')" if is_preference(bundle)
+                           else "labelled samples (X, y)"))
     engine = OrtEngine(bundle, threads=threads)
     saved = load_state(bundle, engine.state_names)
     if saved:
         engine.load_state(saved.tensors)
+    if isinstance(data, PreferencePairs):
+        return {"accuracy": preference_accuracy(engine, *standardize_pairs(bundle, data)), "samples": len(data),
+                "step": saved.step if saved else 0}
     X = standardize(bundle, data, data.name)
     return {"accuracy": accuracy(engine, X, data.y), "samples": len(data.y),
             "step": saved.step if saved else 0}

@@ -1,0 +1,63 @@
+"""Diagnostics of host training: how well each learning rule aligns with true backpropagation.
+
+`measure_alignment`, `bp_twin` and `cosine` live in `alignment.py` (torch) and are imported on
+first use, so `read_metrics`, which `edgefa report` needs, works without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+METRICS = "metrics.json"
+_LAZY = {"bp_twin", "cosine", "measure_alignment", "tensor_cosine", "weight_layers"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import alignment
+        return getattr(alignment, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    """RUN/metrics.json as written by `edgefa train`; a missing or corrupt file is a CheckpointError
+    (one line naming the file)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no metrics file (train a run with `edgefa train --out DIR`)")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: corrupt metrics file (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: corrupt metrics file (invalid JSON at line {exc.lineno}, "
+                              f"column {exc.colno}: {exc.msg})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable metrics file ({exc.strerror or exc})") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("epochs"), list) \
+            or not all(isinstance(row, dict) for row in metrics["epochs"]):
+        raise CheckpointError(f"{path}: not an edgefa metrics file (no list of per-epoch rows)")
+    return metrics
+
+
+def epoch_alignment(row: dict) -> dict | None:
+    """One epoch's alignment dict, or None when that epoch has none (alignment off, older runs)."""
+    found = row.get("alignment")
+    return found if isinstance(found, dict) and isinstance(found.get("layers"), dict) else None
+
+
+def fmt_cosine(value) -> str:
+    """A cosine for tables: 4 decimals with sign; None is "degenerate" (a norm was exactly 0)."""
+    if value is None:
+        return "degenerate"
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        return "n/a"
+    return f"{value:+.4f}"
+
+
+__all__ = ["METRICS", "bp_twin", "cosine", "epoch_alignment", "fmt_cosine", "measure_alignment", "read_metrics",
+           "tensor_cosine", "weight_layers"]
