@@ -33,6 +33,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from ..errors import EdgefaError
+from .scope import require_full_mlp_dfa
 
 # --- cited per-operation energies -----------------------------------------------------------
 
@@ -246,6 +247,7 @@ def matmul_cycles(m: int, k: int, n: int, rows: int, cols: int) -> dict:
 # --- the network ------------------------------------------------------------------------------
 
 def _check_model(model: dict) -> list[dict]:
+    require_full_mlp_dfa({"model": model})
     try:
         layers = [{"name": str(l["name"]), "in": int(l["in"]), "out": int(l["out"])} for l in model["layers"]]
         int(model["n_classes"])
@@ -464,6 +466,7 @@ def cost_of_bundle(path, array: MacArray, batch: int = 32, feedback: str = "stor
     from ..bundle import read_bundle
 
     b = read_bundle(path)
+    require_full_mlp_dfa(b.manifest, str(b.path))          # the loss too, which the model dict lacks
     momentum = float(b.manifest.get("optimizer", {}).get("momentum", 0.0) or 0.0)
     result = compare(b.model, array, batch, feedback, momentum)
     result["bundle"] = str(b.path)

@@ -34,6 +34,7 @@ from ..bundle import Bundle
 from .config import TENSOR_CLASSES, FxpConfig
 from .fixed import FixedFormat, FixedPointError, Quantized, quantize, requantize, shift_round
 from .ops import FunctionTable, SoftmaxError, add, matmul_requantize
+from .scope import require_full_mlp_dfa
 
 ONE = FixedFormat(2, 2)            # the integer 1 (raw 1, no fraction bits): sums over the batch
 
@@ -70,6 +71,7 @@ class FixedPointDFA:
     """A bundle's MLP held in fixed point, trained by the DFA step above."""
 
     def __init__(self, bundle: Bundle, config: FxpConfig, lr: float | None = None):
+        require_full_mlp_dfa(bundle.manifest, str(bundle.path))
         model = bundle.model
         self.config, self.model = config, model
         self.layers = [layer["name"] for layer in model["layers"]]

@@ -32,6 +32,7 @@ from ..runtime.engine import OrtEngine
 from ..runtime.finetune import standardize
 from .config import FxpConfig
 from .datapath import FixedPointDFA
+from .scope import require_full_mlp_dfa
 
 SQNR_SAMPLES = 256
 
@@ -84,6 +85,7 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float | None:
 def simulate(bundle: Bundle, train: Dataset, config: SimulateConfig, fxp: FxpConfig,
              eval_data: Dataset | None = None,
              on_step: Callable[[int, float, float | None], None] | None = None) -> dict:
+    require_full_mlp_dfa(bundle.manifest, str(bundle.path))        # before the data is looked at
     X, y = standardize(bundle, train, train.name), train.y
     X_eval, y_eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else (X, y)
     fixed = FixedPointDFA(bundle, fxp, config.lr)

@@ -17,6 +17,7 @@ from ..bundle import Bundle
 from ..data.datasets import Dataset
 from .config import TENSOR_CLASSES, FxpConfig
 from .fixed import FixedFormat, FixedPointError, Overflow, rounding_mode
+from .scope import require_full_mlp_dfa
 from .simulate import SimulateConfig, simulate
 
 DEFAULT_WIDTHS = (6, 8, 10, 12, 14, 16)
@@ -44,6 +45,7 @@ class SweepConfig:
 def sweep(bundle: Bundle, train: Dataset, run: SimulateConfig, grid: SweepConfig, base: FxpConfig,
           eval_data: Dataset | None = None,
           on_run: Callable[[dict], None] | None = None) -> dict:
+    require_full_mlp_dfa(bundle.manifest, str(bundle.path))
     rows, float_after, before = [], None, None
     for i, mode in enumerate(grid.roundings):
         for width in grid.widths:

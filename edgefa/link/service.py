@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..bundle import Bundle, fsync_dir, pack_archive, read_bundle, unpack_archive
+from ..bundle import (LOSS_CROSS_ENTROPY, Bundle, describe_model, fsync_dir, layer_shapes, model_kind,
+                      pack_archive, read_bundle, unpack_archive)
 from ..device_profiles.budget import step_cost
 from ..errors import BundleError, CheckpointError, DataError, EdgefaError
 from ..profiling.machine import device_description
@@ -154,11 +155,16 @@ class DeviceService:
     def _status(self) -> dict:
         if self.bundle is None:
             return {"bundle": None, "step": 0}
-        m = self.bundle.manifest["model"]
+        manifest = self.bundle.manifest
+        m = manifest["model"]
+        # `model`: the widths along the matmul path (an mlp's layer widths, as hosts before model kinds
+        # read them); `description`: the one line `describe_model` gives any kind
         return {"bundle": self.archive_sha, "step": self.step, "refused_steps": len(self.refused),
                 "checkpointed_step": self.checkpointed_step,
-                "model": [m["in_features"]] + [layer["out"] for layer in m["layers"]],
-                "lr": self.bundle.manifest["optimizer"]["lr"]}
+                "model": [m["in_features"]] + [w[0] for w, _ in layer_shapes(m).values() if len(w) == 2],
+                "kind": model_kind(m), "description": describe_model(m),
+                "trainable": m.get("trainable", "all"), "loss": manifest.get("loss", LOSS_CROSS_ENTROPY),
+                "lr": manifest["optimizer"]["lr"]}
 
     # --- requests ----------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle, read_bundle
+from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, Bundle, describe_model, layer_shapes, model_kind,
+                      read_bundle)
 from ..data.datasets import Dataset
 from ..device_profiles import detect_profile
 from ..device_profiles.budget import budget
@@ -69,7 +70,7 @@ def profile_local(bundle_path: str | Path, cfg: ProfileConfig, data: Dataset | N
 
     profiler, machine = open_profiler(cfg.profile, work_on_gpu=on_gpu(choose_providers(cfg.provider)),
                                       warmup=cfg.warmup, sample_interval_s=cfg.sample_interval_s)
-    read_bundle(bundle_path)        # a bad bundle is reported by its own path, before any work
+    _refuse_pairs(read_bundle(bundle_path), str(bundle_path))    # a bad bundle: reported by its own path
     with tempfile.TemporaryDirectory(prefix="edgefa-profile-") as scratch, profiler:
         with profiler.window("load"):
             bundle = read_bundle(_scratch_copy(bundle_path, Path(scratch)))
@@ -97,6 +98,7 @@ def profile_over_link(client, bundle_path: str | Path, cfg: ProfileConfig, data:
     """Deploy the bundle to `client`'s device, run `cfg.steps` more steps there, and gather the
     device's profile with the host's round trips beside it."""
     bundle = read_bundle(bundle_path)
+    _refuse_pairs(bundle, str(bundle_path))
     data = data or synthetic_data(bundle, max(16 * cfg.batch_size, 256), cfg.seed)
     client.profile(clear=True, samples=False, warmup=cfg.warmup)      # measure this session only
     deployed = client.deploy(bundle_path, on_progress=on_upload)
@@ -134,9 +136,21 @@ def _machine_dict(machine) -> dict:
 
 
 def _model_line(manifest: dict) -> dict:
+    """The model in profile.json, any kind: `layers` is the widths along the matmul path (an mlp's
+    layer widths; a resmlp's embed, fc1, fc2, ..., head), `description` the `describe_model` line."""
     m = manifest["model"]
-    return {"layers": [m["in_features"]] + [layer["out"] for layer in m["layers"]],
+    return {"layers": [m["in_features"]] + [w[0] for w, _ in layer_shapes(m).values() if len(w) == 2],
+            "kind": model_kind(m), "description": describe_model(m), "trainable": m.get("trainable", "all"),
+            "loss": manifest.get("loss", LOSS_CROSS_ENTROPY),
             "activation": m["activation"], "momentum": manifest["optimizer"]["momentum"]}
+
+
+def _refuse_pairs(bundle: Bundle, where: str) -> None:
+    """`edgefa profile` drives the cross-entropy step on labelled batches; a preference bundle's
+    step takes pairs, so it is refused in one line before any work."""
+    if bundle.manifest.get("loss") == LOSS_BRADLEY_TERRY:
+        raise EdgefaError(f"{where}: profile runs the cross-entropy step on labelled batches; this is a "
+                          "bradley-terry preference bundle (fine-tune it on pairs with edgefa device finetune)")
 
 
 def main(argv: list[str] | None = None, run=profile_local) -> None:

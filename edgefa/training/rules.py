@@ -75,6 +75,13 @@ def dfa_output(logits: Tensor, feedback: list[Tensor], hidden: list[Tensor]) -> 
     return _DFAOutput.apply(logits, len(hidden), *feedback, *hidden)
 
 
+def is_bp_step(model_config, step: int) -> bool:
+    """Under `hybrid`, whether optimizer step `step` (0-based) is a true BP step: steps k, 2k, ...
+    (1-based, k = hybrid_every). Never, under the other rules."""
+    every = model_config.hybrid_every if model_config.rule == "hybrid" else 0
+    return bool(every) and (step + 1) % every == 0
+
+
 def sign_feedback(weight: Tensor) -> Tensor:
     """uSF's feedback: the sign of W at W's mean magnitude, detached (it is a backward path only)."""
     w = weight.detach()
