@@ -67,9 +67,22 @@ def cli() -> None:
 @click.option("--hybrid-every", type=int, default=10, show_default=True,
               help="hybrid: every k-th step is a true BP step (10, 50 and 100 are the interesting values)")
 @click.option("--dataset", default="digits", show_default=True,
-              help="digits | npz:FILE (arrays X, y) | mnist:DIR (IDX files) | cifar10:DIR (binary batches)")
-@click.option("--hidden", default="256,256", show_default=True, help="hidden widths, comma-separated")
-@click.option("--activation", type=click.Choice(["relu", "tanh"]), default="relu", show_default=True)
+              help="digits | npz:FILE (arrays X, y) | mnist:DIR (IDX files) | cifar10:DIR (binary batches) | mnist1d[:N] (generated)")
+@click.option("--model", "model_kind", type=click.Choice(["mlp", "resmlp", "cnn", "vit", "transformer"]),
+              default="mlp", show_default=True,
+              help="mlp | resmlp (pre-LN residual MLP) | cnn | vit (ViT-Mini) | transformer (causal, one feature per position)")
+@click.option("--hidden", default="256,256", show_default=True, help="mlp: hidden widths, comma-separated")
+@click.option("--width", type=int, default=None,
+              help="model dim (resmlp 256, vit 64, transformer 64) or base channels (cnn 16)")
+@click.option("--depth", type=int, default=None, help="residual blocks (resmlp 4, vit 2, transformer 2) or conv stages (cnn 2)")
+@click.option("--expansion", type=int, default=1, show_default=True, help="block MLP hidden = width x expansion")
+@click.option("--heads", type=int, default=4, show_default=True, help="attention heads (vit, transformer)")
+@click.option("--patch", type=int, default=None, help="vit patch size (default 4 where it divides images >= 16, else 2)")
+@click.option("--penalty", type=float, default=0.0, show_default=True,
+              help="residual-stream penalty lambda: adds lambda * sum_l mean ||f_l(h_l)||^2")
+@click.option("--freeze-blocks", is_flag=True, help="frozen-random-blocks baseline: only stem, terminal LN and head train")
+@click.option("--activation", type=click.Choice(["relu", "tanh", "gelu"]), default="relu", show_default=True,
+              help="gelu: resmlp, cnn, vit, transformer only")
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=0.003, show_default=True)
@@ -77,30 +90,68 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--feedback-seed", type=int, default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when present) | cpu | cuda")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="data-parallel processes (DDP: gloo on CPU, NCCL with one GPU each); --batch-size is the "
+                   "global batch and must divide by it. Under torchrun the world is torchrun's")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="run directory to write")
-def train(method, hybrid_every, dataset, hidden, activation, epochs, batch_size, lr, momentum, seed, feedback_seed,
-          device, out):
-    """Train an MLP on the host with bp, fa, dfa, usf or hybrid; write checkpoint.pt and metrics.json."""
+def train(method, hybrid_every, dataset, model_kind, hidden, width, depth, expansion, heads, patch, penalty,
+          freeze_blocks, activation, epochs, batch_size, lr, momentum, seed, feedback_seed, device, nproc, out):
+    """Train a model on the host with bp, fa, dfa, usf or hybrid; write checkpoint.pt and metrics.json."""
+    if nproc < 1 or batch_size % nproc:    # before torch is imported: a quick one line
+        raise EdgefaError(f"--nproc must be at least 1, got {nproc}" if nproc < 1 else
+                          f"--batch-size {batch_size} is not divisible by --nproc {nproc}: "
+                          "each process takes an equal share of the global batch")
     from .data.datasets import load_dataset
-    from .training.trainer import TrainConfig, save_run, train as run_training
+    from .training.trainer import TrainConfig, build_model, save_run, train as run_training
 
     widths = [int(w) for w in hidden.split(",") if w.strip()]
     if hybrid_every < 1:
         raise EdgefaError(f"--hybrid-every must be at least 1, got {hybrid_every}")
+    if model_kind == "mlp" and activation == "gelu":
+        raise EdgefaError("--activation gelu is for resmlp, cnn, vit and transformer; the mlp takes relu or tanh")
+    if model_kind == "mlp" and (penalty or freeze_blocks):
+        raise EdgefaError("--penalty and --freeze-blocks need residual blocks (resmlp, vit, transformer)")
+    for name, value in (("--width", width), ("--depth", depth), ("--patch", patch), ("--expansion", expansion),
+                        ("--heads", heads)):
+        if value is not None and value < 1:
+            raise EdgefaError(f"{name} must be at least 1, got {value}")
+    if penalty < 0:
+        raise EdgefaError(f"--penalty must be >= 0, got {penalty}")
     config = TrainConfig(method, dataset, widths, activation, epochs, batch_size, lr, momentum, seed,
-                         feedback_seed, device=device, hybrid_every=hybrid_every)
+                         feedback_seed, device=device, hybrid_every=hybrid_every, model=model_kind, width=width,
+                         depth=depth, expansion=expansion, heads=heads, patch=patch, penalty=penalty,
+                         freeze_blocks=freeze_blocks, nproc=nproc)
+    from .training.distributed import check_launch, torchrun_env, train_distributed
+    world = torchrun_env()                 # set when torchrun started this process as one rank
+    if world is not None or nproc > 1:
+        check_launch(config, world)        # batch shares, GPUs for NCCL: before the progress bar
     data = load_dataset(dataset)           # a bad data file is one line, before the progress bar
+    try:                                   # so is a model that does not fit the data (patch, heads)
+        build_model(config, data.X.shape[1], data.n_classes, data.image_shape)
+    except ValueError as exc:
+        raise EdgefaError(f"{model_kind}: {exc}") from None
+    if world is not None and world.rank != 0:
+        train_distributed(config, out, env=world, data=data)   # rank 0 reports and writes the run
+        return
     with progress_bar() as bar:
-        task = bar.add_task(f"train {method}", total=epochs, status="")
+        task = bar.add_task(f"train {model_kind} {method}", total=epochs, status="")
 
         def on_epoch(epoch, row):
             bar.update(task, completed=epoch,
                        status=f"loss {row['batch_loss_mean']:.3f}  test {pct(row['test_accuracy'])}")
 
-        run = run_training(config, on_epoch, data)
-    path = save_run(run, out)
-    console.print(f"final test accuracy [bold]{pct(run.metrics['final_test_accuracy'])}[/] "
-                  f"({method}, {run.metrics['dataset']}, {epochs} epochs on {run.metrics['device']}) -> {path}")
+        if world is not None or nproc > 1:
+            metrics, path = train_distributed(config, out, on_epoch, env=world, data=data)
+        else:
+            run = run_training(config, on_epoch, data)
+    if world is None and nproc == 1:
+        path, metrics = save_run(run, out), run.metrics
+    if "diverged" in metrics:
+        console.print(f"[yellow]warning:[/] diverged at epoch {metrics['diverged']['epoch']}: "
+                      f"{metrics['diverged']['note']}")
+    procs = f" x {metrics['world_size']} processes ({metrics['backend']})" if "world_size" in metrics else ""
+    console.print(f"final test accuracy [bold]{pct(metrics['final_test_accuracy'])}[/] "
+                  f"({model_kind} {method}, {metrics['dataset']}, {epochs} epochs on {metrics['device']}{procs}) -> {path}")
 
 
 @cli.command()
@@ -108,13 +159,235 @@ def train(method, hybrid_every, dataset, hidden, activation, epochs, batch_size,
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="bundle directory to write")
 @click.option("--momentum", type=float, default=None, help="device SGD momentum (default: the run's)")
 @click.option("--lr", type=float, default=None, help="device default learning rate (default: the run's)")
-def export(run_dir, out, momentum, lr):
+@click.option("--trainable", default="all", show_default=True,
+              help="what the device trains: all, or last:K (the last K units from the head; mlp: layers, "
+                   "resmlp: head+terminal LN, then one block at a time, then the embedding)")
+def export(run_dir, out, momentum, lr, trainable):
     """Export a trained run as a bundle: infer.onnx, train_step.onnx, weights, feedback, manifest."""
+    from .bundle import check_trainable_syntax
+
+    try:
+        check_trainable_syntax(trainable)  # a malformed spec is one line before torch is imported
+    except EdgefaError as exc:
+        raise EdgefaError(f"export: --{exc}") from None
     from .exporters.export import export_bundle
     from .training.trainer import load_run
 
-    path = export_bundle(load_run(run_dir), out, momentum=momentum, lr=lr)
+    path = export_bundle(load_run(run_dir), out, momentum=momentum, lr=lr, trainable=trainable)
     _show_bundle(path)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="HTML file to write (default RUN/report.html)")
+def report(run_dir, out):
+    """Report a run: accuracy and alignment with BP per layer (table), over epochs (RUN/report.html)."""
+    from .diagnostics import epoch_alignment, fmt_cosine, read_metrics
+    from .report.html import render_training_report, write_report
+
+    metrics = read_metrics(run_dir)
+    rows = metrics["epochs"]
+    num = lambda v: "-" if not isinstance(v, (int, float)) or isinstance(v, bool) else f"{v:.4g}"  # noqa: E731
+    last = rows[-1] if rows else {}
+    console.print(f"{escape(str(run_dir))}: {metrics.get('model', 'mlp')} {metrics.get('method', '?')} on "
+                  f"{metrics.get('dataset', '?')}, {len(rows)} epochs, test accuracy "
+                  f"[bold]{pct(last.get('test_accuracy'))}[/] (train {pct(last.get('train_accuracy'))})",
+                  highlight=False)
+    logged = [(row.get("epoch"), epoch_alignment(row)) for row in rows]
+    logged = [(e, a) for e, a in logged if a is not None]
+    if not logged:
+        console.print("alignment was not logged for this run (TrainConfig.alignment off, or an older run)")
+    else:
+        epoch, found = logged[-1]
+        agg = found.get("aggregation") or {}
+        has_fb = any(isinstance(e, dict) and "alignment_error" in e for e in found["layers"].values())
+        console.print(f"alignment with BP at epoch {epoch}: rule {found.get('rule')} (measured step "
+                      f"{found.get('measured_step')}), probe of {found.get('probe_samples')} training samples in "
+                      f"{found.get('dtype')}", highlight=False)
+        caption = f"cosine aggregation: {agg.get('weight_grad_cosine', '?')}"
+        if has_fb:
+            caption += (f". ||W - B||_F: {agg.get('alignment_error', '?')}; {found.get('feedback_convention', '')}. "
+                        f"B unused: {agg.get('feedback_used', 'the layer input needs no gradient')}")
+        table = Table(title=f"weight gradients, epoch {epoch}", caption=escape(caption))
+        table.add_column("layer")
+        table.add_column("kind")
+        table.add_column("cos(grad rule, grad bp)", justify="right")
+        if has_fb:
+            table.add_column("||W - B||_F", justify="right")
+            table.add_column("cos(W, B)", justify="right")
+        for name, e in found["layers"].items():
+            if not isinstance(e, dict):
+                continue
+            unused = " (B unused)" if e.get("feedback_used") is False else ""
+            cells = [escape(str(name)) + unused, str(e.get("kind", "")), fmt_cosine(e.get("weight_grad_cosine"))]
+            if has_fb:
+                cells += [num(e.get("alignment_error")), fmt_cosine(e.get("weight_feedback_cosine"))
+                          if "alignment_error" in e else "-"]
+            table.add_row(*cells)
+        console.print(table)
+        stages = {k: s for k, s in (found.get("stages") or {}).items() if isinstance(s, dict)}
+        if stages:
+            st = Table(title=f"signal at each stage output, epoch {epoch}",
+                       caption=escape(f"signal cosine aggregation: {agg.get('signal_cosine', '?')}. "
+                                      f"Signal: {found.get('signal', '')}"))
+            for col in ("stage", "signal cosine", "excluded", "mean ||h||", "mean ||dloss_n/dh|| (bp)"):
+                st.add_column(col, justify="left" if col == "stage" else "right")
+            for name, s in stages.items():
+                st.add_row(escape(str(name)), fmt_cosine(s.get("signal_cosine")), str(s.get("excluded_samples", "-")),
+                           num(s.get("h_norm_mean")), num(s.get("grad_norm_mean")))
+            console.print(st)
+    path = Path(out) if out else Path(run_dir) / "report.html"
+    write_report(path, render_training_report(metrics, f"edgefa report: {Path(run_dir).resolve().name}"))
+    console.print(f"report: {path}")
+
+
+# --- preference fine-tuning: a scorer on pairs, and the sweep over label noise and rules ---------
+
+@cli.command("train-preference")
+@click.option("--data", "data_spec", default="synthetic", show_default=True,
+              help="synthetic[:N] (N pairs from a hidden utility, default 2000) | jsonl:FILE (prompt, chosen, "
+                   "rejected per line)")
+@click.option("--sigma", type=float, default=0.0, show_default=True,
+              help="synthetic: std of the Gaussian noise added to u(a) - u(b) before the label is drawn")
+@click.option("--dim", type=int, default=16, show_default=True, help="synthetic: features per item")
+@click.option("--max-len", type=int, default=128, show_default=True,
+              help="jsonl: tokens per item (prompt bytes, SEP, response bytes; cut from the left)")
+@click.option("--method", type=click.Choice(["bp", "fa", "dfa", "usf", "hybrid"]), default="dfa", show_default=True)
+@click.option("--hybrid-every", type=int, default=10, show_default=True, help="hybrid: every k-th step is a BP step")
+@click.option("--loss", type=click.Choice(["bradley-terry", "hinge"]), default="bradley-terry", show_default=True,
+              help="-log sigmoid(s_w - s_l) | max(0, m - (s_w - s_l))")
+@click.option("--margin", type=float, default=1.0, show_default=True, help="hinge: the margin m")
+@click.option("--model", "model_kind", type=click.Choice(["mlp", "resmlp", "cnn", "vit", "transformer"]),
+              default=None, help="the scorer (default: mlp for synthetic pairs, transformer for jsonl)")
+@click.option("--hidden", default="64,64", show_default=True, help="mlp: hidden widths, comma-separated")
+@click.option("--width", type=int, default=None, help="model dim of the other models (transformer 64)")
+@click.option("--depth", type=int, default=None, help="blocks of the other models (transformer 2)")
+@click.option("--heads", type=int, default=4, show_default=True, help="attention heads (transformer, vit)")
+@click.option("--activation", type=click.Choice(["relu", "tanh", "gelu"]), default="relu", show_default=True,
+              help="gelu: not for the mlp")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="pairs per step")
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="synthetic pairs, held-out split, weights and batch order")
+@click.option("--feedback-seed", type=int, default=1, show_default=True)
+@click.option("--test-fraction", type=float, default=0.25, show_default=True, help="share of the pairs held out")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when present) | cpu | cuda")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="run directory to write")
+def train_preference(data_spec, sigma, dim, max_len, method, hybrid_every, loss, margin, model_kind, hidden, width,
+                     depth, heads, activation, epochs, batch_size, lr, momentum, seed, feedback_seed, test_fraction,
+                     device, out):
+    """Train a scorer s(x) on preference pairs (chosen over rejected); write checkpoint.pt and metrics.json."""
+    import math
+
+    try:
+        widths = [int(w) for w in hidden.split(",") if w.strip()]
+    except ValueError:
+        raise EdgefaError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
+    for name, value in (("--hybrid-every", hybrid_every), ("--dim", dim), ("--epochs", epochs),
+                        ("--batch-size", batch_size), ("--width", width), ("--depth", depth), ("--heads", heads)):
+        if value is not None and value < 1:
+            raise EdgefaError(f"{name} must be at least 1, got {value}")
+    if not widths or min(widths) < 1:
+        raise EdgefaError(f"--hidden needs widths of at least 1, got {hidden!r}")
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise EdgefaError(f"--sigma must be finite and >= 0, got {sigma}")
+    if not (math.isfinite(margin) and margin >= 0):
+        raise EdgefaError(f"--margin must be finite and >= 0, got {margin}")
+    if not 0 < test_fraction < 1:
+        raise EdgefaError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    from .training.preference_train import is_token_pairs, load_pairs_spec, train_preference as run_training
+    from .training.trainer import TrainConfig, save_run
+
+    pairs = load_pairs_spec(data_spec, sigma, dim, seed, max_len)     # a bad file is one line, before the bar
+    tokens = is_token_pairs(pairs)
+    kind = model_kind or ("transformer" if tokens else "mlp")
+    if tokens and kind != "transformer":
+        raise EdgefaError(f"--data {data_spec}: token pairs need --model transformer, not {kind}")
+    if kind == "mlp" and activation == "gelu":
+        raise EdgefaError("--activation gelu is for resmlp, cnn, vit and transformer; the mlp takes relu or tanh")
+    config = TrainConfig(method, data_spec, widths, activation, epochs, batch_size, lr, momentum, seed,
+                         feedback_seed, test_fraction=test_fraction, hybrid_every=hybrid_every, device=device,
+                         model=kind, width=width, depth=depth, heads=heads, loss=loss)
+    with progress_bar() as bar:
+        task = bar.add_task(f"train-preference {kind} {method}", total=epochs, status="")
+
+        def on_epoch(epoch, row):
+            bar.update(task, completed=epoch,
+                       status=f"loss {row['batch_loss_mean']:.3f}  held-out {pct(row['test_accuracy'])}")
+
+        try:
+            run = run_training(config, pairs, margin=margin, on_epoch=on_epoch)
+        except ValueError as exc:          # a model that does not fit the data (heads, width)
+            raise EdgefaError(f"{kind}: {exc}") from None
+    path = save_run(run, out)
+    m = run.metrics
+    extra = ""
+    if m.get("heldout_ceiling") is not None:
+        extra = (f"; ceiling {pct(m['heldout_ceiling'])} (labels that agree with the noise-free utility), "
+                 f"agrees with the true utility on {pct(m['final_test_true_accuracy'])}")
+    console.print(f"held-out preference accuracy [bold]{pct(m['final_test_accuracy'])}[/] on {m['n_test']} pairs"
+                  f"{extra} ({kind} {method}, {escape(m['dataset'])}, {loss}, {epochs} epochs on {m['device']}) "
+                  f"-> {escape(str(path))}", highlight=False)
+
+
+@cli.group()
+def experiment() -> None:
+    """Grids of host runs that write a table, a plot and an HTML report."""
+
+
+@experiment.command("preference")
+@click.option("--sigmas", default="0,0.5,1,2", show_default=True, help="label noise levels, comma-separated")
+@click.option("--rules", default="bp,dfa,hybrid-10", show_default=True,
+              help="bp, fa, dfa, usf, hybrid-K (a BP step every K-th step), comma-separated")
+@click.option("--seeds", default="0,1,2", show_default=True, help="seeds (pairs, split, weights, feedback, batches)")
+@click.option("--pairs", type=int, default=2000, show_default=True, help="synthetic pairs per run (held-out included)")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--dim", type=int, default=16, show_default=True, help="features per item")
+@click.option("--hidden", default="32,32", show_default=True, help="the MLP scorer's hidden widths")
+@click.option("--activation", type=click.Choice(["relu", "tanh"]), default="relu", show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="pairs per step")
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--loss", type=click.Choice(["bradley-terry", "hinge"]), default="bradley-terry", show_default=True)
+@click.option("--margin", type=float, default=1.0, show_default=True, help="hinge: the margin m")
+@click.option("--test-fraction", type=float, default=0.25, show_default=True, help="share of the pairs held out")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when present) | cpu | cuda")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="folder for preference.json, preference.md, preference.svg and preference.html")
+def experiment_preference(sigmas, rules, seeds, pairs, epochs, dim, hidden, activation, batch_size, lr, momentum,
+                          loss, margin, test_fraction, device, out):
+    """Held-out preference accuracy against label noise sigma, per rule, over seeds (table and plot)."""
+    from .experiments.preference import (SweepConfig, parse_rules, parse_seeds, parse_sigmas, run_sweep,
+                                         summary, table_rows, write_outputs)
+
+    try:
+        widths = [int(w) for w in hidden.split(",") if w.strip()]
+    except ValueError:
+        raise EdgefaError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
+    config = SweepConfig(parse_sigmas(sigmas), parse_rules(rules), parse_seeds(seeds), pairs, epochs, dim, widths,
+                         activation, batch_size, lr, momentum, loss, margin, test_fraction, device)
+    config.check()                         # every bad value is one line before torch is imported
+    total = len(config.sigmas) * len(config.rules) * len(config.seeds)
+    with progress_bar() as bar:
+        task = bar.add_task("preference sweep", total=total, status="")
+        result = run_sweep(config, on_run=lambda r: bar.update(task, advance=1, status=(
+            f"sigma {r['sigma']:g} {r['rule']} seed {r['seed']}: {pct(r['heldout_accuracy'])}")))
+    paths = write_outputs(result, out)
+    header, rows = table_rows(result)
+    table = Table(title=f"held-out preference accuracy ({len(config.seeds)} seeds"
+                        + (", mean ± sample std" if len(config.seeds) > 1 else "") + ")")
+    for name in header:
+        table.add_column(escape(name), justify="right")
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    console.print(table)
+    ceiling = ", ".join(pct(m) for m, _ in summary(result)["ceiling"])
+    console.print(f"ceiling: held-out labels that agree with the noise-free utility ({ceiling} at sigma "
+                  f"{', '.join(f'{s:g}' for s in config.sigmas)}); {total} runs in {result['seconds']:.0f} s",
+                  highlight=False)
+    console.print("wrote " + ", ".join(escape(str(p)) for p in paths), highlight=False)
 
 
 # --- device ----------------------------------------------------------------------------------
@@ -125,13 +398,14 @@ def device() -> None:
 
 
 def _show_bundle(path) -> None:
-    from .bundle import read_bundle
+    from .bundle import describe_model, read_bundle
 
     b = read_bundle(path)
     m, opt = b.manifest, b.manifest["optimizer"]
     table = Table(title=f"bundle {b.path}", show_header=False)
-    table.add_row("model", " -> ".join([str(m["model"]["in_features"])] + [str(l["out"]) for l in m["model"]["layers"]])
-                  + f"  ({m['model']['activation']})")
+    table.add_row("model", escape(describe_model(m["model"])))
+    if m.get("loss", "").startswith("bradley"):
+        table.add_row("loss", escape(m["loss"]) + " (a scorer trained on preference pairs)")
     fb = m["feedback"]
     table.add_row("update rule", escape(f"{m.get('update_rule', 'dfa')}  (feedback: {fb.get('distribution')}, "
                                         f"std {fb.get('std')}, seed {fb.get('seed')}; {fb.get('source')})"))
@@ -151,7 +425,8 @@ def verify(bundle):
 
 @device.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR")
+@click.option("--data", "data_spec", required=True,
+              help="training data: FILE.npz (X, y) or mnist:DIR; a bradley-terry bundle: FILE.npz (chosen, rejected)")
 @click.option("--steps", type=int, required=True, help="total steps to reach (resumes from state/)")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)")
@@ -169,11 +444,12 @@ def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_ref
     """Fine-tune a bundle on this device with DFA (onnxruntime), checkpointing into BUNDLE/state/."""
     from .bundle import read_bundle
     from .data.datasets import load_dataset
-    from .runtime.finetune import FinetuneConfig, Finetuner
+    from .runtime.finetune import FinetuneConfig, Finetuner, is_preference, load_pairs
 
     b = read_bundle(bundle)
-    train_data = load_dataset(data_spec)
-    eval_data = load_dataset(eval_spec) if eval_spec else None
+    load = load_pairs if is_preference(b) else load_dataset    # pairs: an npz of chosen and rejected
+    train_data = load(data_spec)
+    eval_data = load(eval_spec) if eval_spec else None
     config = FinetuneConfig(steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads, provider)
     tuner = Finetuner(b, train_data, config, eval_data)  # every input check happens here, before the bar
     with progress_bar() as bar:
@@ -188,7 +464,7 @@ def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_ref
     if result["loss_first"] is not None:
         table.add_row("loss", f"{result['loss_first']:.4f} -> {result['loss_last']:.4f}")
     if result["accuracy_before"] is not None:
-        table.add_row("accuracy", f"{pct(result['accuracy_before'])} -> {pct(result['accuracy_after'])}")
+        table.add_row(result["metric"], f"{pct(result['accuracy_before'])} -> {pct(result['accuracy_after'])}")
     if result["step_time_ms_median"] is not None:
         table.add_row("step time", f"median {result['step_time_ms_median']:.2f} ms, p95 {result['step_time_ms_p95']:.2f} ms")
     table.add_row("refused steps", str(len(result["refused_steps"])))
@@ -770,9 +1046,12 @@ def _fpga_inputs(bundle, data_spec, eval_spec, config_path):
     from .bundle import read_bundle
     from .data.datasets import load_dataset
     from .fpga_sim.config import load_config
+    from .fpga_sim.scope import require_full_mlp_dfa
 
     fxp = load_config(config_path)       # a bad config is refused before anything is read or run
-    return read_bundle(bundle), load_dataset(data_spec), load_dataset(eval_spec) if eval_spec else None, fxp
+    b = read_bundle(bundle)
+    require_full_mlp_dfa(b.manifest, bundle)     # a bundle the datapath does not model: before the data
+    return b, load_dataset(data_spec), load_dataset(eval_spec) if eval_spec else None, fxp
 
 
 def _sqnr_text(db: float | None) -> str:

@@ -1,4 +1,4 @@
-"""Train an MLP on the host with bp, fa or dfa; save and load runs.
+"""Train a model (mlp, resmlp, cnn, vit, transformer) on the host with any rule; save and load runs.
 
 A run directory holds `checkpoint.pt` (model config, weights *and* feedback buffers, optimizer
 state, input standardizer) and `metrics.json` (loss and accuracy per epoch).
@@ -18,8 +18,9 @@ from torch.nn import functional as F
 
 from ..data import Dataset, Standardizer, load_dataset, stratified_split
 from ..errors import CheckpointError
-from ..models import MLP, MLPConfig
+from ..models import MLP, MLPConfig, NETS, NetConfig, model_from_config
 from ..runtime.batches import batch_indices
+from .rules import is_bp_step
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -41,6 +42,51 @@ class TrainConfig:
     test_fraction: float = 0.25
     hybrid_every: int = 10           # method "hybrid": a true BP step every k-th step
     device: str = "auto"
+    model: str = "mlp"               # mlp | resmlp | cnn | vit | transformer
+    width: int | None = None         # None: the model's default (MODEL_DEFAULTS)
+    depth: int | None = None
+    expansion: int = 1
+    heads: int = 4
+    patch: int | None = None         # vit; None: 4 when it divides every spatial dim >= 16, else 2
+    penalty: float = 0.0             # lambda of the residual-stream penalty lambda * sum_l ||f_l(h_l)||^2
+    freeze_blocks: bool = False      # the frozen-random-blocks baseline
+    loss: str = "cross_entropy"      # cross_entropy | bradley-terry | hinge (a preference scorer's run)
+    alignment: bool = True           # log alignment with true BP per epoch (diagnostics/alignment.py)
+    nproc: int = 1                   # data-parallel processes (training/distributed.py); batch_size is global
+
+
+MODEL_DEFAULTS = {"resmlp": {"width": 256, "depth": 4}, "cnn": {"width": 16, "depth": 2},
+                  "vit": {"width": 64, "depth": 2}, "transformer": {"width": 64, "depth": 2}}
+
+
+def input_shape(kind: str, n_features: int, image_shape: tuple[int, ...] | None) -> list[int]:
+    """One sample's shape as the model sees it: images [C, H, W] for cnn/vit (1-D data as [1, D]),
+    a flat [D] for the others (the transformer reads one feature per position)."""
+    if kind in ("cnn", "vit"):
+        if image_shape is None:
+            return [1, n_features]
+        return list(image_shape) if len(image_shape) == 3 else [1, *image_shape]
+    return [n_features]
+
+
+def build_model(config: TrainConfig, n_features: int, n_outputs: int,
+                image_shape: tuple[int, ...] | None = None, vocab: int = 0, pad_id: int = -1):
+    """The model `config` asks for, its feedback matrices drawn from `config.feedback_seed`."""
+    if config.model == "mlp":
+        return MLP(MLPConfig(n_features, list(config.hidden), n_outputs, config.activation, config.method,
+                             config.feedback_seed, config.hybrid_every))
+    if config.model not in NETS:
+        raise ValueError(f"unknown model {config.model!r}; expected mlp or one of {', '.join(NETS)}")
+    shape = input_shape(config.model, n_features, image_shape)
+    defaults = MODEL_DEFAULTS[config.model]
+    patch = config.patch
+    if patch is None:
+        patch = 4 if all(s % 4 == 0 and s >= 16 for s in shape[1:]) else 2
+    return NETS[config.model](NetConfig(
+        config.model, shape, n_outputs, config.method, config.feedback_seed, config.hybrid_every,
+        width=config.width or defaults["width"], depth=config.depth or defaults["depth"],
+        expansion=config.expansion, activation=config.activation, heads=config.heads, patch=patch,
+        vocab=vocab, pad_id=pad_id, freeze_blocks=config.freeze_blocks))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -61,16 +107,17 @@ def seed_everything(seed: int) -> None:
 class Run:
     """Everything a trained run is: the model, its optimizer, how inputs are scaled, the metrics."""
 
-    model: MLP
+    model: torch.nn.Module           # MLP or a FeedbackNet (models/feedback_net.py)
     optimizer: torch.optim.Optimizer
     config: TrainConfig
     standardizer: Standardizer
     metrics: dict
-    image_shape: tuple[int, int] | None = None
+    image_shape: tuple[int, ...] | None = None
 
 
-def make_optimizer(model: MLP, lr: float, momentum: float) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+def make_optimizer(model: torch.nn.Module, lr: float, momentum: float) -> torch.optim.SGD:
+    """SGD over the parameters that train (frozen blocks are left out)."""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
 
 
 def to_tensors(ds: Dataset, std: Standardizer, device: torch.device):
@@ -78,66 +125,123 @@ def to_tensors(ds: Dataset, std: Standardizer, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: MLP, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy over samples, accuracy) on a whole set."""
+def evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy over samples, accuracy) on a whole set, in chunks of `chunk` samples."""
     model.eval()
-    logits = model(X)
+    logits = torch.cat([model(X[i:i + chunk]) for i in range(0, len(X), chunk)])
     model.train()
     return F.cross_entropy(logits, y).item(), (logits.argmax(dim=1) == y).float().mean().item()
 
 
-def train_steps(model: MLP, optimizer, X: torch.Tensor, y: torch.Tensor, steps: int,
+def task_loss(model: torch.nn.Module, logits: torch.Tensor, y: torch.Tensor, penalty: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy, plus lambda * the residual-stream penalty of the last forward pass."""
+    loss = F.cross_entropy(logits, y)
+    return loss + penalty * model.penalty if penalty else loss
+
+
+def train_steps(model: torch.nn.Module, optimizer, X: torch.Tensor, y: torch.Tensor, steps: int,
                 batch_size: int, seed: int, first_step: int = 0,
-                on_step: Callable[[float], None] | None = None) -> list[float]:
-    """`steps` optimizer steps on batches chosen by `batch_indices` (the device runtime's order)."""
+                on_step: Callable[[float], None] | None = None, penalty: float = 0.0,
+                shard: tuple[int, int] = (0, 1)) -> list[float]:
+    """`steps` optimizer steps on batches chosen by `batch_indices` (the device runtime's order).
+
+    `shard` = (rank, world): this process takes the rank-th of `world` equal, contiguous slices of
+    every global batch (`batch_size` samples) and its loss is the mean over that slice, so with
+    `model` a DistributedDataParallel wrapper (which averages gradients over the ranks) the world
+    together takes exactly the step one process takes on the whole batch (training/distributed.py).
+    """
+    net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    rank, world = shard
     losses = []
-    every = model.config.hybrid_every if model.config.rule == "hybrid" else 0
     for step in range(first_step, first_step + steps):
-        model.bp_step = bool(every) and (step + 1) % every == 0       # hybrid: steps k, 2k, ... are BP
-        idx = torch.from_numpy(batch_indices(len(y), batch_size, seed, step)).to(X.device)
-        loss = F.cross_entropy(model(X[idx]), y[idx])
+        net.bp_step = is_bp_step(net.config, step)
+        idx = batch_indices(len(y), batch_size, seed, step)
+        if world > 1:
+            if len(idx) % world:
+                raise ValueError(f"a global batch of {len(idx)} samples does not split into {world} equal shards")
+            part = len(idx) // world
+            idx = idx[rank * part:(rank + 1) * part]
+        idx = torch.from_numpy(idx).to(X.device)
+        loss = task_loss(net, model(X[idx]), y[idx], penalty)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         if on_step:
             on_step(losses[-1])
-    model.bp_step = False
+    net.bp_step = False
     return losses
 
 
+class SingleProcess:
+    """How `train` runs alone; training/distributed.py's DDPReplicas runs it as one rank of many."""
+
+    rank, world = 0, 1
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def mean_loss(self, losses: list[float], device: torch.device) -> float:
+        return float(np.mean(losses))
+
+    def check(self, module: torch.nn.Module, when: str) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {}
+
+
 def train(config: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
-          data: Dataset | None = None) -> Run:
+          data: Dataset | None = None, replicas=None, device: torch.device | None = None) -> Run:
     """Train by `config`; `data` is `config.dataset` already loaded (the CLI loads it first, so a
-    bad file is reported before any progress is shown)."""
+    bad file is reported before any progress is shown). With `replicas` (distributed.py) this
+    process is one rank: it takes its shard of every global batch, and only rank 0 evaluates,
+    logs alignment and reports."""
+    replicas = replicas or SingleProcess()
+    rank, world = replicas.rank, replicas.world
     seed_everything(config.seed)
-    device = pick_device(config.device)
+    device = device or pick_device(config.device)
     full = data if data is not None else load_dataset(config.dataset)
     train_ds, test_ds = stratified_split(full, config.test_fraction, config.seed)
     std = Standardizer.fit(train_ds.X)
     Xtr, ytr = to_tensors(train_ds, std, device)
     Xte, yte = to_tensors(test_ds, std, device)
 
-    model = MLP(MLPConfig(train_ds.X.shape[1], list(config.hidden), full.n_classes,
-                          config.activation, config.method, config.feedback_seed,
-                          config.hybrid_every)).to(device)
-    optimizer = make_optimizer(model, config.lr, config.momentum)
-    steps_per_epoch = max(1, len(ytr) // min(config.batch_size, len(ytr)))
-    metrics = {"dataset": full.name, "method": config.method, "device": str(device),
-               "n_train": len(ytr), "n_test": len(yte), "epochs": []}
+    module = build_model(config, train_ds.X.shape[1], full.n_classes, full.image_shape).to(device)
+    replicas.check(module, "initial weights and feedback")
+    model = replicas.wrap(module)
+    optimizer = make_optimizer(module, config.lr, config.momentum)
+    global_batch = min(config.batch_size, len(ytr))
+    steps_per_epoch = max(1, len(ytr) // global_batch)
+    metrics = {"dataset": full.name, "method": config.method, "model": config.model, "device": str(device),
+               "n_train": len(ytr), "n_test": len(yte), **replicas.describe(), "epochs": []}
+    alignment = config.alignment and rank == 0
+    if alignment:               # a fixed probe: the first (up to) 256 standardized training samples
+        from ..diagnostics.alignment import measure_alignment
+        probe_X, probe_y = Xtr[:min(256, len(ytr))], ytr[:min(256, len(ytr))]
     for epoch in range(config.epochs):
         losses = train_steps(model, optimizer, Xtr, ytr, steps_per_epoch, config.batch_size,
-                             config.seed, first_step=epoch * steps_per_epoch)
-        train_loss, train_acc = evaluate(model, Xtr, ytr)
-        test_loss, test_acc = evaluate(model, Xte, yte)
-        row = {"epoch": epoch + 1, "batch_loss_mean": float(np.mean(losses)),
-               "train_loss": train_loss, "train_accuracy": train_acc,
-               "test_loss": test_loss, "test_accuracy": test_acc}
-        metrics["epochs"].append(row)
-        if on_epoch:
-            on_epoch(epoch + 1, row)
+                             config.seed, first_step=epoch * steps_per_epoch, penalty=config.penalty,
+                             shard=(rank, world))
+        batch_loss_mean = replicas.mean_loss(losses, device)   # every rank gets it: all stop together
+        if rank == 0:           # evaluated on the module itself (a DDP forward is a collective)
+            train_loss, train_acc = evaluate(module, Xtr, ytr)
+            test_loss, test_acc = evaluate(module, Xte, yte)
+            row = {"epoch": epoch + 1, "batch_loss_mean": batch_loss_mean,
+                   "train_loss": train_loss, "train_accuracy": train_acc,
+                   "test_loss": test_loss, "test_accuracy": test_acc}
+            if alignment:       # float64 copies: no RNG drawn, no grads left, mode kept (bit-identical runs)
+                row["alignment"] = measure_alignment(module, probe_X, probe_y, config.penalty)
+            metrics["epochs"].append(row)
+            if on_epoch:
+                on_epoch(epoch + 1, row)
+        if not np.isfinite(batch_loss_mean):    # nothing more to learn from NaN weights
+            metrics["diverged"] = {"epoch": epoch + 1, "note": "the training loss became non-finite; "
+                                   "training stopped (try a smaller --lr, or --penalty for residual models)"}
+            break
+    replicas.check(module, "trained weights")
     metrics["final_test_accuracy"] = metrics["epochs"][-1]["test_accuracy"] if metrics["epochs"] else None
-    return Run(model, optimizer, config, std, metrics, full.image_shape)
+    return Run(module, optimizer, config, std, metrics, full.image_shape)
 
 
 def save_run(run: Run, out_dir: str | os.PathLike) -> Path:
@@ -171,7 +275,10 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> Run:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an edgefa checkpoint")
-    model = MLP(MLPConfig(**payload["model_config"])).to(device)
+    try:
+        model = model_from_config(payload["model_config"]).to(device)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad model config ({exc})") from None
     state = payload["state_dict"]
     missing_feedback = [n for n in model.feedback_names() if n not in state]
     if missing_feedback:

@@ -1,0 +1,72 @@
+"""The accuracy-table and step-ratio benchmarks run end to end in --quick mode and write JSON and
+markdown of the documented shape (both scripts at once, each in its own process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _start(script: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_accuracy_table_and_step_ratio_quick(tmp_path):
+    # the accuracy table through the worker pool (2 spawned workers), 2 runs; the step ratio on
+    # small models, bp against dfa and usf. Most of the time is process start-up (torch, and
+    # torch._inductor, which the trainer's use_deterministic_algorithms imports), hence so few runs.
+    acc = _start("accuracy_table.py", "--quick", "--jobs", "2", "--models", "mlp", "--rules", "bp,hybrid",
+                 "--out", str(tmp_path / "acc"))
+    step = _start("step_ratio.py", "--quick", "--threads", "1", "--rules", "bp,dfa,usf", "--models",
+                  "resmlp,transformer", "--out", str(tmp_path / "step"))
+    acc_out, step_out = _finish(acc), _finish(step)
+
+    table = json.loads((tmp_path / "acc" / "accuracy_table_quick.json").read_text())
+    assert table["benchmark"] == "accuracy_table"
+    assert table["config"]["datasets"] == ["digits"] and table["config"]["seeds"] == [0]
+    assert table["config"]["settings"]["digits/mlp"]["epochs"] == 2
+    assert table["machine"]["cpu_model"] and table["torch"]
+    assert table["config"]["jobs"] == 2 and table["config"]["threads_per_worker"] == 1
+    assert len(table["runs"]) == 2, acc_out
+    for row in table["runs"]:
+        assert "error" not in row, row
+        assert 0.0 <= row["final_test_accuracy"] <= 1.0 and row["wall_s"] > 0
+        assert len(row["test_accuracy_per_epoch"]) == 2 and row["feedback_seed"] == row["seed"] + 1
+    assert all(row["worker_pid"] != acc.pid for row in table["runs"])  # ran in the workers
+    aggs = {(a["model"], a["rule"]): a for a in table["aggregates"]}
+    assert set(aggs) == {("mlp", "bp"), ("mlp", "hybrid")}
+    for a in aggs.values():
+        assert a["n"] == 1 and a["std_ddof1"] is None and a["mean"] == a["accuracies"][0]
+    md = (tmp_path / "acc" / "accuracy_table_quick.md").read_text()
+    assert "| data set | model | epochs | lr | bp | hybrid-10 | published BP |" in md
+    assert md.count("\n| digits |") == 1
+
+    ratio = json.loads((tmp_path / "step" / "step_ratio_quick.json").read_text())
+    assert ratio["benchmark"] == "step_ratio" and ratio["config"]["threads"] == 1
+    assert ratio["machine"]["threads"]["torch_intra_op"] == 1
+    for model in ("resmlp", "transformer"):
+        res = ratio["results"]["cpu"][model]
+        assert set(res["ratios"]) == {"dfa", "usf"}
+        for r in ("dfa", "usf"):
+            s = res["ratios"][r]
+            assert s["ratio"] == f"{r}/bp per pair" and s["ratio_stats"]["n"] >= 1
+            assert s["ratio_stats"]["median"] > 0 and s["backward_flops_ratio"] > 0
+            assert set(s["bootstrap_ci_of_median"]) >= {"lo", "hi"}
+        assert all(v["all_losses_finite"] for v in res["numerics"].values())
+        assert res["flops_per_step"]["bp"]["backward"] > 0
+    assert "dfa" in ratio["notes"] and "LayerNorm" in ratio["notes"]["dfa"]
+    md = (tmp_path / "step" / "step_ratio_quick.md").read_text()
+    assert "| cpu | resmlp" in md and "| cpu | transformer" in md, step_out
