@@ -12,6 +12,7 @@ from edgefa.data.datasets import (
     save_npz,
     stratified_split,
 )
+from edgefa.data.mnist1d import load_mnist1d
 from edgefa.data.shift import SensorShift, rotate_images, translate_images
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_idx",
+    "load_mnist1d",
     "load_mnist_dir",
     "load_npz",
     "rotate_images",

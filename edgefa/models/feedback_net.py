@@ -87,7 +87,8 @@ class FeedbackNet(nn.Module):
 
     # --- what a subclass defines ------------------------------------------------------------
     def stages(self) -> list[tuple[str, nn.Module]]:
-        raise NotImplementedError
+        """The residual models' stages: the stem `embed`, then each of `blocks` (the CNN has its own)."""
+        return [("embed", self.embed)] + [(f"block{i}", b) for i, b in enumerate(self.blocks)]
 
     def readout(self, h: Tensor) -> Tensor:
         raise NotImplementedError

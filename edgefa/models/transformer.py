@@ -86,9 +86,6 @@ class CausalTransformer(FeedbackNet):
             self._last = torch.full((x.shape[0],), x.shape[1] - 1, device=x.device)
         return x
 
-    def stages(self):
-        return [("embed", self.embed)] + [(f"block{i}", b) for i, b in enumerate(self.blocks)]
-
     def readout(self, h: Tensor) -> Tensor:
         h = self.norm(h)
         return self.head(h[torch.arange(h.shape[0], device=h.device), self._last])

@@ -50,8 +50,5 @@ class ViTMini(FeedbackNet):
         self.head = FeedbackLinear(d, config.n_outputs, r)
         self.finish()
 
-    def stages(self):
-        return [("embed", self.embed)] + [(f"block{i}", b) for i, b in enumerate(self.blocks)]
-
     def readout(self, h: Tensor) -> Tensor:
         return self.head(self.norm(h).mean(dim=1))
