@@ -128,16 +128,16 @@ _DATA: dict = {}
 
 def _init_worker(data: dict, threads: int, device: str) -> None:
     """Per worker process: the preloaded data sets, the thread count, and the one-time costs paid
-    before any run is timed (the trainer's use_deterministic_algorithms imports torch._inductor,
-    tens of seconds on a busy machine; the CUDA context)."""
+    before any run is timed (on CUDA the trainer's use_deterministic_algorithms, which imports
+    torch._inductor, and the CUDA context)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first CUDA call
     import torch
 
     _DATA.clear()
     _DATA.update(data)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     if device == "cuda":
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.zeros(1, device="cuda")
 
 

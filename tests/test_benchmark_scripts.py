@@ -26,8 +26,8 @@ def _finish(proc: subprocess.Popen) -> str:
 
 def test_accuracy_table_and_step_ratio_quick(tmp_path):
     # the accuracy table through the worker pool (2 spawned workers), 2 runs; the step ratio on
-    # small models, bp against dfa and usf. Most of the time is process start-up (torch, and
-    # torch._inductor, which the trainer's use_deterministic_algorithms imports), hence so few runs.
+    # small models, bp against dfa and usf. Most of the time is process start-up (torch), hence so
+    # few runs.
     acc = _start("accuracy_table.py", "--quick", "--jobs", "2", "--models", "mlp", "--rules", "bp,hybrid",
                  "--out", str(tmp_path / "acc"))
     step = _start("step_ratio.py", "--quick", "--threads", "1", "--rules", "bp,dfa,usf", "--models",
