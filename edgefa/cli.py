@@ -152,6 +152,7 @@ def train(method, hybrid_every, dataset, model_kind, hidden, width, depth, expan
     procs = f" x {metrics['world_size']} processes ({metrics['backend']})" if "world_size" in metrics else ""
     console.print(f"final test accuracy [bold]{pct(metrics['final_test_accuracy'])}[/] "
                   f"({model_kind} {method}, {metrics['dataset']}, {epochs} epochs on {metrics['device']}{procs}) -> {path}")
+    console.print(f"judge it before you report it: edgefa diagnose {escape(str(out))}", highlight=False)
 
 
 @cli.command()
@@ -239,6 +240,145 @@ def report(run_dir, out):
     path = Path(out) if out else Path(run_dir) / "report.html"
     write_report(path, render_training_report(metrics, f"edgefa report: {Path(run_dir).resolve().name}"))
     console.print(f"report: {path}")
+
+
+# --- the diagnostic protocol: can an FA result be trusted? ------------------------------------
+
+def protocol_options(f):
+    """The thresholds and measurement settings `diagnose` and `audit` share."""
+    options = [
+        click.option("--growth-max", type=float, default=50.0, show_default=True,
+                     help="(a) fires when max_l ||h_{l+1}|| / ||h_l|| is above this"),
+        click.option("--grad-floor", type=float, default=1e-7, show_default=True,
+                     help="(b) fires when ||dloss_n/dh_L|| is below this; Gamma below it reads 'degenerate'"),
+        click.option("--stability-max", type=float, default=0.30, show_default=True,
+                     help="(c) fires when the cross-batch cosine of BP gradient directions is above this"),
+        click.option("--margin", type=float, default=2.0, show_default=True,
+                     help="(d) fires when test accuracy beats the frozen-blocks baseline by fewer points"),
+        click.option("--null-draws", type=int, default=20, show_default=True,
+                     help="fresh random feedback draws for the null calibration of Gamma"),
+        click.option("--probes", type=int, default=128, show_default=True,
+                     help="random directions per stage for the perturbation correlation rho"),
+        click.option("--eval-batch", type=int, default=256, show_default=True,
+                     help="the fixed evaluation batch: the first samples of the run's test split"),
+        click.option("--batches", type=int, default=8, show_default=True, help="(c): disjoint batches"),
+        click.option("--batch-size", "stability_batch", type=int, default=32, show_default=True,
+                     help="(c): samples per batch"),
+        click.option("--eps", type=float, default=1e-3, show_default=True, help="rho: perturbation size / ||h_l||_F"),
+        click.option("--dtype", default="float32", show_default=True,
+                     help="measurement precision: float32 | bfloat16 | float64 (float16 is refused)"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def protocol_settings(growth_max, grad_floor, stability_max, margin, null_draws, probes, eval_batch, batches,
+                      stability_batch, eps, dtype):
+    from .diagnostics.protocol import Settings, Thresholds
+
+    return Settings(Thresholds(growth_max, grad_floor, stability_max, margin / 100.0), eval_batch, batches,
+                    stability_batch, null_draws, probes, eps, dtype)
+
+
+def fmt_sci(value) -> str:
+    return "-" if not isinstance(value, (int, float)) or isinstance(value, bool) else f"{value:.3g}"
+
+
+DIAGNOSTIC_NAMES = {"growth": "(a) stream growth", "gradient_floor": "(b) ||g_L|| floor",
+                    "stability": "(c) direction drift", "baseline": "(d) vs frozen blocks"}
+
+
+def cos3(value) -> str:
+    return "-" if not isinstance(value, (int, float)) or isinstance(value, bool) else f"{value:+.3f}"
+
+
+def print_diagnosis(result: dict, where: str) -> None:
+    run = result["run"]
+    colour = "green" if result["verdict"] == "trustworthy" else "red"
+    fired = ", ".join(DIAGNOSTIC_NAMES[k] for k in result["fired"])
+    console.print(f"{escape(where)}: {run['model']} {run['method']}"
+                  + (f" (penalty {run['penalty']:g})" if run.get("penalty") else "")
+                  + f" on {run['dataset']}, test accuracy {pct(run['test_accuracy'])}"
+                  + (f" [yellow](diverged at epoch {run['diverged']['epoch']}; last finite weights)[/]"
+                     if run.get("diverged") else ""), highlight=False)
+    table = Table(title="diagnostics")
+    for col in ("diagnostic", "measured", "fires", "status"):
+        table.add_column(col, justify="left" if col == "diagnostic" else "right")
+    details = []
+    for key, d in result["diagnostics"].items():
+        value, limit = d["value"], d["threshold"]
+        if key == "baseline":
+            shown, bound = (f"{value * 100:+.1f} pts" if value is not None else "-"), f"{limit * 100:g} pts"
+        elif key == "growth":
+            shown, bound = (f"{value:.3g}x" if value is not None else ("inf" if d["fired"] else "-")), f"{limit:g}x"
+        else:
+            shown, bound = fmt_sci(value), f"{limit:g}"
+        status = {"fired": "[bold red]fired[/]", "passed": "[green]passed[/]"}.get(d["status"], d["status"])
+        table.add_row(DIAGNOSTIC_NAMES[key], shown, f"{d['fires_when']} {bound}", status)
+        details.append(f"{DIAGNOSTIC_NAMES[key][:3]} {d['detail']}")
+    console.print(table)
+    for line in details:
+        console.print(f"  {escape(line)}", highlight=False)
+    null = result["null"]
+    st = Table(title="per stage: Gamma (cosine with true BP) and rho (perturbation check)")
+    for col in ("stage", "Gamma", "null μ ± σ", "rho rule", "rho bp", "rho rand", "||h||", "||g||"):
+        st.add_column(col, justify="left" if col == "stage" else "right")
+    for name, row in result["stages"].items():
+        nl = row.get("null") or {}
+        null_cell = (f"{nl['mean']:+.3f}±{nl['std']:.3f}" if nl.get("mean") is not None and nl.get("std") is not None
+                     else "-")
+        st.add_row(escape(name), "degenerate" if row["degenerate"] else cos3(row["gamma"]), null_cell,
+                   cos3(row["rho_rule"]), cos3(row["rho_bp"]), cos3(row["rho_random"]),
+                   fmt_sci(row["h_norm"]), fmt_sci(row["grad_norm"]))
+    console.print(st)
+    agg = result["aggregation"]
+    console.print(escape(f"  Gamma: {agg['gamma']}. ||h||, ||g||: {agg['h_norm']}; {agg['grad_norm']}. "
+                         f"rho: {agg['rho']}; bp is the positive control, rand the negative. null: "
+                         + (f"{null['draws']} draws, {null['what']}" if null["draws"]
+                            else f"not applicable, {null['not_applicable']}")), style="dim", highlight=False)
+    weak = [n for n, r in result["stages"].items() if not r["degenerate"] and (r["rho_bp"] is None or r["rho_bp"] < 0.9)]
+    if weak:
+        console.print(f"[yellow]warning:[/] the positive control rho(bp) is under 0.9 at {', '.join(weak)}: "
+                      "finite differences do not confirm the BP gradient there (try a smaller --eps)")
+    console.print(f"verdict: [bold {colour}]{result['verdict']}[/]" + (f" ({escape(fired)})" if fired else ""))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--baseline", type=click.Path(file_okay=False), default=None,
+              help="a frozen-random-blocks run to compare with (default: RUN/frozen_baseline/, trained when absent)")
+@click.option("--no-baseline", is_flag=True, help="skip (d) instead of training the baseline")
+@protocol_options
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@click.option("--json", "as_json", is_flag=True, help="print the diagnosis as JSON instead of tables")
+@click.option("--fail-on-walk-back", is_flag=True, help="exit with status 1 when the verdict is 'walk back'")
+def diagnose(run_dir, baseline, no_baseline, device, as_json, fail_on_walk_back, **protocol):
+    """Judge a trained run: four diagnostics, a verdict, honest alignment (writes RUN/diagnosis.json)."""
+    settings = protocol_settings(**protocol)          # float16 and bad values: one line, before torch
+    from .data.datasets import load_dataset
+    from .diagnostics.protocol import diagnose as run_protocol, frozen_baseline, write_diagnosis
+    from .training.trainer import load_run
+
+    run = load_run(run_dir, device)
+    data = load_dataset(run.config.dataset)
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("frozen-blocks baseline", total=run.config.epochs, status="")
+
+        def on_epoch(epoch, row):
+            bar.update(task, completed=epoch, status=f"test {pct(row['test_accuracy'])}")
+
+        base = None if no_baseline else frozen_baseline(run, Path(run_dir), baseline, device, data, on_epoch)
+        bar.update(task, description="diagnose", status="measuring")
+        result = run_protocol(run, settings, base, data, device)
+    path = write_diagnosis(result, run_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        print_diagnosis(result, run_dir)
+        console.print(f"diagnosis: {path}")
+    if fail_on_walk_back and result["verdict"] != "trustworthy":
+        sys.exit(1)
 
 
 # --- preference fine-tuning: a scorer on pairs, and the sweep over label noise and rules ---------

@@ -15,3 +15,7 @@ class DataError(EdgefaError):
 
 class CheckpointError(EdgefaError):
     """A checkpoint that is unreadable or incomplete (for example, missing its feedback matrices)."""
+
+
+class DiagnosisError(EdgefaError):
+    """A measurement the diagnostic protocol refuses: fp16, a run it cannot judge, a mismatched baseline."""

@@ -13,7 +13,8 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 METRICS = "metrics.json"
-_LAZY = {"bp_twin", "cosine", "measure_alignment", "tensor_cosine", "weight_layers"}
+_LAZY = {"bp_twin", "cosine", "frobenius", "measure_alignment", "row_norms", "rule_stage_signals", "tensor_cosine",
+         "weight_layers"}
 
 
 def __getattr__(name: str):

@@ -66,9 +66,19 @@ def cosine(a: Tensor, b: Tensor, dim: int) -> Tensor:
                        torch.full_like(dot, math.nan))
 
 
+def frobenius(t: Tensor) -> float:
+    """||t|| over every entry (the tensor flattened, dim 0 explicit), reduced in float64."""
+    return float(torch.linalg.vector_norm(t.detach().flatten().to(torch.float64), dim=0))
+
+
+def row_norms(t: Tensor) -> Tensor:
+    """Per-sample norms: row n is ||t[n]|| over dim 1 of the sample flattened, in float64."""
+    return torch.linalg.vector_norm(t.detach().flatten(1).to(torch.float64), dim=1)
+
+
 def tensor_cosine(a: Tensor, b: Tensor) -> float | None:
     """Cosine of two whole tensors, flattened; None when either norm is exactly 0."""
-    a, b = a.detach().flatten(), b.detach().flatten()
+    a, b = a.detach().flatten().to(torch.float64), b.detach().flatten().to(torch.float64)
     if not torch.any(a != 0) or not torch.any(b != 0):
         return None
     return float(cosine(a, b, dim=0))
@@ -198,19 +208,21 @@ def _num(x: Tensor | float) -> float:
     return float(x)
 
 
-def measure_alignment(model: nn.Module, X: Tensor, y: Tensor, penalty: float = 0.0) -> dict:
-    """Alignment of `model`'s rule with true BP on one probe batch, in float64 (see the module doc).
+def measure_alignment(model: nn.Module, X: Tensor, y: Tensor, penalty: float = 0.0,
+                      dtype: torch.dtype = DTYPE) -> dict:
+    """Alignment of `model`'s rule with true BP on one probe batch, the copies in `dtype` (float64 by
+    default; `edgefa diagnose` measures in the training precision); cosines reduced in float64.
 
     Under hybrid the DFA step is measured. Returns a JSON-ready dict: `layers`, `stages`,
     `aggregation` (how each number is reduced), the feedback convention and the probe's size."""
     was_training = model.training
     device = next(iter(model.parameters())).device
-    X = X.to(device=device, dtype=DTYPE) if X.is_floating_point() else X.to(device)
+    X = X.to(device=device, dtype=dtype) if X.is_floating_point() else X.to(device)
     y = y.to(device)
     try:
         with torch.enable_grad():
-            net = _rebuild(model, model.config.rule, DTYPE)     # the rule, as it is (hybrid: its DFA step)
-            twin = bp_twin(model, DTYPE)
+            net = _rebuild(model, model.config.rule, dtype)     # the rule, as it is (hybrid: its DFA step)
+            twin = bp_twin(model, dtype)
             needs_grad: dict[str, bool] = {}
             loss, rule_w, rule_s = _gradients(net, X, y, penalty, needs_grad)
             _, bp_w, bp_s = _gradients(twin, X, y, penalty)
@@ -224,30 +236,29 @@ def measure_alignment(model: nn.Module, X: Tensor, y: Tensor, penalty: float = 0
                 a, b = rule_w[name], bp_w[name]
                 row = {"kind": type(module).__name__, "shape": list(module.weight.shape),
                        "weight_grad_cosine": tensor_cosine(a, b),
-                       "rule_grad_norm": _num(torch.linalg.vector_norm(a)),
-                       "bp_grad_norm": _num(torch.linalg.vector_norm(b))}
+                       "rule_grad_norm": frobenius(a),
+                       "bp_grad_norm": frobenius(b)}
                 if id(module) in feedback:
                     what, fb = feedback[id(module)]
                     w = module.weight.detach()
                     row.update({"feedback": what, "feedback_used": needs_grad.get(name, True),
-                                "alignment_error": _num(torch.linalg.vector_norm(w - fb)),
+                                "alignment_error": frobenius(w - fb),
                                 "weight_feedback_cosine": tensor_cosine(w, fb),
-                                "weight_norm": _num(torch.linalg.vector_norm(w)),
-                                "feedback_norm": _num(torch.linalg.vector_norm(fb))})
+                                "weight_norm": frobenius(w),
+                                "feedback_norm": frobenius(fb)})
                 layers[name] = row
 
             stages = {}
             n = len(y)
             for (name, _h, g_rule), (_, h, g_bp) in zip(rule_s, bp_s):
-                h_flat = h.flatten(1)
-                row = {"h_norm_mean": _num(torch.linalg.vector_norm(h_flat, dim=1).mean())}
+                row = {"h_norm_mean": _num(row_norms(h).mean())}
                 row["grad_norm_mean"] = (None if g_bp is None else
-                                         _num((n * torch.linalg.vector_norm(g_bp.flatten(1), dim=1)).mean()))
+                                         _num((n * row_norms(g_bp)).mean()))
                 if g_rule is None or g_bp is None:
                     row.update({"signal_cosine": None, "signal_samples": 0, "excluded_samples": n,
                                 "no_signal": "the rule sends no gradient to this stage"})
                 else:
-                    a, b = g_rule.flatten(1), g_bp.flatten(1)
+                    a, b = g_rule.flatten(1).to(torch.float64), g_bp.flatten(1).to(torch.float64)
                     per_sample = cosine(a, b, dim=1)
                     keep = (torch.linalg.vector_norm(a, dim=1) != 0) & (torch.linalg.vector_norm(b, dim=1) != 0)
                     used = int(keep.sum())
@@ -261,7 +272,7 @@ def measure_alignment(model: nn.Module, X: Tensor, y: Tensor, penalty: float = 0
         "schema": SCHEMA,
         "rule": rule,
         "measured_step": "dfa" if rule == "hybrid" else rule,
-        "dtype": "float64",
+        "dtype": str(dtype).removeprefix("torch."),
         "probe_samples": len(y),
         "probe_loss": _num(loss),
         "penalty": float(penalty),
@@ -272,3 +283,18 @@ def measure_alignment(model: nn.Module, X: Tensor, y: Tensor, penalty: float = 0
         "frozen_layers": frozen,
         "stages": stages,
     }
+
+
+def rule_stage_signals(model: nn.Module, X: Tensor, y: Tensor, dtype: torch.dtype = DTYPE) -> dict[str, Tensor | None]:
+    """The gradient `model`'s rule delivers at each stage output for the batch-mean cross-entropy
+    alone (no penalty), from a copy in `dtype`; None where the rule sends that stage nothing."""
+    device = next(iter(model.parameters())).device
+    X = X.to(device=device, dtype=dtype) if X.is_floating_point() else X.to(device)
+    was_training = model.training
+    try:
+        with torch.enable_grad():
+            net = _rebuild(model, model.config.rule, dtype)
+            _, _, stages = _gradients(net, X, y.to(device), 0.0)
+    finally:
+        model.train(was_training)
+    return {name: g for name, _h, g in stages}

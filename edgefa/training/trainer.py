@@ -148,6 +148,9 @@ def train_steps(model: torch.nn.Module, optimizer, X: torch.Tensor, y: torch.Ten
                 shard: tuple[int, int] = (0, 1)) -> list[float]:
     """`steps` optimizer steps on batches chosen by `batch_indices` (the device runtime's order).
 
+    A non-finite loss ends the steps before its update is applied (in one process), so a diverged
+    run keeps its last finite weights for `edgefa diagnose`; the returned losses end with it.
+
     `shard` = (rank, world): this process takes the rank-th of `world` equal, contiguous slices of
     every global batch (`batch_size` samples) and its loss is the mean over that slice, so with
     `model` a DistributedDataParallel wrapper (which averages gradients over the ranks) the world
@@ -166,10 +169,12 @@ def train_steps(model: torch.nn.Module, optimizer, X: torch.Tensor, y: torch.Ten
             idx = idx[rank * part:(rank + 1) * part]
         idx = torch.from_numpy(idx).to(X.device)
         loss = task_loss(net, model(X[idx]), y[idx], penalty)
+        losses.append(loss.item())
+        if world == 1 and not np.isfinite(losses[-1]):
+            break               # keep the last finite weights (a DDP rank cannot leave the collective alone)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
         if on_step:
             on_step(losses[-1])
     net.bp_step = False
