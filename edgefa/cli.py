@@ -381,6 +381,53 @@ def diagnose(run_dir, baseline, no_baseline, device, as_json, fail_on_walk_back,
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--configs", default="bp,fa,dfa,hybrid,dfa+1e-4,dfa+1e-2,dfa+1e-1", show_default=True,
+              help="RULE or RULE+LAMBDA (the residual-stream penalty), comma-separated")
+@click.option("--seeds", default="0,1,2", show_default=True, help="seeds (split, init, batches; feedback seed + 1)")
+@click.option("--dataset", default="digits", show_default=True, help="data set spec, as for `edgefa train`")
+@click.option("--width", type=int, default=256, show_default=True, help="resmlp model dim")
+@click.option("--depth", type=int, default=4, show_default=True, help="resmlp blocks")
+@click.option("--activation", type=click.Choice(["relu", "tanh", "gelu"]), default="relu", show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--train-batch", type=int, default=32, show_default=True, help="training batch size")
+@click.option("--lr", type=float, default=0.003, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--jobs", type=int, default=1, show_default=True, help="runs at once, one process and thread each")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@protocol_options
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for the runs and the audit files")
+def audit(configs, seeds, dataset, width, depth, activation, epochs, train_batch, lr, momentum, jobs, device, out,
+          **protocol):
+    """The protocol over BP, FA, DFA, hybrid and penalized DFA on the residual MLP, over seeds (table, plots)."""
+    from dataclasses import asdict
+
+    from .experiments.audit import AuditConfig, parse_configs, run_audit, table, write_outputs
+    from .experiments.grid import parse_seeds
+
+    settings = protocol_settings(**protocol)
+    config = AuditConfig(parse_configs(configs), parse_seeds(seeds), dataset, width, depth, activation, epochs,
+                         train_batch, lr, momentum, jobs=jobs, device=device, settings=asdict(settings))
+    config.check()
+    with progress_bar() as bar:
+        task = bar.add_task("audit", total=None, status="")
+
+        def on_progress(what, done, total):
+            bar.update(task, completed=done, total=total, status=what)
+
+        result = run_audit(config, out, on_progress)
+    header, rows = table(result)
+    shown = ("config", "test acc %", "frozen-blocks acc %", "growth (a)", "||g_L|| (b)", "drift (c)", "verdict")
+    t = Table(title=f"audit: resmlp {width}x{depth} on {dataset}, seeds {seeds} (every column: audit.md)")
+    for col in shown:
+        t.add_column(col, justify="left" if col in ("config", "verdict") else "right")
+    for row in rows:
+        t.add_row(*(escape(row[header.index(col)]) for col in shown))
+    console.print(t)
+    for path in write_outputs(result, out):
+        console.print(f"wrote {path}")
+
+
 # --- preference fine-tuning: a scorer on pairs, and the sweep over label noise and rules ---------
 
 @cli.command("train-preference")
@@ -499,7 +546,8 @@ def experiment() -> None:
 def experiment_preference(sigmas, rules, seeds, pairs, epochs, dim, hidden, activation, batch_size, lr, momentum,
                           loss, margin, test_fraction, device, out):
     """Held-out preference accuracy against label noise sigma, per rule, over seeds (table and plot)."""
-    from .experiments.preference import (SweepConfig, parse_rules, parse_seeds, parse_sigmas, run_sweep,
+    from .experiments.grid import parse_seeds
+    from .experiments.preference import (SweepConfig, parse_rules, parse_sigmas, run_sweep,
                                          summary, table_rows, write_outputs)
 
     try:

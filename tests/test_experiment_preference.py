@@ -11,8 +11,8 @@ import pytest
 from conftest import assert_one_error_line, run_all
 from edgefa.cli import main
 from edgefa.errors import EdgefaError
-from edgefa.experiments.preference import (FILES, RuleSpec, markdown_table, parse_rules, parse_seeds, parse_sigmas,
-                                           summary)
+from edgefa.experiments.grid import parse_seeds
+from edgefa.experiments.preference import FILES, RuleSpec, markdown_table, parse_rules, parse_sigmas, summary
 
 
 def test_rule_sigma_and_seed_specs():

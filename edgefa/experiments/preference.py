@@ -26,11 +26,11 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
-import numpy as np
 
 from ..errors import EdgefaError
+from .grid import comma_items, mean_std
 from ..report.html import (PALETTE, esc, figure, grid_table, kv_table, lines_chart, page, standalone_svg,
                            write_report)
 
@@ -51,20 +51,10 @@ class RuleSpec:
     k: int | None = None
 
 
-def _items(text: str, what: str) -> list[str]:
-    items = [t.strip() for t in str(text).split(",")]
-    if not items or any(not t for t in items):
-        raise EdgefaError(f"{what}: expected a comma-separated list, got {text!r}")
-    duplicates = sorted({t for t in items if items.count(t) > 1})
-    if duplicates:
-        raise EdgefaError(f"{what}: {', '.join(duplicates)} given more than once")
-    return items
-
-
 def parse_rules(text: str) -> list[RuleSpec]:
     """`bp,dfa,hybrid-10` -> rule specs; `hybrid` alone is hybrid-10."""
     rules = []
-    for item in _items(text, "--rules"):
+    for item in comma_items(text, "--rules"):
         name = item.lower()
         if name in PLAIN_RULES:
             rules.append(RuleSpec(name, name))
@@ -85,7 +75,7 @@ def parse_rules(text: str) -> list[RuleSpec]:
 
 def parse_sigmas(text: str) -> list[float]:
     sigmas = []
-    for item in _items(text, "--sigmas"):
+    for item in comma_items(text, "--sigmas"):
         try:
             sigma = float(item)
         except ValueError:
@@ -96,19 +86,6 @@ def parse_sigmas(text: str) -> list[float]:
     if len(set(sigmas)) != len(sigmas):
         raise EdgefaError(f"--sigmas: {text!r} gives the same sigma twice")
     return sorted(sigmas)
-
-
-def parse_seeds(text: str) -> list[int]:
-    seeds = []
-    for item in _items(text, "--seeds"):
-        try:
-            seed = int(item)
-        except ValueError:
-            raise EdgefaError(f"--seeds: {item!r} is not a whole number") from None
-        if seed < 0:
-            raise EdgefaError(f"--seeds: seeds must be >= 0, got {seed}")
-        seeds.append(seed)
-    return seeds
 
 
 @dataclass
@@ -196,15 +173,6 @@ def run_sweep(config: SweepConfig, on_run: Callable[[dict], None] | None = None)
 
 
 # --- summaries ----------------------------------------------------------------------------------
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """(mean, sample std with ddof=1); the std is None for fewer than two values."""
-    values = [float(v) for v in values if v is not None]
-    if not values:
-        return None, None
-    arr = np.asarray(values)
-    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
-
 
 def summary(result: dict) -> dict:
     """{"accuracy": {rule: [(mean, std) per sigma]}, "true_accuracy": the same for the agreement with
