@@ -147,8 +147,9 @@ def train(method, hybrid_every, dataset, model_kind, hidden, width, depth, expan
     if world is None and nproc == 1:
         path, metrics = save_run(run, out), run.metrics
     if "diverged" in metrics:
+        kept = metrics["diverged"].get("weights_of_epoch")
         console.print(f"[yellow]warning:[/] diverged at epoch {metrics['diverged']['epoch']}: "
-                      f"{metrics['diverged']['note']}")
+                      f"{metrics['diverged']['note']}" + (f"; the saved weights are those of epoch {kept}" if kept else ""))
     procs = f" x {metrics['world_size']} processes ({metrics['backend']})" if "world_size" in metrics else ""
     console.print(f"final test accuracy [bold]{pct(metrics['final_test_accuracy'])}[/] "
                   f"({model_kind} {method}, {metrics['dataset']}, {epochs} epochs on {metrics['device']}{procs}) -> {path}")
@@ -183,7 +184,7 @@ def export(run_dir, out, momentum, lr, trainable):
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="HTML file to write (default RUN/report.html)")
 def report(run_dir, out):
     """Report a run: accuracy and alignment with BP per layer (table), over epochs (RUN/report.html)."""
-    from .diagnostics import epoch_alignment, fmt_cosine, read_metrics
+    from .diagnostics import epoch_alignment, fmt_cosine, read_diagnosis, read_metrics
     from .report.html import render_training_report, write_report
 
     metrics = read_metrics(run_dir)
@@ -237,8 +238,14 @@ def report(run_dir, out):
                 st.add_row(escape(str(name)), fmt_cosine(s.get("signal_cosine")), str(s.get("excluded_samples", "-")),
                            num(s.get("h_norm_mean")), num(s.get("grad_norm_mean")))
             console.print(st)
+    diagnosis = read_diagnosis(run_dir)
+    if diagnosis is None:
+        console.print(f"not diagnosed: run `edgefa diagnose {escape(str(run_dir))}` before trusting this result")
+    else:
+        fired = ", ".join(DIAGNOSTIC_NAMES.get(k, k) for k in diagnosis.get("fired") or [])
+        console.print(f"diagnosis: [bold]{escape(str(diagnosis.get('verdict')))}[/]" + (f" ({fired})" if fired else ""))
     path = Path(out) if out else Path(run_dir) / "report.html"
-    write_report(path, render_training_report(metrics, f"edgefa report: {Path(run_dir).resolve().name}"))
+    write_report(path, render_training_report(metrics, f"edgefa report: {Path(run_dir).resolve().name}", diagnosis))
     console.print(f"report: {path}")
 
 
@@ -275,6 +282,9 @@ def protocol_options(f):
 
 def protocol_settings(growth_max, grad_floor, stability_max, margin, null_draws, probes, eval_batch, batches,
                       stability_batch, eps, dtype):
+    from .diagnostics import measure_dtype_name
+
+    measure_dtype_name(dtype)                # float16 is refused before torch is imported
     from .diagnostics.protocol import Settings, Thresholds
 
     return Settings(Thresholds(growth_max, grad_floor, stability_max, margin / 100.0), eval_batch, batches,
@@ -300,7 +310,8 @@ def print_diagnosis(result: dict, where: str) -> None:
     console.print(f"{escape(where)}: {run['model']} {run['method']}"
                   + (f" (penalty {run['penalty']:g})" if run.get("penalty") else "")
                   + f" on {run['dataset']}, test accuracy {pct(run['test_accuracy'])}"
-                  + (f" [yellow](diverged at epoch {run['diverged']['epoch']}; last finite weights)[/]"
+                  + (f" [yellow](diverged at epoch {run['diverged']['epoch']}; judged on the weights of epoch "
+                     f"{run['diverged'].get('weights_of_epoch', 'its last finite step')})[/]"
                      if run.get("diverged") else ""), highlight=False)
     table = Table(title="diagnostics")
     for col in ("diagnostic", "measured", "fires", "status"):
@@ -405,10 +416,10 @@ def audit(configs, seeds, dataset, width, depth, activation, epochs, train_batch
     from .experiments.audit import AuditConfig, parse_configs, run_audit, table, write_outputs
     from .experiments.grid import parse_seeds
 
-    settings = protocol_settings(**protocol)
     config = AuditConfig(parse_configs(configs), parse_seeds(seeds), dataset, width, depth, activation, epochs,
-                         train_batch, lr, momentum, jobs=jobs, device=device, settings=asdict(settings))
-    config.check()
+                         train_batch, lr, momentum, jobs=jobs, device=device)
+    config.check()                                   # a bad spec: one line, before torch is imported
+    config.settings = asdict(protocol_settings(**protocol))
     with progress_bar() as bar:
         task = bar.add_task("audit", total=None, status="")
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +24,21 @@ def run_edgefa(*args: str, without_torch: bool = False, cwd: Path | None = None,
     env = dict(os.environ, COLUMNS="120", PYTHONWARNINGS="default")
     return subprocess.run([sys.executable, "-m", entry, *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+def cli_in_process(*args) -> subprocess.CompletedProcess:
+    """`edgefa ARGS` through edgefa.cli.main in this process (the CLI's code, without a second torch
+    import), as a CompletedProcess; the consoles write to sys.stdout / sys.stderr as they are now."""
+    from edgefa.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["edgefa", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def run_all(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess]:

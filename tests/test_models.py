@@ -12,7 +12,8 @@ from torch.nn import functional as F
 from edgefa.models import NETS, NetConfig, model_from_config
 from edgefa.models.layers import FeedbackConv, FeedbackLinear
 from edgefa.training.rules import RULES
-from edgefa.training.trainer import TrainConfig, load_run, make_optimizer, save_run, train
+from edgefa.data import load_dataset, stratified_split
+from edgefa.training.trainer import TrainConfig, evaluate, load_run, make_optimizer, save_run, train
 
 from conftest import assert_one_error_line, run_all
 
@@ -228,4 +229,15 @@ def test_saved_config_rebuilds_the_same_model():
 def test_a_run_whose_loss_turns_non_finite_stops_and_says_so():
     run = train(TrainConfig(method="dfa", model="vit", epochs=6, lr=0.003, width=16, depth=2, device="cpu",
                             alignment=False))
-    assert run.metrics["diverged"]["epoch"] == len(run.metrics["epochs"]) < 6
+    diverged = run.metrics["diverged"]
+    assert diverged["epoch"] == len(run.metrics["epochs"]) < 6
+    # the run keeps the weights of the last finite epoch, so it can still be diagnosed: finite, and
+    # scoring exactly what that epoch recorded
+    assert diverged["epoch"] > 1 and diverged["weights_of_epoch"] == diverged["epoch"] - 1
+    assert all(torch.isfinite(p).all() for p in run.model.state_dict().values())
+    kept = run.metrics["epochs"][diverged["weights_of_epoch"] - 1]
+    assert run.metrics["final_test_accuracy"] == kept["test_accuracy"]
+    data = load_dataset("digits")
+    _, test = stratified_split(data, run.config.test_fraction, run.config.seed)
+    X, y = torch.from_numpy(run.standardizer.apply(test.X)), torch.from_numpy(test.y)
+    assert evaluate(run.model, X, y)[1] == pytest.approx(kept["test_accuracy"], abs=1e-12)

@@ -10,9 +10,10 @@ import json
 import math
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DiagnosisError
 
 METRICS = "metrics.json"
+DIAGNOSIS = "diagnosis.json"
 _LAZY = {"bp_twin", "cosine", "frobenius", "measure_alignment", "row_norms", "rule_stage_signals", "tensor_cosine",
          "weight_layers"}
 
@@ -45,6 +46,38 @@ def read_metrics(run_dir: str | Path) -> dict:
     return metrics
 
 
+MEASURE_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                       "float64": "float64", "fp64": "float64"}
+REFUSED_DTYPES = ("float16", "fp16", "half")
+
+
+def measure_dtype_name(name: str) -> str:
+    """float32 | bfloat16 | float64 for a measurement precision (aliases fp32, bf16, fp64); float16 is
+    refused with its reason. No torch: the CLI checks this before importing it."""
+    key = str(name).lower().removeprefix("torch.")
+    if key in REFUSED_DTYPES:
+        raise DiagnosisError(f"{name} measurements are refused: float16 flushes gradients below 6e-8 to zero and "
+                             "loses precision below 6e-5, the very range diagnostic (b) inspects; "
+                             "use float32 or bfloat16")
+    if key not in MEASURE_DTYPE_NAMES:
+        raise DiagnosisError(f"unknown measurement dtype {name!r}; expected float32, bfloat16 or float64")
+    return MEASURE_DTYPE_NAMES[key]
+
+
+def read_diagnosis(run_dir: str | Path) -> dict | None:
+    """RUN/diagnosis.json as `edgefa diagnose` wrote it; None when the run was never diagnosed."""
+    path = Path(run_dir) / DIAGNOSIS
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as exc:
+        raise CheckpointError(f"{path}: corrupt diagnosis file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(found, dict) or not isinstance(found.get("diagnostics"), dict):
+        raise CheckpointError(f"{path}: not an edgefa diagnosis (no diagnostics)")
+    return found
+
+
 def epoch_alignment(row: dict) -> dict | None:
     """One epoch's alignment dict, or None when that epoch has none (alignment off, older runs)."""
     found = row.get("alignment")
@@ -60,5 +93,6 @@ def fmt_cosine(value) -> str:
     return f"{value:+.4f}"
 
 
-__all__ = ["METRICS", "bp_twin", "cosine", "epoch_alignment", "fmt_cosine", "measure_alignment", "read_metrics",
+__all__ = ["DIAGNOSIS", "METRICS", "measure_dtype_name", "bp_twin", "cosine", "epoch_alignment", "fmt_cosine", "measure_alignment",
+           "read_diagnosis", "read_metrics",
            "tensor_cosine", "weight_layers"]

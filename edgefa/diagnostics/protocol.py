@@ -45,15 +45,14 @@ from torch.nn import functional as F
 
 from ..data import Dataset, load_dataset, stratified_split
 from ..errors import CheckpointError, DiagnosisError
+from ..models import model_from_config
+from . import DIAGNOSIS, measure_dtype_name
 from .alignment import bp_twin, cosine, frobenius, measure_alignment, row_norms, rule_stage_signals, weight_layers
 
 SCHEMA = "edgefa.diagnosis/1"
-DIAGNOSIS = "diagnosis.json"
 BASELINE_DIR = "frozen_baseline"
 
-MEASURE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                  "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
-REFUSED_DTYPES = ("float16", "fp16", "half")
+MEASURE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 AGGREGATION = {
     "h_norm": "mean over the evaluation batch of the per-sample ||h_l|| (dim 1 of the flattened stage output)",
@@ -63,7 +62,9 @@ AGGREGATION = {
     "stability": "mean over all pairs of disjoint batches of cos(mean_n dL/dh_L over batch i, the same over "
                  "batch j), flattened per batch (dim 0)",
     "gamma": "signal_cosine of diagnostics/alignment.py (mean over samples of the per-sample cosine, dim 1) "
-             "per stage; weight_grad_cosine per weight tensor; never averaged over layers",
+             "per stage; weight_grad_cosine per weight tensor; never averaged over layers. On the task loss "
+             "(cross-entropy) alone: a residual-stream penalty's own local gradient, which the rule and BP share "
+             "exactly, is left out of both sides",
     "null": "the same Gamma with fresh feedback matrices N(0, s^2), s the stored matrix's own std: "
             "mean, sample std (ddof 1) and max over the draws",
     "rho": "Pearson correlation over the probes of <g_l, eps v> and L(h_l + eps v) - L(h_l), v a random "
@@ -107,14 +108,7 @@ class Settings:
 
 def measure_dtype(name: str) -> torch.dtype:
     """The torch dtype of a measurement precision; float16 is refused (one clear reason)."""
-    key = str(name).lower().removeprefix("torch.")
-    if key in REFUSED_DTYPES:
-        raise DiagnosisError(f"{name} measurements are refused: float16 flushes gradients below 6e-8 to zero and "
-                             "loses precision below 6e-5, the very range diagnostic (b) inspects; "
-                             "use float32 or bfloat16")
-    if key not in MEASURE_DTYPES:
-        raise DiagnosisError(f"unknown measurement dtype {name!r}; expected float32, bfloat16 or float64")
-    return MEASURE_DTYPES[key]
+    return MEASURE_DTYPES[measure_dtype_name(name)]
 
 
 # --- the network as stages: run all of it, or only its tail from stage l -----------------------
@@ -165,12 +159,14 @@ def _finite(x: float | None) -> float | None:
 
 def stream_growth(h_norms: list[float]) -> dict:
     """(a): the ratio of consecutive stage-output norms; non-finite activations count as infinite growth."""
-    ratios = [b / a if a > 0 else math.inf for a, b in zip(h_norms, h_norms[1:])]
-    ratios = [r if math.isfinite(r) else math.inf for r in ratios]
+    def ratio(a: float, b: float) -> float:
+        r = b / a if math.isfinite(a) and math.isfinite(b) and a > 0 else math.inf
+        return r if math.isfinite(r) else math.inf
+
+    ratios = [ratio(a, b) for a, b in zip(h_norms, h_norms[1:])]
     if not ratios:
         return {"ratios": [], "max": None, "total": None}
-    total = h_norms[-1] / h_norms[0] if h_norms[0] > 0 else math.inf
-    return {"ratios": ratios, "max": max(ratios), "total": total if math.isfinite(total) else math.inf}
+    return {"ratios": ratios, "max": max(ratios), "total": ratio(h_norms[0], h_norms[-1])}
 
 
 def direction_stability(twin: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict:
@@ -301,7 +297,8 @@ def diagnose(run, settings: Settings | None = None, baseline=None, data: Dataset
     if config.loss != "cross_entropy":
         raise DiagnosisError(f"the protocol judges classification runs; this run trains a {config.loss} "
                              "preference scorer")
-    missing = [n for n in model.feedback_names() if n not in dict(model.named_buffers())]
+    expected = model_from_config(model.config.to_dict()).feedback_names()     # what the rule must carry
+    missing = [n for n in expected if n not in dict(model.named_buffers())]
     if missing:     # load_run refuses these already; a model built by hand must not slip through
         raise CheckpointError(f"feedback matrices missing ({', '.join(missing)}); refusing to measure alignment")
     device = torch.device(device)
@@ -340,11 +337,11 @@ def diagnose(run, settings: Settings | None = None, baseline=None, data: Dataset
         g = g_norms[names.index(stage)]
         return not (math.isfinite(g) and g >= floor)
 
-    alignment = measure_alignment(model, Xe, ye, config.penalty, dtype)
+    alignment = measure_alignment(model, Xe, ye, 0.0, dtype)        # the task's credit: no penalty term
     null_applies = config.method in ("fa", "dfa", "hybrid")
     null_reason = {"bp": "bp uses no feedback matrices (Gamma is 1 by construction)",
                    "usf": "usf's feedback is sign(W) * mean|W|, derived from the weights, not drawn"}
-    null_runs = ([measure_alignment(fresh_feedback(model, gen), Xe, ye, config.penalty, dtype)
+    null_runs = ([measure_alignment(fresh_feedback(model, gen), Xe, ye, 0.0, dtype)
                   for _ in range(settings.null_draws)] if null_applies else [])
     signals = rule_stage_signals(model, cast(Xe), ye, dtype)
 

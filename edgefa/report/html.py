@@ -930,10 +930,35 @@ def alignment_tables(found: dict) -> list[str]:
     return out
 
 
-def render_training_report(metrics: dict, title: str = "edgefa training report") -> str:
-    """A complete HTML document for a run's metrics.json: accuracy over epochs, and, where the run
-    logged it, alignment with true BP (weight-gradient cosine per layer, signal cosine per stage,
-    FA alignment error per layer) over epochs and as tables at the last epoch."""
+def diagnosis_section(diagnosis: dict | None) -> list[str]:
+    """The verdict of `edgefa diagnose` (RUN/diagnosis.json) and what it rests on, or a pointer to it."""
+    if not diagnosis:
+        return ["<h2>Diagnosis</h2>", '<p class="empty">not diagnosed: run <code>edgefa diagnose RUN/</code> '
+                "before trusting this result</p>"]
+    rows = []
+    for d in (diagnosis.get("diagnostics") or {}).values():
+        rows.append([esc(d.get("label")), esc(fmt_num(d.get("value"))), esc(f"{d.get('fires_when')} "
+                     f"{fmt_num(d.get('threshold'))}"), esc(d.get("status")), esc(d.get("detail"))])
+    stages = []
+    for name, st in (diagnosis.get("stages") or {}).items():
+        null = st.get("null") or {}
+        stages.append([esc(name), esc("degenerate" if st.get("degenerate") else fmt_num(st.get("gamma"))),
+                       esc(fmt_num(null.get("mean"))), esc(fmt_num(st.get("rho_rule"))),
+                       esc(fmt_num(st.get("rho_bp"))), esc(fmt_num(st.get("rho_random"))),
+                       esc(fmt_num(st.get("h_norm"))), esc(fmt_num(st.get("grad_norm")))])
+    agg = diagnosis.get("aggregation") or {}
+    return [f"<h2>Diagnosis: {esc(diagnosis.get('verdict'))}</h2>",
+            grid_table(["diagnostic", "measured", "fires", "status", "detail"], rows, numeric_from=1),
+            grid_table(["stage", "Gamma", "null mean", "rho rule", "rho bp (+)", "rho random (-)", "||h||",
+                        "||dloss_n/dh||"], stages),
+            f'<p class="note">Gamma: {esc(agg.get("gamma", ""))}. rho: {esc(agg.get("rho", ""))}.</p>']
+
+
+def render_training_report(metrics: dict, title: str = "edgefa training report", diagnosis: dict | None = None) -> str:
+    """A complete HTML document for a run's metrics.json: accuracy over epochs, the verdict of
+    `edgefa diagnose` when the run has one, and, where the run logged it, alignment with true BP
+    (weight-gradient cosine per layer, signal cosine per stage, FA alignment error per layer) over
+    epochs and as tables at the last epoch."""
     rows = [r for r in metrics.get("epochs") or [] if isinstance(r, dict)]
     epochs = [r.get("epoch") for r in rows]
     pct = [("test", "test_accuracy", PALETTE[0]), ("train", "train_accuracy", PALETTE[1])]
@@ -946,7 +971,8 @@ def render_training_report(metrics: dict, title: str = "edgefa training report")
     summary += [("epochs", esc(len(rows))),
                 ("final test accuracy", esc(f"{100 * final:.1f}%") if _is_num(final) else "n/a")]
     body = [f"<h1>{esc(title)}</h1>", "<h2>Run</h2>", kv_table(summary),
-            "<h2>Accuracy</h2>", figure("Train and test accuracy (%)", accuracy, "no epochs recorded")]
+            "<h2>Accuracy</h2>", figure("Train and test accuracy (%)", accuracy, "no epochs recorded"),
+            *diagnosis_section(diagnosis)]
     logged = [a for a in (_alignment(r) for r in rows) if a is not None]
     body.append("<h2>Alignment with backpropagation</h2>")
     if not logged:

@@ -6,6 +6,7 @@ state, input standardizer) and `metrics.json` (loss and accuracy per epoch).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -227,6 +228,7 @@ def train(config: TrainConfig, on_epoch: Callable[[int, dict], None] | None = No
     if alignment:               # a fixed probe: the first (up to) 256 standardized training samples
         from ..diagnostics.alignment import measure_alignment
         probe_X, probe_y = Xtr[:min(256, len(ytr))], ytr[:min(256, len(ytr))]
+    last_finite = None          # (epoch, weights, optimizer state) at the end of the last finite epoch
     for epoch in range(config.epochs):
         losses = train_steps(model, optimizer, Xtr, ytr, steps_per_epoch, config.batch_size,
                              config.seed, first_step=epoch * steps_per_epoch, penalty=config.penalty,
@@ -246,9 +248,17 @@ def train(config: TrainConfig, on_epoch: Callable[[int, dict], None] | None = No
         if not np.isfinite(batch_loss_mean):    # nothing more to learn from NaN weights
             metrics["diverged"] = {"epoch": epoch + 1, "note": "the training loss became non-finite; "
                                    "training stopped (try a smaller --lr, or --penalty for residual models)"}
+            if last_finite is not None:         # keep weights whose forward pass is finite, for diagnosis
+                module.load_state_dict(last_finite[1])
+                optimizer.load_state_dict(last_finite[2])
+                metrics["diverged"]["weights_of_epoch"] = last_finite[0]
             break
+        if world == 1:
+            last_finite = (epoch + 1, copy.deepcopy(module.state_dict()), copy.deepcopy(optimizer.state_dict()))
     replicas.check(module, "trained weights")
-    metrics["final_test_accuracy"] = metrics["epochs"][-1]["test_accuracy"] if metrics["epochs"] else None
+    kept = (metrics.get("diverged") or {}).get("weights_of_epoch")
+    final = metrics["epochs"][kept - 1] if kept else (metrics["epochs"][-1] if metrics["epochs"] else None)
+    metrics["final_test_accuracy"] = final["test_accuracy"] if final else None
     return Run(module, optimizer, config, std, metrics, full.image_shape)
 
 
