@@ -29,20 +29,44 @@ from ..errors import EdgefaError
 from ..bundle import (LOSS_BRADLEY_TERRY, Bundle, feedback_input_name, layer_params, momentum_name, next_name,
                       param_shapes, trainable_layers, trainable_params)
 
-# Chosen automatically in this order when the installed onnxruntime offers them. TensorRT is
-# taken only when asked for (`--provider TensorrtExecutionProvider`): it builds an engine per shape.
-AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+# Chosen automatically in this order, the first one the installed onnxruntime offers; the ones
+# after it stay in the list as fallbacks for nodes it cannot take. TensorRT builds an engine per
+# graph on first use: it gets the bundle's batch profile and a persistent engine cache
+# (BUNDLE/state/trt_cache), so that happens once per device, not once per run.
+AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+TENSORRT = "TensorrtExecutionProvider"
 
 
 def choose_providers(requested: str | None = None) -> tuple[str, ...]:
-    """The execution providers to use: `requested` (then CPU as fallback), or the best available."""
+    """The execution providers to use: `requested` (then the available ones after it in the
+    automatic order, CPU last), or the best available."""
     available = ort.get_available_providers()
     if requested:
         if requested not in available:
             raise EdgefaError(f"execution provider {requested!r} is not available here "
                               f"(this onnxruntime offers: {', '.join(available)})")
-        return tuple(dict.fromkeys([requested, "CPUExecutionProvider"]))
+        after = AUTO_PROVIDERS[AUTO_PROVIDERS.index(requested) + 1:] if requested in AUTO_PROVIDERS else ()
+        return tuple(dict.fromkeys([requested, *(p for p in after if p in available), "CPUExecutionProvider"]))
     return tuple(p for p in AUTO_PROVIDERS if p in available)
+
+
+def tensorrt_options(bundle: Bundle, graph: str, inputs: dict[str, list]) -> dict[str, str]:
+    """onnxruntime TensorRT provider options for one of the bundle's graphs: the engine and timing
+    caches in BUNDLE/state/trt_cache, FP16 only for `infer` and only where the manifest allows it
+    (the DFA update stays FP32), and the manifest's batch profile for every input whose dim 0 is
+    the batch (`inputs`: name -> shape as onnxruntime reports it, the batch as a string)."""
+    trt = bundle.manifest.get("tensorrt") or {}
+    profile = trt.get("profile") or {"min": 1, "opt": 32, "max": 256}
+    cache = bundle.state_dir / "trt_cache"
+    options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+               "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache),
+               "trt_fp16_enable": "True" if graph == "infer" and trt.get("fp16_infer") else "False"}
+    batched = {name: shape for name, shape in inputs.items() if shape and not isinstance(shape[0], int)}
+    if batched:
+        for key, batch in (("min", profile["min"]), ("opt", profile["opt"]), ("max", profile["max"])):
+            options[f"trt_profile_{key}_shapes"] = ",".join(
+                f"{name}:" + "x".join(str(d) for d in [batch, *shape[1:]]) for name, shape in batched.items())
+    return options
 
 
 def on_gpu(providers: tuple[str, ...]) -> bool:
@@ -68,13 +92,20 @@ class PairStepResult:
     score_rejected: np.ndarray
 
 
-def _session(path, providers, threads: int | None) -> ort.InferenceSession:
+def _session(bundle: Bundle, graph: str, providers, threads: int | None) -> ort.InferenceSession:
+    path = bundle.graph_path(graph)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=list(providers))
+    chosen: list = list(providers)
+    if TENSORRT in chosen:          # its profile needs the input shapes: read them from a CPU session
+        probe = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        inputs = {i.name: list(i.shape) for i in probe.get_inputs()}
+        (bundle.state_dir / "trt_cache").mkdir(parents=True, exist_ok=True)
+        chosen[chosen.index(TENSORRT)] = (TENSORRT, tensorrt_options(bundle, graph, inputs))
+    return ort.InferenceSession(str(path), opts, providers=chosen)
 
 
 class OrtEngine:
@@ -83,8 +114,8 @@ class OrtEngine:
         providers = providers or choose_providers()
         self.bundle = bundle
         self.momentum = float(bundle.manifest["optimizer"]["momentum"])
-        self.train_session = _session(bundle.graph_path("train_step"), providers, threads)
-        self.infer_session = _session(bundle.graph_path("infer"), providers, threads)
+        self.train_session = _session(bundle, "train_step", providers, threads)
+        self.infer_session = _session(bundle, "infer", providers, threads)
         self.preference = bundle.manifest.get("loss") == LOSS_BRADLEY_TERRY
         # Only the trainable tensors (all of them unless the bundle says `trainable: last:K`) get
         # momentum and ping-pong buffers; frozen ones are bound once, from the bundle's arrays.
