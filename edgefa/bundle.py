@@ -223,9 +223,20 @@ def fsync_dir(path: Path) -> None:
 # --- writing (host) -------------------------------------------------------------------------
 
 def write_bundle(out_dir: str | os.PathLike, manifest: dict, graphs: dict[str, bytes],
-                 weights: dict[str, np.ndarray], feedback: dict[str, np.ndarray]) -> Path:
+                 weights: dict[str, np.ndarray], feedback: dict[str, np.ndarray],
+                 extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a complete bundle into a temporary sibling and rename it into place, so a crash
-    leaves either no bundle or a whole one. An existing bundle at `out_dir` is replaced."""
+    leaves either no bundle or a whole one. An existing bundle at `out_dir` is replaced.
+    `extra_files`: relative posix path (subfolders allowed, e.g. "tensorrt/trtexec.sh") -> bytes,
+    written and hashed in the manifest like the payload files."""
+    extra_files = dict(extra_files or {})
+    for name in extra_files:  # read_bundle must accept it and pack_archive ship it (no '.' parts)
+        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+        if (not parts or not _safe_relative(name) or PurePosixPath(name).as_posix() != name
+                or any(p.startswith(".") for p in parts) or parts[0] == STATE_DIR
+                or name in (*PAYLOAD_FILES, MANIFEST)):
+            raise BundleError(f"extra bundle file {name!r}: needs a plain relative posix path inside the "
+                              f"bundle, outside {STATE_DIR}/, not a payload file or the manifest")
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -234,9 +245,13 @@ def write_bundle(out_dir: str | os.PathLike, manifest: dict, graphs: dict[str, b
             (tmp / name).write_bytes(data)
         save_npz(tmp / "weights.npz", weights)
         save_npz(tmp / "feedback.npz", feedback)
+        for name, data in sorted(extra_files.items()):
+            path = tmp.joinpath(*PurePosixPath(name).parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
         manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
         manifest["files"] = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                             for name in PAYLOAD_FILES}
+                             for name in (*PAYLOAD_FILES, *sorted(extra_files))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         check_arrays(manifest["model"], weights, feedback, where=str(out))
         if out.exists():

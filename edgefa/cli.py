@@ -164,19 +164,45 @@ def train(method, hybrid_every, dataset, model_kind, hidden, width, depth, expan
 @click.option("--trainable", default="all", show_default=True,
               help="what the device trains: all, or last:K (the last K units from the head; mlp: layers, "
                    "resmlp: head+terminal LN, then one block at a time, then the embedding)")
-def export(run_dir, out, momentum, lr, trainable):
-    """Export a trained run as a bundle: infer.onnx, train_step.onnx, weights, feedback, manifest."""
+@click.option("--trt-target", default="10.3", show_default=True,
+              help="TensorRT release the graphs are checked against: 8.5 (JetPack 5.1) or 10.3 (JetPack 6.1/6.2)")
+@click.option("--batch-profile", default="1,32,256", show_default=True,
+              help="MIN,OPT,MAX batch of the TensorRT optimization profile "
+                   "(tensorrt/trtexec.sh, the device's TensorRT provider)")
+@click.option("--require-tensorrt", is_flag=True,
+              help="fail, writing nothing, when a graph would not build into a TensorRT engine for --trt-target")
+def export(run_dir, out, momentum, lr, trainable, trt_target, batch_profile, require_tensorrt):
+    """Export a trained run as a bundle: infer.onnx, train_step.onnx, weights, feedback, manifest,
+    and tensorrt/ (readiness.json, trtexec.sh: the engine builds to run on the device)."""
     from .bundle import check_trainable_syntax
 
     try:
         check_trainable_syntax(trainable)  # a malformed spec is one line before torch is imported
     except EdgefaError as exc:
         raise EdgefaError(f"export: --{exc}") from None
+    from .exporters.tensorrt_ready import load_target, parse_batch_profile  # onnx, not torch
+
+    try:
+        target, profile = load_target(trt_target), parse_batch_profile(batch_profile)
+    except EdgefaError as exc:
+        raise EdgefaError(f"export: {exc}") from None
     from .exporters.export import export_bundle
     from .training.trainer import load_run
 
-    path = export_bundle(load_run(run_dir), out, momentum=momentum, lr=lr, trainable=trainable)
+    path = export_bundle(load_run(run_dir), out, momentum=momentum, lr=lr, trainable=trainable,
+                         trt_target=target.version, batch_profile=profile, require_tensorrt=require_tensorrt)
     _show_bundle(path)
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    trt = manifest["tensorrt"]
+    if trt["ready"]:
+        graphs = f"{manifest['graphs']['infer']}, {manifest['graphs']['train_step']}"
+        console.print(f"tensorrt {trt['target']}: ready ({graphs}); build on the device: "
+                      f"sh {escape(str(Path(path) / trt['trtexec']))}", highlight=False, soft_wrap=True)
+    else:
+        problems = trt["problems"]
+        more = f" (+{len(problems) - 1} more, see {trt['readiness']})" if len(problems) > 1 else ""
+        err_console.print(f"[yellow]warning:[/] tensorrt {trt['target']}: not ready: {escape(problems[0])}{more}",
+                          highlight=False, soft_wrap=True)
 
 
 @cli.command()

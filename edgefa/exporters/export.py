@@ -4,6 +4,11 @@ The device trains two kinds of model: the MLP and the pre-LN residual MLP (`resm
 a DFA train_step graph for cross-entropy; an MLP scorer (one output) can instead export a
 Bradley-Terry step on pairs (`loss="bradley-terry"`). `trainable="last:K"` writes a step that
 updates only the last K units from the head (bundle.trainable_units); the rest stay frozen.
+
+Both graphs are also checked for TensorRT (tensorrt_ready: operators, opset, static ranks, the
+batch profile) against the targeted TensorRT release; the bundle records the verdict in its
+manifest ("tensorrt") and carries tensorrt/readiness.json and tensorrt/trtexec.sh, the engine
+builds to run on the device. `require_tensorrt=True` refuses to write a bundle that is not ready.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from ..models.mlp import MLP, dfa_feedback_std
 from ..training.rules import draw_feedback
 from ..training.trainer import Run
 from .onnx_graphs import OPSET, infer_graph, serialize_checked, train_step_graph
+from .tensorrt_ready import (DEFAULT_PROFILE, bundle_files, check_profile, load_target, manifest_section,
+                             readiness, summary_line)
 
 DEVICE_KINDS = ("mlp", "resmlp")
 LN_EPS = 1e-5
@@ -133,10 +140,20 @@ def build_manifest(run: Run, topo: dict, feedback_info: dict, momentum: float, l
 
 
 def export_bundle(run: Run, out_dir: str | os.PathLike, momentum: float | None = None,
-                  lr: float | None = None, trainable: str = "all", loss: str | None = None) -> Path:
+                  lr: float | None = None, trainable: str = "all", loss: str | None = None,
+                  trt_target: str = "10.3", batch_profile=DEFAULT_PROFILE, fp16_infer: bool = True,
+                  require_tensorrt: bool = False) -> Path:
     """`trainable`: "all" or "last:K" (see bundle.trainable_units). `loss`: None (the run's),
-    "cross_entropy" or "bradley-terry" (an MLP scorer with one output, trained on pairs)."""
+    "cross_entropy" or "bradley-terry" (an MLP scorer with one output, trained on pairs).
+    `trt_target`: the TensorRT release the graphs are checked against ("8.5": JetPack 5.1,
+    "10.3": JetPack 6.1/6.2); `batch_profile`: (min, opt, max) batch of the engines' optimization
+    profile; `fp16_infer`: let infer.onnx build in FP16 (train_step never does);
+    `require_tensorrt`: a graph that is not ready is an EdgefaError and nothing is written."""
     check_exportable(run.model)
+    try:
+        target, profile = load_target(trt_target), check_profile(batch_profile)
+    except EdgefaError as exc:
+        raise EdgefaError(f"export: {exc}") from None
     momentum = run.config.momentum if momentum is None else momentum
     lr = run.config.lr if lr is None else lr
     loss = run_loss(run, loss)
@@ -153,12 +170,18 @@ def export_bundle(run: Run, out_dir: str | os.PathLike, momentum: float | None =
     feedback = {k: feedback[k] for k in feedback_shapes(topo)}     # the trainable stages' only
     graphs = {"infer.onnx": serialize_checked(infer_graph(topo)),
               "train_step.onnx": serialize_checked(train_step_graph(topo, momentum, loss))}
+    trt = readiness(graphs, target, profile)
+    if require_tensorrt and not trt["ready"]:
+        raise EdgefaError(f"export: tensorrt {target.version}: {summary_line(trt)}; no bundle written")
     if topo["kind"] == "resmlp":
         weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in run.model.named_parameters()}
     else:
         weights = {_param_name(k): v.detach().cpu().numpy().astype(np.float32)
                    for k, v in run.model.state_dict().items() if not k.startswith("feedback_")}
-    return write_bundle(out_dir, build_manifest(run, topo, info, momentum, lr, loss), graphs, weights, feedback)
+    manifest = build_manifest(run, topo, info, momentum, lr, loss)
+    manifest["tensorrt"] = manifest_section(trt, fp16_infer)
+    return write_bundle(out_dir, manifest, graphs, weights, feedback,
+                        extra_files=bundle_files(trt, graphs, fp16_infer))
 
 
 def _param_name(state_key: str) -> str:

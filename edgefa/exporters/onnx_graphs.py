@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, feedback_input_name, feedback_shapes,
                       model_kind, momentum_name, next_name, param_shapes, trainable_layers, trainable_params)
 
-OPSET = 17          # TensorRT 8.6 (JetPack 5/6) parses up to opset 17
+OPSET = 17          # TensorRT 8.5 (JetPack 5.1) parses up to 17, 10.x from 9 to 20 (tensorrt_onnx_ops.toml)
 IR_VERSION = 8      # onnxruntime >= 1.10 and TensorRT 8.x read IR 8
 BATCH = "batch"
 SQRT1_2 = math.sqrt(0.5)
