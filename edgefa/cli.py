@@ -171,7 +171,9 @@ def train(method, hybrid_every, dataset, model_kind, hidden, width, depth, expan
                    "(tensorrt/trtexec.sh, the device's TensorRT provider)")
 @click.option("--require-tensorrt", is_flag=True,
               help="fail, writing nothing, when a graph would not build into a TensorRT engine for --trt-target")
-def export(run_dir, out, momentum, lr, trainable, trt_target, batch_profile, require_tensorrt):
+@click.option("--tensorrt", "build_engines", is_flag=True,
+              help="also build the TensorRT engines here (a host with TensorRT and the device's GPU)")
+def export(run_dir, out, momentum, lr, trainable, trt_target, batch_profile, require_tensorrt, build_engines):
     """Export a trained run as a bundle: infer.onnx, train_step.onnx, weights, feedback, manifest,
     and tensorrt/ (readiness.json, trtexec.sh: the engine builds to run on the device)."""
     from .bundle import check_trainable_syntax
@@ -186,11 +188,20 @@ def export(run_dir, out, momentum, lr, trainable, trt_target, batch_profile, req
         target, profile = load_target(trt_target), parse_batch_profile(batch_profile)
     except EdgefaError as exc:
         raise EdgefaError(f"export: {exc}") from None
+    if build_engines:
+        from .runtime.tensorrt_build import tensorrt_missing
+
+        if tensorrt_missing():                       # before anything is written
+            raise EdgefaError(f"export --tensorrt: {tensorrt_missing()}; export without it and build on the device")
     from .exporters.export import export_bundle
     from .training.trainer import load_run
 
     path = export_bundle(load_run(run_dir), out, momentum=momentum, lr=lr, trainable=trainable,
                          trt_target=target.version, batch_profile=profile, require_tensorrt=require_tensorrt)
+    if build_engines:
+        from .runtime.tensorrt_build import build_bundle_engines
+
+        build_bundle_engines(path)
     _show_bundle(path)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     trt = manifest["tensorrt"]
@@ -646,6 +657,21 @@ def _show_bundle(path) -> None:
 def verify(bundle):
     """Verify a bundle (hashes, version, shapes) and show what it holds."""
     _show_bundle(bundle)
+
+
+@device.command("build-engine")
+@click.argument("bundle", type=click.Path())
+@click.option("--force", is_flag=True, help="rebuild even the engines that match this TensorRT and GPU")
+def build_engine(bundle, force):
+    """Build TensorRT engines for infer and train_step into BUNDLE/engines/ (where TensorRT lives)."""
+    from .runtime.tensorrt_build import build_bundle_engines
+
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("tensorrt", total=None, status="")
+        engines = build_bundle_engines(bundle, force, lambda graph: bar.update(task, status=f"building {graph}"))
+    for graph, e in engines.items():
+        console.print(f"{graph}: {e['file']} (TensorRT {e['tensorrt']}, {escape(e['gpu'])} sm {e['compute_capability']}, "
+                      f"{e['precision']}, batch {e['profile']['min']}..{e['profile']['max']})", highlight=False)
 
 
 @device.command()

@@ -1,0 +1,162 @@
+"""TensorRT engines for a bundle's two graphs, built where TensorRT lives (`edgefa device build-engine`).
+
+Device side: numpy, the `tensorrt` Python bindings (JetPack's python3-libnvinfer) and cuda-python
+for the GPU's name, imported only when a build runs; never torch, never onnx.
+
+    BUNDLE/engines/infer.engine        FP16 where the manifest allows it (tensorrt.fp16_infer)
+    BUNDLE/engines/train_step.engine   always FP32: the DFA update is not built in half precision
+    BUNDLE/state/trt_cache/timing.cache   the builder's timing cache, reused by every later build
+
+Each engine gets one optimization profile, the manifest's batch profile (min, opt, max) over dim 0
+of every input that carries the batch. Engines are hashed in the manifest like every other file,
+and its `engines` section records what each was built for: the TensorRT version, the GPU (name and
+compute capability) and the precision. An engine whose record does not match this device is
+rebuilt, never loaded: a serialized engine is only valid for the TensorRT version and GPU that
+built it.
+
+No refit is needed: the bundle's weights are graph *inputs*, so an engine reads whatever weights
+are bound to it (the live training buffers), and new weights never mean a new engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from ..bundle import MANIFEST, STATE_DIR, fsync_dir, read_bundle, sha256_file
+from ..errors import EdgefaError
+
+ENGINE_DIR = "engines"
+GRAPHS = ("infer", "train_step")
+DEFAULT_PROFILE = {"min": 1, "opt": 32, "max": 256}     # what export writes when told nothing
+
+
+def tensorrt_missing() -> str | None:
+    """Why TensorRT cannot build here (None: it can)."""
+    try:
+        importlib.import_module("tensorrt")          # its shared libraries load here, or fail here
+    except ImportError as exc:
+        return f"TensorRT's Python bindings are not installed here ({exc})"
+    return None
+
+
+def gpu_identity() -> dict:
+    """The GPU engines are built for: its name and compute capability (cuda-python)."""
+    try:
+        from cuda.bindings import runtime as cudart          # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart                          # older cuda-python
+        except ImportError as exc:
+            raise EdgefaError(f"cuda-python is not installed here ({exc}); it names the GPU an engine is "
+                              "built for (pip install cuda-python)") from None
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise EdgefaError(f"no CUDA GPU to build TensorRT engines on ({err})")
+    name = props.name.decode("utf-8", "replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"gpu": name.rstrip("\x00").strip(), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def engine_is_current(record: dict | None, identity: dict, precision: str, profile: dict) -> bool:
+    """Whether an engine recorded in the manifest may be loaded here: built by this TensorRT
+    version, for this GPU, in this precision, for this batch profile."""
+    if not isinstance(record, dict):
+        return False
+    wanted = {**identity, "precision": precision, "profile": dict(profile)}
+    return all(record.get(key) == value for key, value in wanted.items())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_engine(onnx_path: Path, profile: dict, fp16: bool, timing_cache: Path,
+                 workspace_bytes: int | None = None) -> bytes:
+    """One serialized engine from one ONNX graph (TensorRT's Builder, OnnxParser and
+    build_serialized_network), with the batch profile and the timing cache."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    # TensorRT 10 networks are always explicit-batch (the flag is gone); 8.x must ask for it.
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        reason = str(parser.get_error(0)) if parser.num_errors else "no reason given"
+        raise EdgefaError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse it ({reason.splitlines()[0]})")
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    shapes = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = list(tensor.shape)
+        if dims and dims[0] == -1:                      # the batch: the profile's range
+            rest = dims[1:]
+            shapes.set_shape(tensor.name, (profile["min"], *rest), (profile["opt"], *rest), (profile["max"], *rest))
+    config.add_optimization_profile(shapes)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EdgefaError(f"{onnx_path}: TensorRT {trt.__version__} could not build an engine (its log says why)")
+    _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+def build_bundle_engines(bundle_dir: str | os.PathLike, force: bool = False,
+                         on_build: Callable[[str], None] | None = None) -> dict:
+    """Build the engines this device lacks (or all, with `force`) into BUNDLE/engines/, hash them
+    in the manifest and record what they were built for; returns the manifest's `engines`."""
+    missing = tensorrt_missing()
+    if missing:
+        raise EdgefaError(f"{missing}: build the engines on the device (JetPack ships TensorRT), or run "
+                          f"{Path(bundle_dir) / 'tensorrt' / 'trtexec.sh'} there")
+    import tensorrt as trt
+
+    bundle = read_bundle(bundle_dir)                    # every hash checked before anything is built
+    root = bundle.path
+    manifest = json.loads((root / MANIFEST).read_text())
+    trt_section = manifest.get("tensorrt") or {}
+    profile = {k: int(v) for k, v in (trt_section.get("profile") or DEFAULT_PROFILE).items()}
+    identity = {"tensorrt": trt.__version__, **gpu_identity()}
+    engines = dict(manifest.get("engines") or {})
+    timing_cache = root / STATE_DIR / "trt_cache" / "timing.cache"
+    built = False
+    for graph in GRAPHS:
+        precision = "fp16" if graph == "infer" and trt_section.get("fp16_infer") else "fp32"
+        name = f"{ENGINE_DIR}/{graph}.engine"
+        current = engine_is_current(engines.get(graph), identity, precision, profile) and (root / name).is_file()
+        if current and not force:
+            continue
+        if on_build:
+            on_build(graph)
+        data = build_engine(bundle.graph_path(graph), profile, precision == "fp16", timing_cache)
+        _write_atomically(root / name, data)
+        manifest["files"][name] = {"sha256": sha256_file(root / name), "bytes": len(data)}
+        engines[graph] = {"file": name, **identity, "precision": precision, "profile": profile}
+        built = True
+    if built:
+        manifest["engines"] = engines
+        _write_atomically(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        read_bundle(root)                               # what was written verifies
+    return engines
