@@ -47,7 +47,8 @@ def test_tensorrt_options_carry_the_batch_profile_the_caches_and_fp32_training(t
         inputs = {i.name: list(i.shape) for i in session.get_inputs()}
         options = tensorrt_options(bundle, graph, inputs)
         assert options["trt_engine_cache_path"] == str(tiny_bundle / "state" / "trt_cache")
-        assert options["trt_fp16_enable"] == "False"        # train_step always; infer unless the manifest allows
+        allowed = graph == "infer" and (bundle.manifest.get("tensorrt") or {}).get("fp16_infer")
+        assert options["trt_fp16_enable"] == ("True" if allowed else "False")    # train_step: always FP32
         batched = [n for n, shape in inputs.items() if shape and isinstance(shape[0], str)]
         assert batched, inputs                               # x (and labels) carry the batch
         profile = (bundle.manifest.get("tensorrt") or {}).get("profile") or {"min": 1, "opt": 32, "max": 256}
@@ -71,9 +72,14 @@ def test_a_jetson_budget_assumes_the_tensorrt_provider():
     assert list(load_profile("generic-x86").providers) == ["CPUExecutionProvider"]
 
 
-@pytest.mark.skipif("TensorrtExecutionProvider" not in ort.get_available_providers(),
-                    reason="this onnxruntime has no TensorrtExecutionProvider (needs onnxruntime-gpu with TensorRT)")
-def test_ten_steps_through_tensorrt_match_the_cpu(tiny_bundle, tmp_path, digits_npz):
+GPU_PROVIDERS = [pytest.param(name, marks=pytest.mark.skipif(
+    name not in ort.get_available_providers(), reason=f"this onnxruntime has no {name} (needs onnxruntime-gpu{extra})"))
+    for name, extra in (("TensorrtExecutionProvider", " built with TensorRT"), ("CUDAExecutionProvider", ""))]
+
+
+@pytest.mark.parametrize("provider", GPU_PROVIDERS)
+def test_ten_steps_on_a_gpu_provider_match_the_cpu_with_the_weights_on_the_gpu(provider, tiny_bundle, tmp_path,
+                                                                              digits_npz):
     import shutil
 
     import numpy as np
@@ -84,8 +90,9 @@ def test_ten_steps_through_tensorrt_match_the_cpu(tiny_bundle, tmp_path, digits_
     cpu_copy = tmp_path / "cpu"
     shutil.copytree(tiny_bundle, cpu_copy)
     data = np.load(digits_npz, allow_pickle=False)
-    engines = [OrtEngine(read_bundle(tiny_bundle), choose_providers("TensorrtExecutionProvider")),
+    engines = [OrtEngine(read_bundle(tiny_bundle), choose_providers(provider)),
                OrtEngine(read_bundle(cpu_copy), ("CPUExecutionProvider",))]
+    assert engines[0].on_gpu and all(v.device_name() == "cuda" for v in engines[0].sides[0].values())
     bundle = engines[1].bundle
     std = bundle.manifest["input"]["standardize"]
     X = ((data["X"].reshape(len(data["X"]), -1) - std["mean"]) / std["std"]).astype(np.float32)
@@ -96,3 +103,5 @@ def test_ten_steps_through_tensorrt_match_the_cpu(tiny_bundle, tmp_path, digits_
             engine.step(X[batch], y[batch], 0.01)
     a, b = (engine.state() for engine in engines)
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-4
+    logits = [engine.predict_logits(X[:64]) for engine in engines]       # inference on the trained weights
+    assert float(np.abs(logits[0] - logits[1]).max()) <= 1e-3

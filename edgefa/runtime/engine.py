@@ -114,6 +114,10 @@ class OrtEngine:
         providers = providers or choose_providers()
         self.bundle = bundle
         self.momentum = float(bundle.manifest["optimizer"]["momentum"])
+        # On a GPU provider the weights, momentum and feedback live in GPU memory (OrtValues on
+        # "cuda"): a step moves only the batch in and the loss, bounds and logits out, and the
+        # weights come back to the host only when read (a checkpoint, a pull, `state()`).
+        self.on_gpu = on_gpu(tuple(providers))
         self.train_session = _session(bundle, "train_step", providers, threads)
         self.infer_session = _session(bundle, "infer", providers, threads)
         self.preference = bundle.manifest.get("loss") == LOSS_BRADLEY_TERRY
@@ -131,6 +135,10 @@ class OrtEngine:
             side_a.update({momentum_name(p): np.zeros_like(side_a[p]) for p in self.params})
         self.sides = [side_a, {n: np.empty_like(a) for n, a in side_a.items()}]
         self.feedback = {n: np.ascontiguousarray(a) for n, a in bundle.feedback.items()}
+        if self.on_gpu:             # copied to the GPU once; the host copies are let go
+            self.sides = [{n: self._value(a) for n, a in side.items()} for side in self.sides]
+            self.feedback = {n: self._value(a) for n, a in self.feedback.items()}
+            self.frozen = {n: self._value(a) for n, a in self.frozen.items()}
         self.current = 0
         self.layers = trainable_layers(bundle.model)   # the order of the graph's update_bound
         self._refresh_bounds()
@@ -138,24 +146,35 @@ class OrtEngine:
         self._infer_bindings = [self._bind_infer(k) for k in (0, 1)]
 
     # -- bindings: made once, reused every step --------------------------------------------------
+    def _value(self, arr) -> ort.OrtValue:
+        """An OrtValue over `arr`: a view of the numpy array on the CPU, a GPU copy on a GPU
+        provider (made once, at start); an OrtValue already is one."""
+        if isinstance(arr, ort.OrtValue):
+            return arr
+        return ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0) if self.on_gpu else ort.OrtValue.ortvalue_from_numpy(arr)
+
+    def _host(self, k: int) -> dict[str, np.ndarray]:
+        """Side k as numpy arrays: the buffers themselves on the CPU, copies from the GPU."""
+        return {n: (a.numpy() if isinstance(a, ort.OrtValue) else a) for n, a in self.sides[k].items()}
+
     def _bind_train(self, k: int):
         b = self.train_session.io_binding()
         src, dst = self.sides[k], self.sides[1 - k]
         for n in self.state_names:
-            b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(src[n]))
-            b.bind_ortvalue_output(next_name(n), ort.OrtValue.ortvalue_from_numpy(dst[n]))
+            b.bind_ortvalue_input(n, self._value(src[n]))
+            b.bind_ortvalue_output(next_name(n), self._value(dst[n]))
         for layer, arr in self.feedback.items():
-            b.bind_ortvalue_input(feedback_input_name(layer), ort.OrtValue.ortvalue_from_numpy(arr))
+            b.bind_ortvalue_input(feedback_input_name(layer), self._value(arr))
         for n, arr in self.frozen.items():
-            b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(arr))
+            b.bind_ortvalue_input(n, self._value(arr))
         return b
 
     def _bind_infer(self, k: int):
         b = self.infer_session.io_binding()
         for n in self.params:
-            b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(self.sides[k][n]))
+            b.bind_ortvalue_input(n, self._value(self.sides[k][n]))
         for n, arr in self.frozen.items():
-            b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(arr))
+            b.bind_ortvalue_input(n, self._value(arr))
         return b
 
     # -- training and inference ------------------------------------------------------------------
@@ -204,7 +223,7 @@ class OrtEngine:
 
     def _refresh_bounds(self) -> None:
         """Exact per-layer max |W|, |b| and max |v| of the current side (one pass; not per step)."""
-        side = self.sides[self.current]
+        side = self._host(self.current)
 
         def max_abs(names):
             return max(max(float(side[n].max()), -float(side[n].min())) if side[n].size else 0.0 for n in names)
@@ -230,11 +249,15 @@ class OrtEngine:
         """Copies of the current trainable weights (and momentum), keyed by bundle name; frozen
         weights never change, so they stay in the bundle and out of checkpoints."""
         self._refresh_bounds()  # we are reading everything anyway: tighten the bounds for free
-        return {n: a.copy() for n, a in self.sides[self.current].items()}
+        return {n: a.copy() for n, a in self._host(self.current).items()}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         for n in self.state_names:
-            np.copyto(self.sides[self.current][n], state[n])
+            target = self.sides[self.current][n]
+            if isinstance(target, ort.OrtValue):
+                target.update_inplace(np.ascontiguousarray(state[n], dtype=np.float32))
+            else:
+                np.copyto(target, state[n])
         self._refresh_bounds()
 
     @property
