@@ -13,7 +13,7 @@ from pathlib import Path
 from conftest import REPO, run_edgefa
 
 PACKAGE = REPO / "edgefa"
-DEVICE_MODULES = ["edgefa.bundle", "edgefa.runtime.engine", "edgefa.runtime.state",
+DEVICE_MODULES = ["edgefa.bundle", "edgefa.runtime.engine", "edgefa.runtime.state", "edgefa.runtime.tensorrt_build",
                   "edgefa.runtime.finetune", "edgefa.runtime.batches", "edgefa.data.preference", "edgefa.profiling.memory",
                   "edgefa.data", "edgefa.link.frames", "edgefa.link.protocol", "edgefa.link.messages",
                   "edgefa.link.transport", "edgefa.link.service", "edgefa.link.server", "edgefa.link.client",
