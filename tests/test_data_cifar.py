@@ -4,7 +4,7 @@ label byte, then 1024 red, 1024 green and 1024 blue bytes (32 x 32, row-major)."
 import numpy as np
 import pytest
 
-from conftest import assert_one_error_line, run_edgefa
+from conftest import assert_one_error_line, cli_in_process
 from edgefa.data import load_dataset
 from edgefa.data.datasets import CIFAR10_RECORD, load_cifar10_batches, load_cifar10_dir
 from edgefa.errors import DataError
@@ -67,10 +67,10 @@ def test_bad_cifar_files_name_the_problem(cifar_dir, tmp_path):
 
 def test_training_on_a_cifar_folder_from_the_cli_and_a_bad_one(cifar_dir, tmp_path):
     folder, _ = cifar_dir
-    ok = run_edgefa("train", "--dataset", f"cifar10:{folder}", "--hidden", "16", "--epochs", "1",
-                    "--batch-size", "4", "--device", "cpu", "--out", tmp_path / "run")
+    ok = cli_in_process("train", "--dataset", f"cifar10:{folder}", "--hidden", "16", "--epochs", "1",
+                        "--batch-size", "4", "--device", "cpu", "--out", tmp_path / "run")
     assert ok.returncode == 0, ok.stderr
     assert "cifar10" in ok.stdout and (tmp_path / "run" / "checkpoint.pt").is_file()
     (folder / "data_batch_1.bin").write_bytes(b"\x00" * 100)
-    assert_one_error_line(run_edgefa("train", "--dataset", f"cifar10:{folder}", "--out", tmp_path / "r2"),
+    assert_one_error_line(cli_in_process("train", "--dataset", f"cifar10:{folder}", "--out", tmp_path / "r2"),
                           "data_batch_1.bin: 100 bytes is not a whole number")

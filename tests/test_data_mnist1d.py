@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import assert_one_error_line, run_edgefa
+from conftest import assert_one_error_line, cli_in_process
 from edgefa.data import load_dataset, load_mnist1d
 from edgefa.errors import DataError
 
@@ -104,13 +104,13 @@ def test_a_missing_package_is_one_line(monkeypatch, how):
 
 def test_training_on_mnist1d_from_the_cli_and_a_bad_spec(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")           # small matrices: one torch thread (see below)
-    ok = run_edgefa("train", "--dataset", "mnist1d", "--epochs", "2", "--hidden", "64", "--device", "cpu",
-                    "--out", tmp_path / "run")
+    ok = cli_in_process("train", "--dataset", "mnist1d", "--epochs", "2", "--hidden", "64", "--device", "cpu",
+                        "--out", tmp_path / "run")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "mnist1d" in ok.stdout and (tmp_path / "run" / "checkpoint.pt").is_file()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (metrics["dataset"], metrics["n_train"] + metrics["n_test"]) == ("mnist1d", 5000)
-    assert_one_error_line(run_edgefa("train", "--dataset", "mnist1d:abc", "--out", tmp_path / "r2"),
+    assert_one_error_line(cli_in_process("train", "--dataset", "mnist1d:abc", "--out", tmp_path / "r2"),
                           "'mnist1d:abc' must be an integer >= 100")
 
 

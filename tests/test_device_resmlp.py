@@ -156,18 +156,21 @@ def test_resmlp_bundle_verifies_and_finetunes_without_torch(tmp_path):
 def test_cli_train_resmlp_export_and_finetune_on_the_device_and_cnn_export_is_one_line(tmp_path, digits_npz):
     import json
 
-    from conftest import assert_one_error_line, run_all, run_edgefa
+    from conftest import assert_one_error_line, cli_in_process, run_edgefa
 
     from edgefa.models import NETS
     from edgefa.training.trainer import save_run
 
     res, cnn = tmp_path / "res", tmp_path / "cnn"
-    trained = run_edgefa("train", "--model", "resmlp", "--width", "16", "--depth", "2", "--activation", "gelu",
-                         "--epochs", "1", "--device", "cpu", "--out", res, timeout=900)   # slow on a loaded CI box
+    # the host side through the CLI's code in this process (one torch import); the device side below
+    # in a second process where torch cannot be imported
+    trained = cli_in_process("train", "--model", "resmlp", "--width", "16", "--depth", "2", "--activation", "gelu",
+                             "--epochs", "1", "--device", "cpu", "--out", res)
     assert trained.returncode == 0, trained.stdout + trained.stderr
     model = NETS["cnn"](NetConfig("cnn", [1, 8, 8], 10, "dfa", width=4, depth=1))
     save_run(Run(model, make_optimizer(model, LR, 0.9), TrainConfig(model="cnn"), Standardizer(0.0, 1.0), {}), cnn)
-    exported, refused = run_all(("export", res, "--out", tmp_path / "B"), ("export", cnn, "--out", tmp_path / "C"))
+    exported, refused = (cli_in_process("export", res, "--out", tmp_path / "B"),
+                         cli_in_process("export", cnn, "--out", tmp_path / "C"))
     assert exported.returncode == 0, exported.stdout + exported.stderr
     assert_one_error_line(refused, "export: cnn models are host-only; the device trains mlp and resmlp bundles")
     assert not (tmp_path / "C").exists()

@@ -15,7 +15,7 @@ from edgefa.training.rules import RULES
 from edgefa.data import load_dataset, stratified_split
 from edgefa.training.trainer import TrainConfig, evaluate, load_run, make_optimizer, save_run, train
 
-from conftest import assert_one_error_line, run_all
+from conftest import assert_one_error_line, cli_in_process
 
 SHAPES = {"resmlp": [12], "cnn": [1, 4, 4], "vit": [1, 4, 4], "transformer": [6]}
 
@@ -202,18 +202,18 @@ def test_every_model_trains_from_the_cli(tmp_path):
              for kind, rule in (("resmlp", "hybrid"), ("cnn", "usf"), ("vit", "fa"), ("transformer", "dfa"))]
     calls.append(("train", "--model", "resmlp", "--method", "dfa", "--penalty", "0.01", "--freeze-blocks",
                   "--epochs", "1", "--width", "8", "--depth", "1", "--out", str(tmp_path / "frozen")))
-    for args, proc in zip(calls, run_all(*calls)):
+    for args, proc in zip(calls, [cli_in_process(*c) for c in calls]):     # the CLI's code, one torch import
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert (tmp_path / args[-1].split("/")[-1] / "checkpoint.pt").is_file()
 
 
 def test_bad_model_options_are_one_line(tmp_path):
-    bad_patch, bad_heads, gelu_mlp, neg = run_all(
+    bad_patch, bad_heads, gelu_mlp, neg = (cli_in_process(*c) for c in (
         ("train", "--model", "vit", "--patch", "3", "--epochs", "1", "--out", str(tmp_path / "a")),
         ("train", "--model", "transformer", "--width", "10", "--heads", "4", "--epochs", "1", "--out", str(tmp_path / "b")),
         ("train", "--activation", "gelu", "--epochs", "1", "--out", str(tmp_path / "c")),
         ("train", "--model", "resmlp", "--depth", "0", "--epochs", "1", "--out", str(tmp_path / "d")),
-    )
+    ))
     assert_one_error_line(bad_patch, "patch 3")
     assert_one_error_line(bad_heads, "not divisible")
     assert_one_error_line(gelu_mlp, "gelu")

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 
-from conftest import assert_one_error_line, run_edgefa
+from conftest import assert_one_error_line, cli_in_process, run_edgefa
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "run"
-    proc = run_edgefa("train", "--epochs", "2", "--hidden", "16", "--device", "cpu", "--out", out)
+    proc = cli_in_process("train", "--epochs", "2", "--hidden", "16", "--device", "cpu", "--out", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 

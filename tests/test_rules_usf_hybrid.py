@@ -7,7 +7,7 @@ import json
 import torch
 from torch.nn import functional as F
 
-from conftest import assert_one_error_line, run_all, run_edgefa
+from conftest import assert_one_error_line, cli_in_process, run_edgefa
 from edgefa.models import MLP, MLPConfig
 from edgefa.training.trainer import make_optimizer, train_steps
 
@@ -72,11 +72,11 @@ def test_hybrid_takes_a_true_bp_step_every_kth_step_and_is_dfa_otherwise():
 
 def test_the_cli_trains_and_exports_usf_and_hybrid(tmp_path):
     methods = ("usf", "hybrid")
-    trained = run_all(*[("train", "--method", m, "--hybrid-every", "5", "--hidden", "32", "--epochs", "2",
-                         "--device", "cpu", "--out", tmp_path / m) for m in methods])
+    trained = [cli_in_process("train", "--method", m, "--hybrid-every", "5", "--hidden", "32", "--epochs", "2",
+                              "--device", "cpu", "--out", tmp_path / m) for m in methods]
     for proc in trained:
         assert proc.returncode == 0, proc.stderr
-    exported = run_all(*[("export", tmp_path / m, "--out", tmp_path / f"{m}-bundle") for m in methods])
+    exported = [cli_in_process("export", tmp_path / m, "--out", tmp_path / f"{m}-bundle") for m in methods]
     for method, proc in zip(methods, exported):
         assert proc.returncode == 0, proc.stderr
         metrics = json.loads((tmp_path / method / "metrics.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import run_edgefa
+from conftest import cli_in_process, run_edgefa
 from edgefa.data import Dataset, save_npz
 from edgefa.errors import CheckpointError
 from edgefa.models import MLP, MLPConfig
@@ -111,8 +111,8 @@ def test_train_cli_on_user_npz(tmp_path):
     X = rng.normal(size=(120, 10)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)  # learnable: the sign of the first feature
     save_npz(tmp_path / "mine.npz", Dataset(X, y, 2, "mine"))
-    proc = run_edgefa("train", "--method", "fa", "--dataset", f"npz:{tmp_path / 'mine.npz'}",
-                      "--hidden", "16", "--epochs", "4", "--batch-size", "8", "--lr", "0.05", "--out", tmp_path / "run")
+    proc = cli_in_process("train", "--method", "fa", "--dataset", f"npz:{tmp_path / 'mine.npz'}", "--hidden", "16",
+                          "--epochs", "4", "--batch-size", "8", "--lr", "0.05", "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
     assert "final test accuracy" in proc.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
