@@ -220,6 +220,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all: a temporary file in the same folder, fsynced,
+    renamed over the old one, the folder fsynced. Readable by all (0644), like a plain write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 # --- writing (host) -------------------------------------------------------------------------
 
 def write_bundle(out_dir: str | os.PathLike, manifest: dict, graphs: dict[str, bytes],

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..bundle import write_atomically
 from ..data import Dataset, load_dataset, stratified_split
 from ..errors import CheckpointError, DiagnosisError
 from ..models import model_from_config
@@ -484,7 +485,5 @@ def frozen_baseline(run, run_dir: Path, given: str | os.PathLike | None, device:
 def write_diagnosis(result: dict, run_dir: str | os.PathLike) -> Path:
     """RUN/diagnosis.json, written whole or not at all."""
     path = Path(run_dir) / DIAGNOSIS
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(result, indent=2).encode("utf-8"))
     return path

@@ -10,13 +10,12 @@ Reading order: formatting helpers, SVG helpers (ticks, axes, the four chart kind
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
+from edgefa.bundle import write_atomically
 from edgefa.errors import EdgefaError
 
 MIB = 1024 * 1024
@@ -829,20 +828,8 @@ def render_sweep_report(sweep: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 def write_report(path: Path, html: str) -> None:
-    """Write `html` to `path` atomically: a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(html)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `html` to `path` atomically (bundle.write_atomically)."""
+    write_atomically(path, html.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------

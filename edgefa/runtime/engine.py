@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import EdgefaError
+from .tensorrt_build import DEFAULT_PROFILE
 from ..bundle import (LOSS_BRADLEY_TERRY, Bundle, feedback_input_name, layer_params, momentum_name, next_name,
                       param_shapes, trainable_layers, trainable_params)
 
@@ -56,7 +57,7 @@ def tensorrt_options(bundle: Bundle, graph: str, inputs: dict[str, list]) -> dic
     (the DFA update stays FP32), and the manifest's batch profile for every input whose dim 0 is
     the batch (`inputs`: name -> shape as onnxruntime reports it, the batch as a string)."""
     trt = bundle.manifest.get("tensorrt") or {}
-    profile = trt.get("profile") or {"min": 1, "opt": 32, "max": 256}
+    profile = trt.get("profile") or DEFAULT_PROFILE
     cache = bundle.state_dir / "trt_cache"
     options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache),

@@ -23,11 +23,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..bundle import MANIFEST, STATE_DIR, fsync_dir, read_bundle, sha256_file
+from ..bundle import MANIFEST, STATE_DIR, read_bundle, sha256_file, write_atomically
 from ..errors import EdgefaError
 
 ENGINE_DIR = "engines"
@@ -70,21 +69,6 @@ def engine_is_current(record: dict | None, identity: dict, precision: str, profi
     return all(record.get(key) == value for key, value in wanted.items())
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_engine(onnx_path: Path, profile: dict, fp16: bool, timing_cache: Path,
                  workspace_bytes: int | None = None) -> bytes:
     """One serialized engine from one ONNX graph (TensorRT's Builder, OnnxParser and
@@ -119,7 +103,7 @@ def build_engine(onnx_path: Path, profile: dict, fp16: bool, timing_cache: Path,
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EdgefaError(f"{onnx_path}: TensorRT {trt.__version__} could not build an engine (its log says why)")
-    _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
+    write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 
@@ -151,12 +135,12 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, force: bool = False,
         if on_build:
             on_build(graph)
         data = build_engine(bundle.graph_path(graph), profile, precision == "fp16", timing_cache)
-        _write_atomically(root / name, data)
+        write_atomically(root / name, data)
         manifest["files"][name] = {"sha256": sha256_file(root / name), "bytes": len(data)}
         engines[graph] = {"file": name, **identity, "precision": precision, "profile": profile}
         built = True
     if built:
         manifest["engines"] = engines
-        _write_atomically(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_atomically(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         read_bundle(root)                               # what was written verifies
     return engines
