@@ -37,6 +37,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PAYLOAD_FILES = ("infer.onnx", "train_step.onnx", "weights.npz", "feedback.npz")
 STATE_DIR = "state"
+# The forward pass with the weights as initializers, from which TensorRT builds a refittable
+# inference engine (exporters.onnx_graphs.refittable_infer_graph; runtime.tensorrt_build).
+REFIT_GRAPH = "tensorrt/infer_refit.onnx"
 
 
 # --- the naming contract shared by the exporter, the graphs and the runtime ------------------

@@ -27,12 +27,12 @@ def test_bounds_hold_after_every_step(tmp_path, momentum):
         side = engine.sides[engine.current]
         for i, layer in enumerate(engine.layers):
             params = [f"{layer}.weight", f"{layer}.bias"]
-            assert _max_abs(side, params) <= engine.w_bound[i]
+            assert _max_abs(side, params) <= engine.bounds.w[i]
             if momentum:
-                assert _max_abs(side, [momentum_name(p) for p in params]) <= engine.v_bound[i]
-    tracked = engine.w_bound.copy()
+                assert _max_abs(side, [momentum_name(p) for p in params]) <= engine.bounds.v[i]
+    tracked = engine.bounds.w.copy()
     engine.state()  # reading the state tightens the bounds to the exact maxima
-    assert (engine.w_bound <= tracked).all() and (engine.w_bound < tracked).any()
+    assert (engine.bounds.w <= tracked).all() and (engine.bounds.w < tracked).any()
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

@@ -8,7 +8,9 @@ updates only the last K units from the head (bundle.trainable_units); the rest s
 Both graphs are also checked for TensorRT (tensorrt_ready: operators, opset, static ranks, the
 batch profile) against the targeted TensorRT release; the bundle records the verdict in its
 manifest ("tensorrt") and carries tensorrt/readiness.json and tensorrt/trtexec.sh, the engine
-builds to run on the device. `require_tensorrt=True` refuses to write a bundle that is not ready.
+builds to run on the device, and tensorrt/infer_refit.onnx, the forward pass with the weights as
+initializers that the device builds its refittable inference engine from.
+`require_tensorrt=True` refuses to write a bundle that is not ready.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, feedback_shapes, parse_trainable,
+from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, REFIT_GRAPH, feedback_shapes, parse_trainable,
                       write_bundle)
 from ..errors import EdgefaError
 from ..models.mlp import MLP, dfa_feedback_std
 from ..training.rules import draw_feedback
 from ..training.trainer import Run
-from .onnx_graphs import OPSET, infer_graph, serialize_checked, train_step_graph
+from .onnx_graphs import OPSET, infer_graph, refittable_infer_graph, serialize_checked, train_step_graph
 from .tensorrt_ready import (DEFAULT_PROFILE, bundle_files, check_profile, load_target, manifest_section,
                              readiness, summary_line)
 
@@ -180,8 +182,9 @@ def export_bundle(run: Run, out_dir: str | os.PathLike, momentum: float | None =
                    for k, v in run.model.state_dict().items() if not k.startswith("feedback_")}
     manifest = build_manifest(run, topo, info, momentum, lr, loss)
     manifest["tensorrt"] = manifest_section(trt, fp16_infer)
-    return write_bundle(out_dir, manifest, graphs, weights, feedback,
-                        extra_files=bundle_files(trt, graphs, fp16_infer))
+    extra = bundle_files(trt, graphs, fp16_infer)
+    extra[REFIT_GRAPH] = serialize_checked(refittable_infer_graph(topo, weights))
+    return write_bundle(out_dir, manifest, graphs, weights, feedback, extra_files=extra)
 
 
 def _param_name(state_key: str) -> str:

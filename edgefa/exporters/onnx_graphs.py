@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, feedback_input_name, feedback_shapes,
                       model_kind, momentum_name, next_name, param_shapes, trainable_layers, trainable_params)
@@ -173,6 +174,22 @@ def infer_graph(model: dict) -> onnx.ModelProto:
     _forward(g, model, "x")
     g.output("logits", [BATCH, model["n_classes"]])
     return g.model("edgefa_infer", "edgefa forward pass: x, weights -> logits")
+
+
+def refittable_infer_graph(model: dict, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """infer_graph with every parameter an initializer (holding `weights`) instead of an input:
+    the graph TensorRT builds a refittable inference engine from. Constant weights let TensorRT
+    fold and fuse them (and store them in FP16); refitting swaps in the trained values by these
+    initializer names, so new weights never mean a new engine."""
+    m = infer_graph(model)
+    params = param_shapes(model)
+    kept = [i for i in m.graph.input if i.name not in params]
+    del m.graph.input[:]
+    m.graph.input.extend(kept)
+    m.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(weights[n], dtype=np.float32), n)
+                               for n in params)
+    m.doc_string = "edgefa forward pass with the weights as initializers (refittable in TensorRT): x -> logits"
+    return m
 
 
 def _local_errors(g: _Graph, model: dict, fwd: _Forward, e: str, trained: list[str]) -> dict[str, str]:

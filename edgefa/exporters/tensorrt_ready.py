@@ -35,6 +35,7 @@ from pathlib import Path
 
 import onnx
 
+from ..bundle import REFIT_GRAPH
 from ..errors import EdgefaError
 
 if sys.version_info >= (3, 11):
@@ -341,4 +342,4 @@ def manifest_section(summary: dict, fp16_infer: bool) -> dict:
     """The manifest's "tensorrt" table (the device runtime reads profile and fp16_infer)."""
     return {"target": summary["target"], "ready": summary["ready"], "problems": list(summary["problems"]),
             "profile": dict(summary["profile"]), "fp16_infer": bool(fp16_infer), "fp16_train_step": False,
-            "trtexec": TRTEXEC_SCRIPT, "readiness": READINESS_FILE}
+            "trtexec": TRTEXEC_SCRIPT, "readiness": READINESS_FILE, "refit_graph": REFIT_GRAPH}

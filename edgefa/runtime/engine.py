@@ -3,19 +3,8 @@
 Every trainable tensor (weights, biases, momentum) has two preallocated buffers, A and B. Step k
 reads side k%2 and writes the other through IOBinding, so a step allocates and copies nothing
 weight-sized; accepting a step is flipping which side is current, and refusing one (NaN/Inf) is
-simply not flipping. Feedback matrices are bound once and never change.
-
-Proving a step finite without reading its output again. Checking every new weight for NaN/Inf
-is a full pass over memory (about 3.5 ms for 8 x 1024^2 weights here, an eighth of a step). The
-graph instead returns, per layer, G_l >= |every element of the step's gradient| (Cauchy-Schwarz
-on the outer product, from the small [batch, width] tensors). The engine keeps per-layer upper
-bounds on |W| and |v| and advances them with the optimizer's own recurrence:
-
-    v' = mu v + g   ->  V' = mu V + G          W' = W - lr v'  ->  M' = M + lr V'
-
-All inputs finite (G finite implies the batch and deltas were) and every bound below 1e37 means no
-operation can overflow float32, so the new state is finite. The bounds are reset to the exact
-max |W|, max |v| whenever the state is read or loaded (checkpoints), so they stay tight.
+simply not flipping. Feedback matrices are bound once and never change. Whether a step is finite
+is proven from the graph's per-layer update bounds (step_bounds), not by reading the weights.
 """
 
 from __future__ import annotations
@@ -27,8 +16,9 @@ import onnxruntime as ort
 
 from ..errors import EdgefaError
 from .tensorrt_build import DEFAULT_PROFILE
-from ..bundle import (LOSS_BRADLEY_TERRY, Bundle, feedback_input_name, layer_params, momentum_name, next_name,
-                      param_shapes, trainable_layers, trainable_params)
+from ..bundle import (LOSS_BRADLEY_TERRY, Bundle, feedback_input_name, momentum_name, next_name, param_shapes,
+                      trainable_layers, trainable_params)
+from .step_bounds import StepBounds
 
 # Chosen automatically in this order, the first one the installed onnxruntime offers; the ones
 # after it stay in the list as fallbacks for nodes it cannot take. TensorRT builds an engine per
@@ -75,9 +65,6 @@ def on_gpu(providers: tuple[str, ...]) -> bool:
     return bool(providers) and providers[0] != "CPUExecutionProvider"
 
 
-OVERFLOW_LIMIT = 1e37  # float32 max is 3.4e38: a 34x margin for rounding inside the Gemms
-
-
 @dataclass
 class StepResult:
     loss: float
@@ -109,18 +96,17 @@ def _session(bundle: Bundle, graph: str, providers, threads: int | None) -> ort.
     return ort.InferenceSession(str(path), opts, providers=chosen)
 
 
-class OrtEngine:
-    def __init__(self, bundle: Bundle, providers: tuple[str, ...] | None = None,
-                 threads: int | None = None):
-        providers = providers or choose_providers()
+class DeviceEngine:
+    """What every backend shares: the bundle's state layout (trainable tensors with momentum in
+    two ping-pong sides, frozen ones bound once), the checks on what a step is fed, and the proof
+    that a step is finite. A backend runs the graphs: `_run_step` and `_infer_batch`, and moves
+    state in and out: `_host`, `_write_current`."""
+
+    max_batch: int | None = None        # a backend with a fixed batch range says its largest
+
+    def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self.momentum = float(bundle.manifest["optimizer"]["momentum"])
-        # On a GPU provider the weights, momentum and feedback live in GPU memory (OrtValues on
-        # "cuda"): a step moves only the batch in and the loss, bounds and logits out, and the
-        # weights come back to the host only when read (a checkpoint, a pull, `state()`).
-        self.on_gpu = on_gpu(tuple(providers))
-        self.train_session = _session(bundle, "train_step", providers, threads)
-        self.infer_session = _session(bundle, "infer", providers, threads)
         self.preference = bundle.manifest.get("loss") == LOSS_BRADLEY_TERRY
         # Only the trainable tensors (all of them unless the bundle says `trainable: last:K`) get
         # momentum and ping-pong buffers; frozen ones are bound once, from the bundle's arrays.
@@ -128,21 +114,85 @@ class OrtEngine:
         self.frozen = {n: np.ascontiguousarray(bundle.weights[n]) for n in param_shapes(bundle.model)
                        if n not in self.params}
         self.state_names = self.params + ([momentum_name(p) for p in self.params] if self.momentum else [])
-
-        # Side A starts as the bundle's own arrays (no copy: the weights are held once, not twice);
-        # read_bundle already checked they are float32. The engine owns them from here on.
-        side_a = {p: np.ascontiguousarray(bundle.weights[p]) for p in self.params}
-        if self.momentum:
-            side_a.update({momentum_name(p): np.zeros_like(side_a[p]) for p in self.params})
-        self.sides = [side_a, {n: np.empty_like(a) for n, a in side_a.items()}]
         self.feedback = {n: np.ascontiguousarray(a) for n, a in bundle.feedback.items()}
+        self.layers = trainable_layers(bundle.model)   # the order of the graph's update_bound
+        self.bounds = StepBounds(self.layers, self.momentum)
+        self.current = 0
+
+    def initial_side(self) -> dict[str, np.ndarray]:
+        """The state to start from: the bundle's own arrays (no copy: read_bundle already checked
+        they are float32, and the engine owns them from here on) and zero momentum."""
+        side = {p: np.ascontiguousarray(self.bundle.weights[p]) for p in self.params}
+        if self.momentum:
+            side.update({momentum_name(p): np.zeros_like(side[p]) for p in self.params})
+        return side
+
+    # -- training and inference ------------------------------------------------------------------
+    def step(self, x: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
+        """One DFA step. The new state is accepted only if the loss and every new tensor are finite."""
+        if self.preference:
+            raise EdgefaError(f"{self.bundle.path}: a bradley-terry bundle trains on pairs (step_pairs), not labels")
+        inputs = {"x": np.ascontiguousarray(x, dtype=np.float32),
+                  "labels": np.ascontiguousarray(labels, dtype=np.int64)}
+        loss, accepted, (logits,) = self._checked_step(inputs, lr, ("logits",))
+        return StepResult(loss, accepted, logits)
+
+    def step_pairs(self, chosen: np.ndarray, rejected: np.ndarray, lr: float) -> PairStepResult:
+        """One DFA step of a Bradley-Terry bundle on a batch of pairs (row i of `chosen` preferred
+        to row i of `rejected`); accepted under the same proof of finiteness as `step`."""
+        if not self.preference:
+            raise EdgefaError(f"{self.bundle.path}: this bundle trains on labels (step), not on pairs")
+        inputs = {"x_chosen": np.ascontiguousarray(chosen, dtype=np.float32),
+                  "x_rejected": np.ascontiguousarray(rejected, dtype=np.float32)}
+        loss, accepted, (s_w, s_l) = self._checked_step(inputs, lr, ("score_chosen", "score_rejected"))
+        return PairStepResult(loss, accepted, s_w, s_l)
+
+    def _checked_step(self, inputs: dict[str, np.ndarray], lr: float, per_sample: tuple[str, ...]):
+        """Run one step from the current side into the other; flip only if it is proven finite."""
+        loss, update_bound, rest = self._run_step(inputs, lr, per_sample)
+        accepted = self.bounds.advance(loss, update_bound, lr)
+        if accepted:
+            self.current = 1 - self.current
+        return loss, accepted, rest
+
+    def predict_logits(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        batch_size = min(batch_size, self.max_batch or batch_size)
+        out = [self._infer_batch(np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32))
+               for i in range(0, len(x), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.bundle.model["n_classes"]), np.float32)
+
+    # -- state in and out ------------------------------------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """Copies of the current trainable weights (and momentum), keyed by bundle name; frozen
+        weights never change, so they stay in the bundle and out of checkpoints."""
+        side = self._host(self.current)
+        self.bounds.reset(side)  # we are reading everything anyway: tighten the bounds for free
+        return {n: a.copy() for n, a in side.items()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        arrays = {n: np.ascontiguousarray(state[n], dtype=np.float32) for n in self.state_names}
+        self.bounds.reset(arrays)           # refuses NaN/Inf before anything is written
+        self._write_current(arrays)
+
+
+class OrtEngine(DeviceEngine):
+    def __init__(self, bundle: Bundle, providers: tuple[str, ...] | None = None,
+                 threads: int | None = None):
+        super().__init__(bundle)
+        providers = providers or choose_providers()
+        # On a GPU provider the weights, momentum and feedback live in GPU memory (OrtValues on
+        # "cuda"): a step moves only the batch in and the loss, bounds and logits out, and the
+        # weights come back to the host only when read (a checkpoint, a pull, `state()`).
+        self.on_gpu = on_gpu(tuple(providers))
+        self.train_session = _session(bundle, "train_step", providers, threads)
+        self.infer_session = _session(bundle, "infer", providers, threads)
+        side_a = self.initial_side()
+        self.sides = [side_a, {n: np.empty_like(a) for n, a in side_a.items()}]
         if self.on_gpu:             # copied to the GPU once; the host copies are let go
             self.sides = [{n: self._value(a) for n, a in side.items()} for side in self.sides]
             self.feedback = {n: self._value(a) for n, a in self.feedback.items()}
             self.frozen = {n: self._value(a) for n, a in self.frozen.items()}
-        self.current = 0
-        self.layers = trainable_layers(bundle.model)   # the order of the graph's update_bound
-        self._refresh_bounds()
+        self.bounds.reset(self._host(self.current))
         self._train_bindings = [self._bind_train(k) for k in (0, 1)]
         self._infer_bindings = [self._bind_infer(k) for k in (0, 1)]
 
@@ -178,29 +228,11 @@ class OrtEngine:
             b.bind_ortvalue_input(n, self._value(arr))
         return b
 
-    # -- training and inference ------------------------------------------------------------------
-    def step(self, x: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
-        """One DFA step. The new state is accepted only if the loss and every new tensor are finite."""
-        if self.preference:
-            raise EdgefaError(f"{self.bundle.path}: a bradley-terry bundle trains on pairs (step_pairs), not labels")
+    # -- running the graphs ----------------------------------------------------------------------
+    def _run_step(self, inputs: dict[str, np.ndarray], lr: float, per_sample: tuple[str, ...]):
         b = self._train_bindings[self.current]
-        b.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
-        b.bind_cpu_input("labels", np.ascontiguousarray(labels, dtype=np.int64))
-        loss, accepted, (logits,) = self._run_step(b, lr, ("logits",))
-        return StepResult(loss, accepted, logits)
-
-    def step_pairs(self, chosen: np.ndarray, rejected: np.ndarray, lr: float) -> PairStepResult:
-        """One DFA step of a Bradley-Terry bundle on a batch of pairs (row i of `chosen` preferred
-        to row i of `rejected`); accepted under the same proof of finiteness as `step`."""
-        if not self.preference:
-            raise EdgefaError(f"{self.bundle.path}: this bundle trains on labels (step), not on pairs")
-        b = self._train_bindings[self.current]
-        b.bind_cpu_input("x_chosen", np.ascontiguousarray(chosen, dtype=np.float32))
-        b.bind_cpu_input("x_rejected", np.ascontiguousarray(rejected, dtype=np.float32))
-        loss, accepted, (s_w, s_l) = self._run_step(b, lr, ("score_chosen", "score_rejected"))
-        return PairStepResult(loss, accepted, s_w, s_l)
-
-    def _run_step(self, b, lr: float, per_sample: tuple[str, ...]):
+        for name, arr in inputs.items():
+            b.bind_cpu_input(name, arr)
         b.bind_cpu_input("lr", np.array(lr, dtype=np.float32))
         # Outputs whose shape follows the batch are bound afresh each run: a binding reuses the
         # previous run's buffer, which fails when the batch size changes.
@@ -209,57 +241,22 @@ class OrtEngine:
             b.bind_output(name)
         self.train_session.run_with_iobinding(b)
         bound_value, loss_value, *rest = b.get_outputs()[-len(names):]
-        loss, update_bound = float(loss_value.numpy()), bound_value.numpy().astype(np.float64)
-        if self.momentum:
-            v_bound = self.momentum * self.v_bound + update_bound
-            w_bound = self.w_bound + lr * v_bound
-        else:  # the graph folded lr into the update already
-            v_bound, w_bound = self.v_bound, self.w_bound + update_bound
-        accepted = (np.isfinite(loss) and np.isfinite(update_bound).all()
-                    and max(w_bound.max(initial=0.0), v_bound.max(initial=0.0)) < OVERFLOW_LIMIT)
-        if accepted:
-            self.current = 1 - self.current
-            self.w_bound, self.v_bound = w_bound, v_bound
-        return loss, bool(accepted), [r.numpy() for r in rest]
+        return float(loss_value.numpy()), bound_value.numpy(), [r.numpy() for r in rest]
 
-    def _refresh_bounds(self) -> None:
-        """Exact per-layer max |W|, |b| and max |v| of the current side (one pass; not per step)."""
-        side = self._host(self.current)
-
-        def max_abs(names):
-            return max(max(float(side[n].max()), -float(side[n].min())) if side[n].size else 0.0 for n in names)
-
-        self.w_bound = np.array([max_abs(layer_params(l)) for l in self.layers])
-        self.v_bound = (np.array([max_abs([momentum_name(p) for p in layer_params(l)]) for l in self.layers])
-                        if self.momentum else np.zeros(len(self.layers)))
-        if not (np.isfinite(self.w_bound).all() and np.isfinite(self.v_bound).all()):
-            raise EdgefaError("the weights or momentum to start from hold NaN or Inf")
-
-    def predict_logits(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    def _infer_batch(self, x: np.ndarray) -> np.ndarray:
         b = self._infer_bindings[self.current]
-        out = []
-        for i in range(0, len(x), batch_size):
-            b.bind_cpu_input("x", np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32))
-            b.bind_output("logits")
-            self.infer_session.run_with_iobinding(b)
-            out.append(b.get_outputs()[0].numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.bundle.model["n_classes"]), np.float32)
+        b.bind_cpu_input("x", x)
+        b.bind_output("logits")
+        self.infer_session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()
 
-    # -- state in and out ------------------------------------------------------------------------
-    def state(self) -> dict[str, np.ndarray]:
-        """Copies of the current trainable weights (and momentum), keyed by bundle name; frozen
-        weights never change, so they stay in the bundle and out of checkpoints."""
-        self._refresh_bounds()  # we are reading everything anyway: tighten the bounds for free
-        return {n: a.copy() for n, a in self._host(self.current).items()}
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        for n in self.state_names:
+    def _write_current(self, arrays: dict[str, np.ndarray]) -> None:
+        for n, arr in arrays.items():
             target = self.sides[self.current][n]
             if isinstance(target, ort.OrtValue):
-                target.update_inplace(np.ascontiguousarray(state[n], dtype=np.float32))
+                target.update_inplace(arr)
             else:
-                np.copyto(target, state[n])
-        self._refresh_bounds()
+                np.copyto(target, arr)
 
     @property
     def providers(self) -> list[str]:

@@ -3,19 +3,22 @@
 Device side: numpy, the `tensorrt` Python bindings (JetPack's python3-libnvinfer) and cuda-python
 for the GPU's name, imported only when a build runs; never torch, never onnx.
 
-    BUNDLE/engines/infer.engine        FP16 where the manifest allows it (tensorrt.fp16_infer)
+    BUNDLE/engines/infer.engine        from tensorrt/infer_refit.onnx (the weights as initializers),
+                                       refittable; FP16 where the manifest allows it (fp16_infer)
     BUNDLE/engines/train_step.engine   always FP32: the DFA update is not built in half precision
     BUNDLE/state/trt_cache/timing.cache   the builder's timing cache, reused by every later build
 
 Each engine gets one optimization profile, the manifest's batch profile (min, opt, max) over dim 0
 of every input that carries the batch. Engines are hashed in the manifest like every other file,
 and its `engines` section records what each was built for: the TensorRT version, the GPU (name and
-compute capability) and the precision. An engine whose record does not match this device is
-rebuilt, never loaded: a serialized engine is only valid for the TensorRT version and GPU that
-built it.
+compute capability), the precision and the ONNX file. An engine whose record does not match this
+device is rebuilt, never loaded: a serialized engine is only valid for the TensorRT version and
+GPU that built it.
 
-No refit is needed: the bundle's weights are graph *inputs*, so an engine reads whatever weights
-are bound to it (the live training buffers), and new weights never mean a new engine.
+The train-step engine takes the weights as *inputs*: it reads and writes the live ping-pong
+buffers, so training never touches the engine. The inference engine holds them as constants
+(TensorRT folds them, and stores them in FP16 where allowed) and is refit from the current
+weights before an evaluation (runtime.tensorrt_engine), never rebuilt for new weights.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..bundle import MANIFEST, STATE_DIR, read_bundle, sha256_file, write_atomically
+from ..bundle import MANIFEST, REFIT_GRAPH, STATE_DIR, read_bundle, sha256_file, write_atomically
 from ..errors import EdgefaError
+from .cuda_memory import cudart
 
 ENGINE_DIR = "engines"
 GRAPHS = ("infer", "train_step")
@@ -45,34 +49,33 @@ def tensorrt_missing() -> str | None:
 
 def gpu_identity() -> dict:
     """The GPU engines are built for: its name and compute capability (cuda-python)."""
-    try:
-        from cuda.bindings import runtime as cudart          # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart                          # older cuda-python
-        except ImportError as exc:
-            raise EdgefaError(f"cuda-python is not installed here ({exc}); it names the GPU an engine is "
-                              "built for (pip install cuda-python)") from None
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise EdgefaError(f"no CUDA GPU to build TensorRT engines on ({err})")
+    rt = cudart()
+    err, props = rt.cudaGetDeviceProperties(0)
+    if err != rt.cudaError_t.cudaSuccess:
+        raise EdgefaError(f"no CUDA GPU to build or run TensorRT engines on ({err})")
     name = props.name.decode("utf-8", "replace") if isinstance(props.name, bytes) else str(props.name)
     return {"gpu": name.rstrip("\x00").strip(), "compute_capability": f"{props.major}.{props.minor}"}
 
 
-def engine_is_current(record: dict | None, identity: dict, precision: str, profile: dict) -> bool:
+def engine_is_current(record: dict | None, identity: dict, precision: str, profile: dict,
+                      source: str | None = None) -> bool:
     """Whether an engine recorded in the manifest may be loaded here: built by this TensorRT
-    version, for this GPU, in this precision, for this batch profile."""
+    version, for this GPU, in this precision, for this batch profile (and, given `source`, from
+    that ONNX file: an engine from infer.onnx takes the weights as inputs, one from the refit
+    graph holds them)."""
     if not isinstance(record, dict):
         return False
     wanted = {**identity, "precision": precision, "profile": dict(profile)}
+    if source is not None:
+        wanted["onnx"] = source
     return all(record.get(key) == value for key, value in wanted.items())
 
 
 def build_engine(onnx_path: Path, profile: dict, fp16: bool, timing_cache: Path,
-                 workspace_bytes: int | None = None) -> bytes:
+                 workspace_bytes: int | None = None, refittable: bool = False) -> bytes:
     """One serialized engine from one ONNX graph (TensorRT's Builder, OnnxParser and
-    build_serialized_network), with the batch profile and the timing cache."""
+    build_serialized_network), with the batch profile and the timing cache; `refittable`: its
+    weights (the graph's initializers) can be replaced later by name (trt.Refitter)."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -88,6 +91,8 @@ def build_engine(onnx_path: Path, profile: dict, fp16: bool, timing_cache: Path,
     config = builder.create_builder_config()
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     shapes = builder.create_optimization_profile()
@@ -105,6 +110,14 @@ def build_engine(onnx_path: Path, profile: dict, fp16: bool, timing_cache: Path,
         raise EdgefaError(f"{onnx_path}: TensorRT {trt.__version__} could not build an engine (its log says why)")
     write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
+
+
+def engine_source(bundle, graph: str) -> str:
+    """The ONNX file an engine for `graph` is built from: the infer engine from the refit graph
+    (weights as initializers) where the bundle has one, else the graph itself."""
+    if graph == "infer" and REFIT_GRAPH in bundle.manifest.get("files", {}):
+        return REFIT_GRAPH
+    return bundle.manifest["graphs"][graph]
 
 
 def build_bundle_engines(bundle_dir: str | os.PathLike, force: bool = False,
@@ -128,16 +141,20 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, force: bool = False,
     built = False
     for graph in GRAPHS:
         precision = "fp16" if graph == "infer" and trt_section.get("fp16_infer") else "fp32"
+        source = engine_source(bundle, graph)
         name = f"{ENGINE_DIR}/{graph}.engine"
-        current = engine_is_current(engines.get(graph), identity, precision, profile) and (root / name).is_file()
+        current = (engine_is_current(engines.get(graph), identity, precision, profile, source)
+                   and (root / name).is_file())
         if current and not force:
             continue
         if on_build:
             on_build(graph)
-        data = build_engine(bundle.graph_path(graph), profile, precision == "fp16", timing_cache)
+        refittable = source == REFIT_GRAPH
+        data = build_engine(root / source, profile, precision == "fp16", timing_cache, refittable=refittable)
         write_atomically(root / name, data)
         manifest["files"][name] = {"sha256": sha256_file(root / name), "bytes": len(data)}
-        engines[graph] = {"file": name, **identity, "precision": precision, "profile": profile}
+        engines[graph] = {"file": name, "onnx": source, **identity, "precision": precision, "profile": profile,
+                          "refittable": refittable}
         built = True
     if built:
         manifest["engines"] = engines
