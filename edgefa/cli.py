@@ -671,7 +671,8 @@ def build_engine(bundle, force):
         engines = build_bundle_engines(bundle, force, lambda graph: bar.update(task, status=f"building {graph}"))
     for graph, e in engines.items():
         console.print(f"{graph}: {e['file']} (TensorRT {e['tensorrt']}, {escape(e['gpu'])} sm {e['compute_capability']}, "
-                      f"{e['precision']}, batch {e['profile']['min']}..{e['profile']['max']})", highlight=False)
+                      f"{e['precision']}{', refittable' if e.get('refittable') else ''}, "
+                      f"batch {e['profile']['min']}..{e['profile']['max']})", highlight=False)
 
 
 @device.command()
@@ -687,12 +688,13 @@ def build_engine(bundle, force):
 @click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads")
 @click.option("--provider", default=None,
-              help="onnxruntime execution provider (default: CUDA when available, else CPU)")
+              help="what runs the bundle: tensorrt (the bundle's own engines) or an onnxruntime execution provider "
+                   "(default: the bundle's engines if built for this device, else TensorRT EP, CUDA EP, CPU)")
 @click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the report as JSON")
 def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads,
              provider, eval_spec, report):
-    """Fine-tune a bundle on this device with DFA (onnxruntime), checkpointing into BUNDLE/state/."""
+    """Fine-tune a bundle on this device with DFA (onnxruntime or its TensorRT engines), checkpointing into BUNDLE/state/."""
     from .bundle import read_bundle
     from .data.datasets import load_dataset
     from .runtime.finetune import FinetuneConfig, Finetuner, is_preference, load_pairs
@@ -785,7 +787,9 @@ def transfer_bar() -> Progress:
               help="directory for the deployed bundle, its checkpoints and uploads")
 @click.option("--checkpoint-every", type=int, default=10, show_default=True,
               help="steps between automatic checkpoints (a killed server loses at most these)")
-@click.option("--provider", default=None, help="onnxruntime execution provider (default: the best available)")
+@click.option("--provider", default=None,
+              help="what runs the bundle: tensorrt (the bundle's own engines) or an onnxruntime execution provider "
+                   "(default: the bundle's engines if built for this device, else TensorRT EP, CUDA EP, CPU)")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads")
 @click.option("--max-bundle-mb", type=int, default=256, show_default=True, help="largest bundle accepted")
 @click.option("--profile", "profile_name", default=None,
@@ -809,9 +813,9 @@ def serve(port, listen_address, store, checkpoint_every, provider, threads, max_
     def say(line: str) -> None:
         click.echo(f"edgefa device server: {line}", err=True)
 
-    from .runtime.engine import choose_providers, on_gpu
+    from .runtime.backends import runs_on_gpu
 
-    profiler, machine = open_profiler(profile_name, work_on_gpu=on_gpu(choose_providers(provider)))
+    profiler, machine = open_profiler(profile_name, work_on_gpu=runs_on_gpu(provider))
     say(f"device profile {machine.profile.name} ({machine.how_recognized}); {machine.energy_line}")
     service = DeviceService(ServiceConfig(Path(store), checkpoint_every, provider, threads,
                                           max_bundle_bytes=max_bundle_mb << 20), profiler.start())
@@ -850,6 +854,9 @@ def _info_table(url: str, answer: dict) -> Table:
     table.add_row("host name", escape(str(d["hostname"])))
     table.add_row("versions", escape(", ".join(f"{k} {val}" for k, val in v.items())))
     table.add_row("execution providers", escape(f"chosen {', '.join(p['chosen'])}; available {', '.join(p['available'])}"))
+    for name, why in (p.get("backends") or {}).items():
+        if name not in p["available"]:      # edgefa's own backends: available, or why not
+            table.add_row(f"{name} backend", escape(why))
     if answer.get("bundle"):
         table.add_row("bundle", f"{answer['bundle'][:16]}…  model {' -> '.join(map(str, answer['model']))}")
         table.add_row("step", f"{answer['step']} (checkpointed {answer['checkpointed_step']}, "

@@ -14,6 +14,8 @@ from conftest import REPO, run_edgefa
 
 PACKAGE = REPO / "edgefa"
 DEVICE_MODULES = ["edgefa.bundle", "edgefa.runtime.engine", "edgefa.runtime.state", "edgefa.runtime.tensorrt_build",
+                  "edgefa.runtime.tensorrt_engine", "edgefa.runtime.backends", "edgefa.runtime.cuda_memory",
+                  "edgefa.runtime.step_bounds",
                   "edgefa.runtime.finetune", "edgefa.runtime.batches", "edgefa.data.preference", "edgefa.profiling.memory",
                   "edgefa.data", "edgefa.link.frames", "edgefa.link.protocol", "edgefa.link.messages",
                   "edgefa.link.transport", "edgefa.link.service", "edgefa.link.server", "edgefa.link.client",

@@ -30,7 +30,7 @@ from edgefa.exporters.tensorrt_ready import (DATA_FILE, check_graph, check_profi
 
 TARGETS = ("8.5", "10.3")
 PROFILE = {"min": 1, "opt": 32, "max": 256}
-TRT_FILES = ("tensorrt/trtexec.sh", "tensorrt/readiness.json")
+TRT_FILES = ("tensorrt/trtexec.sh", "tensorrt/readiness.json", "tensorrt/infer_refit.onnx")
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -304,7 +304,8 @@ def test_the_bundle_lists_hashes_and_verifies_the_tensorrt_files(tiny_bundle):
         assert manifest["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert manifest["tensorrt"] == {"target": "10.3", "ready": True, "problems": [], "profile": PROFILE,
                                     "fp16_infer": True, "fp16_train_step": False,
-                                    "trtexec": "tensorrt/trtexec.sh", "readiness": "tensorrt/readiness.json"}
+                                    "trtexec": "tensorrt/trtexec.sh", "readiness": "tensorrt/readiness.json",
+                                    "refit_graph": "tensorrt/infer_refit.onnx"}
     record = json.loads((tiny_bundle / "tensorrt/readiness.json").read_text())
     assert record["ready"] and record["target"] == "10.3" and record["fp16_train_step"] is False
     assert set(record["graphs"]) == {"infer.onnx", "train_step.onnx"}

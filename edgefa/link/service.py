@@ -34,7 +34,8 @@ from ..errors import BundleError, CheckpointError, DataError, EdgefaError
 from ..profiling.machine import device_description
 from ..profiling.memory import rss_bytes
 from ..profiling.profiler import Profiler
-from ..runtime.engine import OrtEngine, choose_providers
+from ..runtime.backends import TENSORRT_BACKEND, available_backends, check_provider, open_engine
+from ..runtime.engine import DeviceEngine, choose_providers
 from ..runtime.finetune import bundle_standardizer
 from ..runtime.state import DeviceState, load_state, save_state
 from .frames import VERSION as PROTOCOL_VERSION
@@ -77,9 +78,9 @@ class DeviceService:
         self.machine = None                                   # set by the server: the device profile in use
         self.store = Path(config.store)
         (self.store / "incoming").mkdir(parents=True, exist_ok=True)
-        self.providers = choose_providers(config.provider)
+        check_provider(config.provider)
         self.bundle: Bundle | None = None
-        self.engine: OrtEngine | None = None
+        self.engine: DeviceEngine | None = None
         self.archive_sha = None
         self.step, self.refused, self.checkpointed_step = 0, [], 0
         self._last_train: tuple[int, bytes] | None = None   # (step, reply): a repeated request gets this
@@ -121,7 +122,7 @@ class DeviceService:
         rss_before = rss_bytes()
         with self.profiler.window("load"):
             bundle = read_bundle(self.store / "bundle")
-            engine = OrtEngine(bundle, self.providers, self.config.threads)
+            engine = open_engine(bundle, self.config.provider, self.config.threads)
             saved = load_state(bundle, engine.state_names)
             if saved:
                 engine.load_state(saved.tensors)
@@ -133,7 +134,15 @@ class DeviceService:
         self.step, self.refused = (saved.step, list(saved.refused_steps)) if saved else (0, [])
         self.checkpointed_step, self._last_train, self._fetches = self.step, None, {}
 
-    def _need_bundle(self) -> tuple[Bundle, OrtEngine]:
+    @property
+    def providers(self) -> list[str]:
+        """What runs the bundle: the loaded engine's providers, or what a load would choose."""
+        if self.engine is not None:
+            return list(self.engine.providers)
+        return [self.config.provider] if self.config.provider == TENSORRT_BACKEND else list(
+            choose_providers(self.config.provider))
+
+    def _need_bundle(self) -> tuple[Bundle, DeviceEngine]:
         if self.engine is None:
             raise RequestError("no_bundle", "no bundle deployed on this device (edgefa deploy BUNDLE --device URL)")
         return self.bundle, self.engine
@@ -175,7 +184,8 @@ class DeviceService:
                              "numpy": np.__version__, "onnxruntime": ort.__version__},
                 "capabilities": list(OPS),
                 "device": device_description(),
-                "providers": {"available": ort.get_available_providers(), "chosen": list(self.providers)},
+                "providers": {"available": ort.get_available_providers(), "chosen": self.providers,
+                              "backends": available_backends()},
                 "limits": {"max_bundle_bytes": self.config.max_bundle_bytes,
                            "max_chunk_bytes": self.config.max_chunk_bytes},
                 "checkpoint_every": self.config.checkpoint_every,

@@ -66,9 +66,9 @@ def profile_local(bundle_path: str | Path, cfg: ProfileConfig, data: Dataset | N
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise EdgefaError("steps and batch size must be at least 1")
-    from ..runtime.engine import choose_providers, on_gpu
+    from ..runtime.backends import runs_on_gpu
 
-    profiler, machine = open_profiler(cfg.profile, work_on_gpu=on_gpu(choose_providers(cfg.provider)),
+    profiler, machine = open_profiler(cfg.profile, work_on_gpu=runs_on_gpu(cfg.provider),
                                       warmup=cfg.warmup, sample_interval_s=cfg.sample_interval_s)
     _refuse_pairs(read_bundle(bundle_path), str(bundle_path))    # a bad bundle: reported by its own path
     with tempfile.TemporaryDirectory(prefix="edgefa-profile-") as scratch, profiler:

@@ -24,7 +24,8 @@ from ..device_profiles.budget import step_cost
 from ..profiling.memory import peak_rss_bytes, rss_bytes
 from ..profiling.profiler import Profiler
 from .batches import batch_indices
-from .engine import OrtEngine, choose_providers
+from .backends import open_engine
+from .engine import DeviceEngine
 from .state import DeviceState, load_state, save_state
 
 
@@ -37,7 +38,7 @@ class FinetuneConfig:
     max_refusals: int = 3           # stop after this many refused (NaN/Inf) steps
     seed: int = 0
     threads: int | None = None
-    provider: str | None = None     # None: the best available (CUDA, then CPU)
+    provider: str | None = None     # None: the bundle's TensorRT engines if current, else onnxruntime's best
 
 
 class TooManyRefusals(EdgefaError):
@@ -91,7 +92,7 @@ def standardize_pairs(bundle: Bundle, pairs: PreferencePairs) -> tuple[np.ndarra
     return std.apply(pairs.chosen), std.apply(pairs.rejected)
 
 
-def preference_accuracy(engine: OrtEngine, chosen: np.ndarray, rejected: np.ndarray) -> float:
+def preference_accuracy(engine: DeviceEngine, chosen: np.ndarray, rejected: np.ndarray) -> float:
     """The share of pairs the scorer ranks right (a tie counts as wrong)."""
     if not len(chosen):
         return float("nan")
@@ -103,7 +104,7 @@ def bundle_standardizer(bundle: Bundle) -> Standardizer:
     return Standardizer(s["mean"], s["std"])
 
 
-def accuracy(engine: OrtEngine, X: np.ndarray, y: np.ndarray) -> float:
+def accuracy(engine: DeviceEngine, X: np.ndarray, y: np.ndarray) -> float:
     return float((engine.predict_logits(X).argmax(axis=1) == y).mean()) if len(y) else float("nan")
 
 
@@ -134,7 +135,7 @@ class Finetuner:
             self.eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else None
         rss_before = rss_bytes()
         with self.profiler.window("load"):
-            self.engine = OrtEngine(bundle, choose_providers(config.provider), config.threads)
+            self.engine = open_engine(bundle, config.provider, config.threads)
             saved = load_state(bundle, self.engine.state_names)
             if saved:
                 self.engine.load_state(saved.tensors)
@@ -219,7 +220,7 @@ def evaluate(bundle: Bundle, data: Dataset, threads: int | None = None) -> dict:
         raise DataError(f"{data.name}: this bundle is evaluated on "
                         + ("preference pairs (an npz with 'chosen' and 'rejected')" if is_preference(bundle)
                            else "labelled samples (X, y)"))
-    engine = OrtEngine(bundle, threads=threads)
+    engine = open_engine(bundle, threads=threads)
     saved = load_state(bundle, engine.state_names)
     if saved:
         engine.load_state(saved.tensors)

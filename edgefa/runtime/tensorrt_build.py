@@ -31,7 +31,7 @@ from typing import Callable
 
 from ..bundle import MANIFEST, REFIT_GRAPH, STATE_DIR, read_bundle, sha256_file, write_atomically
 from ..errors import EdgefaError
-from .cuda_memory import cudart
+from .cuda_memory import cuda_missing, cudart
 
 ENGINE_DIR = "engines"
 GRAPHS = ("infer", "train_step")
@@ -120,6 +120,44 @@ def engine_source(bundle, graph: str) -> str:
     return bundle.manifest["graphs"][graph]
 
 
+def bundle_profile(manifest: dict) -> dict:
+    """The batch profile (min, opt, max) the bundle's engines are built for."""
+    return {k: int(v) for k, v in ((manifest.get("tensorrt") or {}).get("profile") or DEFAULT_PROFILE).items()}
+
+
+def engine_plan(bundle) -> dict[str, tuple[str, str]]:
+    """Per graph, the precision and the ONNX source its engine must have on this bundle."""
+    fp16 = bool((bundle.manifest.get("tensorrt") or {}).get("fp16_infer"))
+    return {graph: ("fp16" if graph == "infer" and fp16 else "fp32", engine_source(bundle, graph))
+            for graph in GRAPHS}
+
+
+def this_device() -> dict:
+    """What an engine must have been built for to load here: TensorRT's version and the GPU."""
+    import tensorrt as trt
+    return {"tensorrt": trt.__version__, **gpu_identity()}
+
+
+def engines_problem(bundle) -> str | None:
+    """Why the bundle's engines cannot run here (None: they can): no TensorRT or cuda-python, no
+    engines built, or engines built for another TensorRT, GPU, precision or batch profile."""
+    missing = tensorrt_missing() or cuda_missing()
+    if missing:
+        return missing
+    engines = bundle.manifest.get("engines") or {}
+    absent = [g for g in GRAPHS if g not in engines]
+    if absent:
+        return f"{bundle.path} has no TensorRT engine for {', '.join(absent)} (edgefa device build-engine {bundle.path})"
+    identity, profile = this_device(), bundle_profile(bundle.manifest)
+    for graph, (precision, source) in engine_plan(bundle).items():
+        record = engines[graph]
+        if not engine_is_current(record, identity, precision, profile, source):
+            built = ", ".join(f"{k} {record.get(k)}" for k in ("tensorrt", "gpu", "precision", "onnx"))
+            return (f"the {graph} engine was built for {built}; this device has TensorRT {identity['tensorrt']} "
+                    f"on {identity['gpu']}: rebuild it (edgefa device build-engine {bundle.path} --force)")
+    return None
+
+
 def build_bundle_engines(bundle_dir: str | os.PathLike, force: bool = False,
                          on_build: Callable[[str], None] | None = None) -> dict:
     """Build the engines this device lacks (or all, with `force`) into BUNDLE/engines/, hash them
@@ -128,20 +166,15 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, force: bool = False,
     if missing:
         raise EdgefaError(f"{missing}: build the engines on the device (JetPack ships TensorRT), or run "
                           f"{Path(bundle_dir) / 'tensorrt' / 'trtexec.sh'} there")
-    import tensorrt as trt
-
     bundle = read_bundle(bundle_dir)                    # every hash checked before anything is built
     root = bundle.path
     manifest = json.loads((root / MANIFEST).read_text())
-    trt_section = manifest.get("tensorrt") or {}
-    profile = {k: int(v) for k, v in (trt_section.get("profile") or DEFAULT_PROFILE).items()}
-    identity = {"tensorrt": trt.__version__, **gpu_identity()}
+    profile = bundle_profile(manifest)
+    identity = this_device()
     engines = dict(manifest.get("engines") or {})
     timing_cache = root / STATE_DIR / "trt_cache" / "timing.cache"
     built = False
-    for graph in GRAPHS:
-        precision = "fp16" if graph == "infer" and trt_section.get("fp16_infer") else "fp32"
-        source = engine_source(bundle, graph)
+    for graph, (precision, source) in engine_plan(bundle).items():
         name = f"{ENGINE_DIR}/{graph}.engine"
         current = (engine_is_current(engines.get(graph), identity, precision, profile, source)
                    and (root / name).is_file())

@@ -1,0 +1,47 @@
+"""Which engine runs a bundle here: edgefa's own TensorRT engines, or onnxruntime.
+
+    --provider tensorrt          the bundle's engines (BUNDLE/engines/) through TensorRT itself
+    --provider <onnxruntime EP>  onnxruntime with that execution provider (then the ones after it)
+    (nothing)                    the bundle's engines when they were built for this TensorRT and
+                                 GPU, else onnxruntime's best: TensorRT EP, CUDA EP, CPU
+"""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+
+from ..bundle import Bundle
+from ..errors import EdgefaError
+from .cuda_memory import cuda_missing
+from .engine import DeviceEngine, OrtEngine, choose_providers, on_gpu
+from .tensorrt_build import engines_problem, tensorrt_missing
+from .tensorrt_engine import BACKEND as TENSORRT_BACKEND, TensorRTEngine
+
+
+def check_provider(provider: str | None) -> None:
+    """Refuse, in one line, a provider that cannot run here (before any bundle is loaded)."""
+    if provider == TENSORRT_BACKEND:
+        missing = tensorrt_missing() or cuda_missing()
+        if missing:
+            raise EdgefaError(f"--provider {TENSORRT_BACKEND}: {missing}")
+    else:
+        choose_providers(provider)
+
+
+def runs_on_gpu(provider: str | None) -> bool:
+    return provider == TENSORRT_BACKEND or on_gpu(choose_providers(provider))
+
+
+def available_backends() -> dict[str, str]:
+    """Each backend this device could use, with "available" or why not (for `device info`)."""
+    why_not = tensorrt_missing() or cuda_missing()
+    return {TENSORRT_BACKEND: why_not or "available (needs engines built for this device)",
+            **{p: "available" for p in ort.get_available_providers()}}
+
+
+def open_engine(bundle: Bundle, provider: str | None = None, threads: int | None = None) -> DeviceEngine:
+    if provider == TENSORRT_BACKEND:
+        return TensorRTEngine(bundle)       # its one-line refusal names what is missing
+    if provider is None and bundle.manifest.get("engines") and engines_problem(bundle) is None:
+        return TensorRTEngine(bundle)
+    return OrtEngine(bundle, choose_providers(provider), threads)

@@ -1,0 +1,165 @@
+"""The `tensorrt` backend: the refittable inference graph it is built from (checked here in
+onnxruntime), the choice of backend, the one-line refusal where TensorRT or cuda-python is absent,
+and (where TensorRT, cuda-python and a GPU are present) 10 steps against onnxruntime on the CPU and
+a refit inference engine against infer.onnx."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgefa.bundle import REFIT_GRAPH, param_shapes, read_bundle
+from edgefa.errors import EdgefaError
+from edgefa.runtime.backends import TENSORRT_BACKEND, check_provider, open_engine
+from edgefa.runtime.cuda_memory import cuda_missing
+from edgefa.runtime.engine import OrtEngine
+from edgefa.runtime.tensorrt_build import engine_is_current, engine_source, engines_problem, tensorrt_missing
+
+from conftest import assert_one_error_line, run_edgefa
+
+WHY_NOT = tensorrt_missing() or cuda_missing()
+needs_tensorrt = pytest.mark.skipif(WHY_NOT is not None, reason=f"needs TensorRT, cuda-python and a GPU: {WHY_NOT}")
+shows_refusal = pytest.mark.skipif(WHY_NOT is None, reason="TensorRT and cuda-python are here: the refusal cannot be shown")
+
+
+def _standardized(bundle, digits_npz):
+    data = np.load(digits_npz, allow_pickle=False)
+    std = bundle.manifest["input"]["standardize"]
+    X = ((data["X"].reshape(len(data["X"]), -1) - std["mean"]) / std["std"]).astype(np.float32)
+    return X, data["y"].astype(np.int64)
+
+
+# --- the refittable inference graph (runs everywhere) -----------------------------------------
+
+def test_the_refit_graph_holds_every_weight_by_its_bundle_name_and_computes_infer(tiny_bundle, digits_npz):
+    bundle = read_bundle(tiny_bundle)
+    model = onnx.load(str(tiny_bundle / REFIT_GRAPH))
+    assert [i.name for i in model.graph.input] == ["x"]
+    # the refitter sets weights by initializer name: every parameter is one, under the bundle's name
+    assert {t.name for t in model.graph.initializer} >= set(param_shapes(bundle.model))
+    for t in model.graph.initializer:
+        if t.name in bundle.weights:
+            assert np.array_equal(onnx.numpy_helper.to_array(t), bundle.weights[t.name])
+    X, _ = _standardized(bundle, digits_npz)
+    as_inputs = ort.InferenceSession(str(tiny_bundle / "infer.onnx"), providers=["CPUExecutionProvider"])
+    as_constants = ort.InferenceSession(str(tiny_bundle / REFIT_GRAPH), providers=["CPUExecutionProvider"])
+    expected = as_inputs.run(None, {"x": X[:100], **bundle.weights})[0]
+    assert np.array_equal(as_constants.run(None, {"x": X[:100]})[0], expected)
+    assert engine_source(bundle, "infer") == REFIT_GRAPH and engine_source(bundle, "train_step") == "train_step.onnx"
+
+
+def test_a_resmlp_refit_graph_computes_infer(tmp_path):
+    from edgefa.exporters.export import export_bundle
+    from test_device_resmlp import make_run
+
+    bundle = read_bundle(export_bundle(make_run("gelu", 0.9), tmp_path / "b"))
+    x = np.random.default_rng(0).normal(size=(7, bundle.model["in_features"])).astype(np.float32)
+    expected = ort.InferenceSession(str(bundle.path / "infer.onnx")).run(None, {"x": x, **bundle.weights})[0]
+    got = ort.InferenceSession(str(bundle.path / REFIT_GRAPH)).run(None, {"x": x})[0]
+    assert np.array_equal(got, expected)
+
+
+def test_an_engine_from_another_onnx_source_is_not_current():
+    identity = {"tensorrt": "10.3.0", "gpu": "Orin (nvgpu)", "compute_capability": "8.7"}
+    profile = {"min": 1, "opt": 32, "max": 256}
+    record = {**identity, "precision": "fp16", "profile": profile, "onnx": REFIT_GRAPH}
+    assert engine_is_current(record, identity, "fp16", profile, REFIT_GRAPH)
+    assert not engine_is_current(record, identity, "fp16", profile, "infer.onnx")   # weights as inputs
+
+
+# --- choosing the backend ---------------------------------------------------------------------
+
+def test_without_engines_the_automatic_choice_is_onnxruntime(tiny_bundle):
+    engine = open_engine(read_bundle(tiny_bundle))
+    assert isinstance(engine, OrtEngine) and engine.providers[-1] == "CPUExecutionProvider"
+
+
+@shows_refusal
+def test_asking_for_the_tensorrt_backend_without_it_is_one_clear_error(tiny_bundle):
+    bundle = read_bundle(tiny_bundle)
+    assert engines_problem(bundle) == WHY_NOT
+    for call in (lambda: open_engine(bundle, TENSORRT_BACKEND), lambda: check_provider(TENSORRT_BACKEND)):
+        with pytest.raises(EdgefaError, match="tensorrt") as err:
+            call()
+        assert "\n" not in str(err.value) and ("TensorRT" in str(err.value) or "cuda-python" in str(err.value))
+
+
+@shows_refusal
+def test_finetune_with_the_tensorrt_backend_absent_is_one_line_and_writes_no_state(tiny_bundle, digits_npz):
+    proc = run_edgefa("device", "finetune", tiny_bundle, "--data", digits_npz, "--steps", "3", "--provider", TENSORRT_BACKEND,
+                      without_torch=True)
+    assert_one_error_line(proc, "tensorrt")
+    assert not (tiny_bundle / "state").exists() or not any((tiny_bundle / "state").glob("*.npz"))
+
+
+# --- on a GPU with TensorRT -------------------------------------------------------------------
+
+@pytest.fixture
+def built_bundle(tiny_bundle):
+    from edgefa.runtime.tensorrt_build import build_bundle_engines
+
+    engines = build_bundle_engines(tiny_bundle)
+    assert engines["infer"]["refittable"] and engines["infer"]["onnx"] == REFIT_GRAPH
+    assert engines["train_step"]["precision"] == "fp32" and not engines["train_step"]["refittable"]
+    return tiny_bundle
+
+
+@needs_tensorrt
+def test_ten_tensorrt_steps_match_onnxruntime_on_the_cpu(built_bundle, tmp_path, digits_npz):
+    from edgefa.runtime.tensorrt_engine import TensorRTEngine
+
+    cpu_copy = tmp_path / "cpu"
+    shutil.copytree(built_bundle, cpu_copy)
+    gpu = open_engine(read_bundle(built_bundle))                 # current engines: chosen by default
+    cpu = OrtEngine(read_bundle(cpu_copy), ("CPUExecutionProvider",))
+    assert isinstance(gpu, TensorRTEngine) and gpu.providers == [TENSORRT_BACKEND]
+    X, y = _standardized(cpu.bundle, digits_npz)
+    for step in range(10):
+        batch = slice(32 * step, 32 * step + 32)
+        results = [engine.step(X[batch], y[batch], 0.01) for engine in (gpu, cpu)]
+        assert all(r.accepted for r in results)
+        assert abs(results[0].loss - results[1].loss) <= 1e-4
+    a, b = gpu.state(), cpu.state()
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-4
+    # the refit inference engine (FP16 allowed by the manifest) against infer.onnx on the trained weights
+    weights = {**cpu.bundle.weights, **{k: v for k, v in b.items() if k in cpu.params}}
+    expected = ort.InferenceSession(str(cpu_copy / "infer.onnx")).run(None, {"x": X[:200], **weights})[0]
+    got = gpu.predict_logits(X[:200])
+    assert float(np.abs(got - expected).max()) <= 2e-2 * max(1.0, float(np.abs(expected).max()))
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.98
+    gpu.close()
+
+
+@needs_tensorrt
+def test_loading_a_state_refits_and_a_batch_outside_the_profile_is_one_line(built_bundle, digits_npz):
+    from edgefa.runtime.tensorrt_engine import TensorRTEngine
+
+    engine = TensorRTEngine(read_bundle(built_bundle))
+    X, y = _standardized(engine.bundle, digits_npz)
+    before = engine.predict_logits(X[:64])
+    start = engine.state()
+    for step in range(5):
+        engine.step(X[32 * step:32 * step + 32], y[32 * step:32 * step + 32], 0.05)
+    assert not np.allclose(engine.predict_logits(X[:64]), before)        # refit after training
+    engine.load_state(start)
+    assert np.allclose(engine.predict_logits(X[:64]), before, atol=1e-3)  # refit after a load
+    with pytest.raises(EdgefaError, match="outside the engines' profile"):
+        engine.step(X[:1000], y[:1000], 0.01)
+    engine.close()
+
+
+@needs_tensorrt
+def test_an_engine_built_for_another_tensorrt_is_refused_not_loaded(built_bundle):
+    manifest = json.loads((built_bundle / "manifest.json").read_text())
+    manifest["engines"]["train_step"]["tensorrt"] = "0.0.0"
+    (built_bundle / "manifest.json").write_text(json.dumps(manifest))
+    bundle = read_bundle(built_bundle)
+    assert "rebuild" in engines_problem(bundle)
+    assert isinstance(open_engine(bundle), OrtEngine)                 # the default falls back to onnxruntime
+    with pytest.raises(EdgefaError, match="build-engine"):
+        open_engine(bundle, TENSORRT_BACKEND)
