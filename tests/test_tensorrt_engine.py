@@ -163,3 +163,45 @@ def test_an_engine_built_for_another_tensorrt_is_refused_not_loaded(built_bundle
     assert isinstance(open_engine(bundle), OrtEngine)                 # the default falls back to onnxruntime
     with pytest.raises(EdgefaError, match="build-engine"):
         open_engine(bundle, TENSORRT_BACKEND)
+
+
+# --- GPU memory through cuda-python (a dev dependency: its real calls run here too) -----------
+
+def _gpu_count() -> int:
+    from edgefa.runtime.cuda_memory import cudart
+
+    if cuda_missing():
+        return 0
+    err, count = cudart().cudaGetDeviceCount()
+    return count if err == cudart().cudaError_t.cudaSuccess else 0
+
+
+CUDA_STATE = cuda_missing() or ("a CUDA GPU is here" if _gpu_count() else None)
+
+
+@pytest.mark.skipif(CUDA_STATE is not None, reason=f"needs cuda-python and no GPU: {CUDA_STATE}")
+def test_without_a_gpu_cuda_memory_fails_in_one_line_naming_the_cuda_error():
+    from edgefa.runtime.cuda_memory import DeviceArray, Stream
+
+    for make, what in ((Stream, "stream create"), (lambda: DeviceArray((3, 4), np.float32), "cudaMalloc of 48 bytes")):
+        with pytest.raises(EdgefaError) as err:
+            make()
+        assert str(err.value).startswith(f"CUDA {what} failed: cudaError") and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(cuda_missing() is not None or not _gpu_count(),
+                    reason=f"needs cuda-python and a CUDA GPU: {cuda_missing() or 'no CUDA GPU here'}")
+def test_device_arrays_round_trip_and_refuse_what_does_not_fit():
+    from edgefa.runtime.cuda_memory import DeviceArray, Stream
+
+    stream = Stream()
+    buf = DeviceArray((8, 5), np.float32)                       # capacity 40: any batch up to 8 fits
+    data = np.arange(15, dtype=np.float32).reshape(3, 5)
+    buf.upload(data, stream)
+    assert np.array_equal(buf.download(stream), data) and buf.shape == (3, 5)
+    with pytest.raises(EdgefaError, match="does not fit"):
+        buf.upload(np.zeros((9, 5), np.float32), stream)
+    with pytest.raises(EdgefaError, match="C-contiguous float32"):
+        buf.upload(np.zeros((2, 5), np.float64), stream)
+    buf.free()
+    stream.close()

@@ -31,7 +31,7 @@ from typing import Callable
 
 from ..bundle import MANIFEST, REFIT_GRAPH, STATE_DIR, read_bundle, sha256_file, write_atomically
 from ..errors import EdgefaError
-from .cuda_memory import cuda_missing, cudart
+from .cuda_memory import check, cuda_missing, cudart
 
 ENGINE_DIR = "engines"
 GRAPHS = ("infer", "train_step")
@@ -49,10 +49,7 @@ def tensorrt_missing() -> str | None:
 
 def gpu_identity() -> dict:
     """The GPU engines are built for: its name and compute capability (cuda-python)."""
-    rt = cudart()
-    err, props = rt.cudaGetDeviceProperties(0)
-    if err != rt.cudaError_t.cudaSuccess:
-        raise EdgefaError(f"no CUDA GPU to build or run TensorRT engines on ({err})")
+    props = check(cudart().cudaGetDeviceProperties(0), "query of GPU 0 (no CUDA GPU to build or run engines on?)")
     name = props.name.decode("utf-8", "replace") if isinstance(props.name, bytes) else str(props.name)
     return {"gpu": name.rstrip("\x00").strip(), "compute_capability": f"{props.major}.{props.minor}"}
 
