@@ -236,6 +236,8 @@ def test_cli_deploy_info_finetune_pull_evaluate(tmp_path, tiny_bundle, digits_np
         sha = hashlib.sha256(pack_archive(tiny_bundle)).hexdigest()
         assert sha[:16] in info.stdout and "64 -> 32 -> 16 -> 10" in info.stdout, info.stdout
         assert re.search(r"step\s+│\s+0 \(checkpointed 0", info.stdout), info.stdout
+        # edgefa's own TensorRT backend is listed with why it cannot run here (or that it can)
+        assert re.search(r"tensorrt backend\s+│\s+(TensorRT|cuda-python|available)", info.stdout), info.stdout
 
         report = tmp_path / "report.json"
         tune = run_edgefa("finetune", "--device", srv.url, "--data", digits_npz, "--steps", STEPS,

@@ -52,6 +52,11 @@ class Stream:
     def __init__(self):
         self.handle = check(cudart().cudaStreamCreate(), "stream create")
 
+    @property
+    def address(self) -> int:
+        """The stream as the plain integer TensorRT's execute_async_v3 and refit take."""
+        return int(self.handle)
+
     def synchronize(self) -> None:
         check(cudart().cudaStreamSynchronize(self.handle), "stream synchronize")
 

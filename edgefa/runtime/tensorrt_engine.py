@@ -34,9 +34,11 @@ BACKEND = "tensorrt"        # what --provider names to ask for it, and what `pro
 
 class _Engine:
     """One deserialized engine, its execution context and a buffer for every I/O tensor that is
-    not one of the engine's state, feedback or frozen tensors (those are bound from outside)."""
+    not one of the engine's state, feedback or frozen tensors (those are bound from outside).
+    `fed`: the inputs a step copies in; any other input the engine has is a mismatch."""
 
-    def __init__(self, trt, runtime, data: bytes, label: str, max_batch: int, bound_elsewhere: set[str]):
+    def __init__(self, trt, runtime, data: bytes, label: str, max_batch: int, bound_elsewhere: set[str],
+                 fed: set[str]):
         self.trt, self.label = trt, label
         self.engine = runtime.deserialize_cuda_engine(data)
         if self.engine is None:
@@ -53,6 +55,10 @@ class _Engine:
                 raise EdgefaError(f"{label}: tensor {name!r} has a dynamic dim past the batch")
             self.buffers[name] = DeviceArray(shape, trt.nptype(self.engine.get_tensor_dtype(name)))
             self.bind(name, self.buffers[name].ptr)
+        unknown = sorted(set(self.inputs) & set(self.buffers) - fed)
+        if unknown:
+            raise EdgefaError(f"{label}: the engine takes inputs this bundle does not have ({', '.join(unknown)}); "
+                              "rebuild it (edgefa device build-engine --force)")
 
     def bind(self, name: str, ptr: int) -> None:
         if not self.context.set_tensor_address(name, ptr):
@@ -71,7 +77,7 @@ class _Engine:
         return host
 
     def run(self, stream: Stream) -> None:
-        if not self.context.execute_async_v3(stream.handle):
+        if not self.context.execute_async_v3(stream.address):
             raise EdgefaError(f"{self.label}: TensorRT failed to run it")
 
     def fetch(self, name: str, stream: Stream) -> np.ndarray:
@@ -111,10 +117,11 @@ class TensorRTEngine(DeviceEngine):
         state_io = set(self.state_names) | {next_name(n) for n in self.state_names}
         fixed = set(self.feedback_gpu) | set(self.frozen_gpu)
         path = {g: bundle.path / engines[g]["file"] for g in ("train_step", "infer")}   # hashed by read_bundle
+        fed = {"x_chosen", "x_rejected"} if self.preference else {"x", "labels"}
         self.train = _Engine(trt, runtime, path["train_step"].read_bytes(), str(path["train_step"]),
-                             self.max_batch, state_io | fixed)
+                             self.max_batch, state_io | fixed, fed | {"lr"})
         self.infer = _Engine(trt, runtime, path["infer"].read_bytes(), str(path["infer"]),
-                             self.max_batch, set(self.params) | fixed)
+                             self.max_batch, set(self.params) | fixed, {"x"})
         for e in (self.train, self.infer):
             for name in e.names:
                 if name in fixed:
@@ -155,6 +162,9 @@ class TensorRTEngine(DeviceEngine):
         return loss, accepted, rest
 
     def _infer_batch(self, x: np.ndarray) -> np.ndarray:
+        rows = len(x)
+        if rows < self.min_batch:          # a last, short chunk: pad it to the profile's smallest batch
+            x = np.concatenate([x, np.zeros((self.min_batch - rows, *x.shape[1:]), x.dtype)])
         self._check_batch(len(x))
         if self.refittable:
             self._refit()
@@ -165,7 +175,7 @@ class TensorRTEngine(DeviceEngine):
         self.infer.run(self.stream)
         logits = self.infer.fetch("logits", self.stream)
         del keep
-        return logits
+        return logits[:rows]
 
     def _refit(self) -> None:
         """Put the current weights into the inference engine, once per change of weights."""
@@ -187,7 +197,7 @@ class TensorRTEngine(DeviceEngine):
             if n not in self.frozen:
                 raise EdgefaError(f"the infer engine wants weights {n!r} that this bundle does not have")
             self.refitter.set_named_weights(n, trt.Weights(self.frozen[n]))
-        done = (self.refitter.refit_cuda_engine_async(self.stream.handle) if on_device
+        done = (self.refitter.refit_cuda_engine_async(self.stream.address) if on_device
                 else self.refitter.refit_cuda_engine())
         self.stream.synchronize()
         del host
