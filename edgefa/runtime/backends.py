@@ -1,6 +1,8 @@
 """Which engine runs a bundle here: edgefa's own TensorRT engines, or onnxruntime.
 
-    --provider tensorrt          the bundle's engines (BUNDLE/engines/) through TensorRT itself
+    --provider tensorrt          the bundle's engines (BUNDLE/engines/) through TensorRT itself,
+                                 built first where they are missing or were built for another
+                                 TensorRT or GPU (so `serve --provider tensorrt` needs no extra step)
     --provider <onnxruntime EP>  onnxruntime with that execution provider (then the ones after it)
     (nothing)                    the bundle's engines when they were built for this TensorRT and
                                  GPU, else onnxruntime's best: TensorRT EP, CUDA EP, CPU
@@ -8,13 +10,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import onnxruntime as ort
 
-from ..bundle import Bundle
+from ..bundle import Bundle, read_bundle
 from ..errors import EdgefaError
 from .cuda_memory import cuda_missing
 from .engine import DeviceEngine, OrtEngine, choose_providers, on_gpu
-from .tensorrt_build import engines_problem, tensorrt_missing
+from .tensorrt_build import build_bundle_engines, engines_problem, tensorrt_missing
 from .tensorrt_engine import BACKEND as TENSORRT_BACKEND, TensorRTEngine
 
 
@@ -39,9 +43,13 @@ def available_backends() -> dict[str, str]:
             **{p: "available" for p in ort.get_available_providers()}}
 
 
-def open_engine(bundle: Bundle, provider: str | None = None, threads: int | None = None) -> DeviceEngine:
+def open_engine(bundle: Bundle, provider: str | None = None, threads: int | None = None,
+                on_build: Callable[[str], None] | None = None) -> DeviceEngine:
     if provider == TENSORRT_BACKEND:
-        return TensorRTEngine(bundle)       # its one-line refusal names what is missing
+        if engines_problem(bundle) and not (tensorrt_missing() or cuda_missing()):
+            build_bundle_engines(bundle.path, on_build=on_build)       # TensorRT is here: build them here
+            bundle = read_bundle(bundle.path)
+        return TensorRTEngine(bundle)       # its one-line refusal names what is still missing
     if provider is None and bundle.manifest.get("engines") and engines_problem(bundle) is None:
         return TensorRTEngine(bundle)
     return OrtEngine(bundle, choose_providers(provider), threads)
