@@ -208,24 +208,41 @@ def _num(x: Tensor | float) -> float:
     return float(x)
 
 
+def _probe(model: nn.Module, X: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    device = next(iter(model.parameters())).device
+    return (X.to(device=device, dtype=dtype) if X.is_floating_point() else X.to(device)), y.to(device)
+
+
+def bp_gradients(model: nn.Module, X: Tensor, y: Tensor, penalty: float = 0.0, dtype: torch.dtype = DTYPE):
+    """True BP's weight and stage gradients on the probe batch (a BP twin in `dtype`). They depend
+    on the weights alone, so models that differ only in their feedback matrices (the null draws of
+    `edgefa diagnose`) share one: pass it to measure_alignment as `bp`."""
+    X, y = _probe(model, X, y, dtype)
+    was_training = model.training
+    try:
+        with torch.enable_grad():
+            _, bp_w, bp_s = _gradients(bp_twin(model, dtype), X, y, penalty)
+    finally:
+        model.train(was_training)
+    return bp_w, bp_s
+
+
 def measure_alignment(model: nn.Module, X: Tensor, y: Tensor, penalty: float = 0.0,
-                      dtype: torch.dtype = DTYPE) -> dict:
+                      dtype: torch.dtype = DTYPE, bp=None) -> dict:
     """Alignment of `model`'s rule with true BP on one probe batch, the copies in `dtype` (float64 by
     default; `edgefa diagnose` measures in the training precision); cosines reduced in float64.
+    `bp`: bp_gradients of the same weights, batch, penalty and dtype, when already at hand.
 
     Under hybrid the DFA step is measured. Returns a JSON-ready dict: `layers`, `stages`,
     `aggregation` (how each number is reduced), the feedback convention and the probe's size."""
+    bp_w, bp_s = bp if bp is not None else bp_gradients(model, X, y, penalty, dtype)
     was_training = model.training
-    device = next(iter(model.parameters())).device
-    X = X.to(device=device, dtype=dtype) if X.is_floating_point() else X.to(device)
-    y = y.to(device)
+    X, y = _probe(model, X, y, dtype)
     try:
         with torch.enable_grad():
             net = _rebuild(model, model.config.rule, dtype)     # the rule, as it is (hybrid: its DFA step)
-            twin = bp_twin(model, dtype)
             needs_grad: dict[str, bool] = {}
             loss, rule_w, rule_s = _gradients(net, X, y, penalty, needs_grad)
-            _, bp_w, bp_s = _gradients(twin, X, y, penalty)
             feedback = _feedback(net)
 
             layers, frozen = {}, []

@@ -48,7 +48,7 @@ from ..data import Dataset, load_dataset, stratified_split
 from ..errors import CheckpointError, DiagnosisError
 from ..models import model_from_config
 from . import DIAGNOSIS, measure_dtype_name
-from .alignment import bp_twin, cosine, frobenius, measure_alignment, row_norms, rule_stage_signals, weight_layers
+from .alignment import bp_gradients, bp_twin, cosine, frobenius, measure_alignment, row_norms, rule_stage_signals, weight_layers
 
 SCHEMA = "edgefa.diagnosis/1"
 BASELINE_DIR = "frozen_baseline"
@@ -200,14 +200,16 @@ def perturbation_correlation(twin: nn.Module, X: Tensor, y: Tensor, index: int, 
     the batch-mean cross-entropy when the stage outputs h + eps v."""
     base = float(F.cross_entropy(run_from(twin, index, h), y))
     eps = eps_rel * frobenius(h)
-    actual, predicted = [], {k: [] for k, g in signals.items() if g is not None}
+    wide = {k: g.to(torch.float64) for k, g in signals.items() if g is not None}   # converted once
+    actual, predicted = [], {k: [] for k in wide}
     for _ in range(probes):
         v = torch.randn(h.shape, generator=gen, dtype=torch.float64)
         v = v / torch.linalg.vector_norm(v.flatten(), dim=0)
         step = (eps * v).to(device=h.device, dtype=h.dtype)
         actual.append(float(F.cross_entropy(run_from(twin, index, h + step), y)) - base)
-        for k in predicted:
-            predicted[k].append(float((signals[k].to(torch.float64) * step.to(torch.float64)).sum()))
+        step64 = step.to(torch.float64)
+        for k, g in wide.items():
+            predicted[k].append(float((g * step64).sum()))
     return {k: (pearson(predicted[k], actual) if k in predicted else None) for k in signals}
 
 
@@ -338,11 +340,12 @@ def diagnose(run, settings: Settings | None = None, baseline=None, data: Dataset
         g = g_norms[names.index(stage)]
         return not (math.isfinite(g) and g >= floor)
 
-    alignment = measure_alignment(model, Xe, ye, 0.0, dtype)        # the task's credit: no penalty term
+    bp = bp_gradients(model, Xe, ye, 0.0, dtype)                    # shared by the run and its null draws
+    alignment = measure_alignment(model, Xe, ye, 0.0, dtype, bp)    # the task's credit: no penalty term
     null_applies = config.method in ("fa", "dfa", "hybrid")
     null_reason = {"bp": "bp uses no feedback matrices (Gamma is 1 by construction)",
                    "usf": "usf's feedback is sign(W) * mean|W|, derived from the weights, not drawn"}
-    null_runs = ([measure_alignment(fresh_feedback(model, gen), Xe, ye, 0.0, dtype)
+    null_runs = ([measure_alignment(fresh_feedback(model, gen), Xe, ye, 0.0, dtype, bp)
                   for _ in range(settings.null_draws)] if null_applies else [])
     signals = rule_stage_signals(model, cast(Xe), ye, dtype)
 
