@@ -40,17 +40,15 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's edgefa first
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # _pairs, also in spawned workers
 
-import multiprocessing as mp
-
 import numpy as np
 
 from _pairs import RESULTS_DIR, _version, load_now, machine_info
+from edgefa.experiments.grid import pool_map
 
 RULES = ("bp", "fa", "dfa", "usf", "hybrid")
 DATASETS = ("digits", "mnist1d")
@@ -401,17 +399,7 @@ def main() -> None:
         print(f"[{k:3d}/{len(tasks)}] {row['dataset']:8s} {row['model']:7s} {rule_label(row['rule']):9s} "
               f"seed {row['seed']}  {what}  ({payload['wall_s_total']:.0f} s elapsed)", flush=True)
 
-    jobs = min(args.jobs, len(tasks))  # the pool spawns no more workers than there are runs
-    if jobs == 1:
-        _init_worker(data, args.threads, args.device)
-        for task in tasks:
-            done(run_one(task))
-    else:
-        ctx = mp.get_context("spawn")  # no fork after torch (or CUDA) is initialized
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(data, args.threads, args.device)) as pool:
-            for fut in as_completed([pool.submit(run_one, t) for t in tasks]):
-                done(fut.result())
+    pool_map(run_one, tasks, args.jobs, done, initializer=_init_worker, initargs=(data, args.threads, args.device))
 
     payload["wall_s_total"] = time.perf_counter() - t0
     payload["load_at_end"] = load_now()

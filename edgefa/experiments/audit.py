@@ -18,7 +18,6 @@ import math
 import os
 import re
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +27,7 @@ import numpy as np
 from ..errors import EdgefaError
 from ..report.html import (PALETTE, esc, figure, grid_table, kv_table, lines_chart, page, standalone_svg,
                            write_report)
-from .grid import comma_items, mean_std
+from .grid import comma_items, mean_std, pool_map
 
 SCHEMA = "edgefa.audit/1"
 FILES = ("audit.json", "audit.md", "audit_gamma.svg", "audit_h_L.svg", "audit_g_L.svg", "audit.html")
@@ -157,23 +156,6 @@ def _diagnose_task(task: dict) -> dict:
     return {"run": task["run"], "diagnosis": result}
 
 
-def _pool_map(fn, tasks: list[dict], jobs: int, on_done: Callable[[dict], None]) -> list[dict]:
-    if jobs <= 1:
-        results = []
-        for task in tasks:
-            results.append(fn(task))
-            on_done(results[-1])
-        return results
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=mp.get_context("spawn")) as pool:
-        results = []
-        for result in pool.map(fn, tasks):
-            results.append(result)
-            on_done(result)
-        return results
-
-
 def run_audit(config: AuditConfig, out_dir: str | os.PathLike,
               on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Train, baseline and diagnose every (configuration, seed); returns audit.json's body."""
@@ -208,10 +190,10 @@ def run_audit(config: AuditConfig, out_dir: str | os.PathLike,
                 on_progress(what, done[0], total)
         return on_done
 
-    trained = {r["out"]: r for r in _pool_map(_train_task, train_tasks, config.jobs, tick("train"))}
+    trained = {r["out"]: r for r in pool_map(_train_task, train_tasks, config.jobs, tick("train"))}
     diagnose_tasks = [{"run": r["task"]["out"], "baseline": r["baseline"], "settings": config.settings,
                        "device": config.device, "threads": threads} for r in runs]
-    diagnosed = _pool_map(_diagnose_task, diagnose_tasks, config.jobs, tick("diagnose"))
+    diagnosed = pool_map(_diagnose_task, diagnose_tasks, config.jobs, tick("diagnose"))
 
     rows = []
     for r, d in zip(runs, diagnosed):

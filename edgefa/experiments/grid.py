@@ -1,8 +1,9 @@
-"""What every experiment grid parses and reduces the same way: comma lists, seeds, mean and std."""
+"""What every experiment grid parses, runs and reduces the same way: comma lists, seeds, a pool of
+worker processes, mean and std."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -39,3 +40,31 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
         return None, None
     arr = np.asarray(values)
     return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
+
+
+def pool_map(fn: Callable, tasks: list, jobs: int, on_done: Callable[[object], None] | None = None,
+             initializer: Callable | None = None, initargs: tuple = ()) -> list:
+    """[fn(task) for task in tasks], in task order, over up to `jobs` spawned worker processes
+    (spawn: no fork after torch or CUDA is initialized); `on_done(result)` as each one finishes.
+    With one job everything runs here, after `initializer(*initargs)`."""
+    if jobs <= 1 or len(tasks) <= 1:
+        if initializer:
+            initializer(*initargs)
+        results = []
+        for task in tasks:
+            results.append(fn(task))
+            if on_done:
+                on_done(results[-1])
+        return results
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    results = [None] * len(tasks)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=mp.get_context("spawn"),
+                             initializer=initializer, initargs=initargs) as pool:
+        index = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+        for future in as_completed(index):
+            results[index[future]] = future.result()
+            if on_done:
+                on_done(results[index[future]])
+    return results
