@@ -70,7 +70,7 @@ class _Engine:
         if name not in self.buffers:
             raise EdgefaError(f"{self.label}: the engine has no input {name!r}; rebuild it for this bundle")
         buf = self.buffers[name]
-        host = np.ascontiguousarray(host, dtype=buf.dtype)
+        host = np.require(host, dtype=buf.dtype, requirements="C")    # keeps a 0-d lr 0-d (ascontiguousarray would not)
         if not self.context.set_input_shape(name, host.shape):
             raise EdgefaError(f"{self.label}: input {name!r} of shape {host.shape} is outside the engine's profile")
         buf.upload(host, stream)
