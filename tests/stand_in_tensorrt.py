@@ -205,8 +205,79 @@ class _Refitter:
         return self.refit_cuda_engine()
 
 
+class _Network:
+    def __init__(self):
+        self.data, self.inputs = None, []
+
+    @property
+    def num_inputs(self):
+        return len(self.inputs)
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+
+class _OnnxParser:
+    num_errors = 0
+
+    def __init__(self, network: _Network, logger):
+        self.network = network
+
+    def parse(self, data: bytes) -> bool:
+        model = onnx.load_from_string(bytes(data))
+        self.network.data = bytes(data)
+        for value in model.graph.input:
+            dims = value.type.tensor_type.shape.dim
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+            self.network.inputs.append(SimpleNamespace(name=value.name, shape=shape))
+        return True
+
+
+class _Profile:
+    def __init__(self):
+        self.shapes = {}
+
+    def set_shape(self, name, smallest, usual, largest):
+        assert all(a <= b <= c for a, b, c in zip(smallest, usual, largest)), f"{name}: min <= opt <= max"
+        self.shapes[name] = (tuple(smallest), tuple(usual), tuple(largest))
+
+
+class _TimingCache:
+    def __init__(self, data: bytes):
+        self.data = data or b""
+
+    def serialize(self):
+        return self.data + b"+"                  # grows with every build that used it
+
+
+class _BuilderConfig:
+    def __init__(self):
+        self.flags, self.profiles, self.cache = set(), [], None
+
+    def set_flag(self, flag):
+        self.flags.add(flag)
+
+    def set_memory_pool_limit(self, pool, size):
+        pass
+
+    def add_optimization_profile(self, profile):
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, data):
+        return _TimingCache(bytes(data))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
 def stand_in_tensorrt(version: str, cudart: StandInCudart) -> ModuleType:
-    """A `tensorrt` module with what the runtime backend calls; "engines" are ONNX bytes."""
+    """A `tensorrt` module with what the runtime backend and the engine build call; an "engine"
+    is its ONNX graph's bytes. `trt.builds` records every build (flags, profile shapes)."""
     trt = ModuleType("tensorrt")
     trt.__version__ = version
     trt.cudart = cudart
@@ -230,4 +301,30 @@ def stand_in_tensorrt(version: str, cudart: StandInCudart) -> ModuleType:
         return trt.refitters[-1]
 
     trt.Runtime, trt.Refitter = Runtime, refitter
+    trt.builds = []
+    trt.NetworkDefinitionCreationFlag = SimpleNamespace(EXPLICIT_BATCH=0)
+    trt.BuilderFlag = SimpleNamespace(FP16="FP16", REFIT="REFIT")
+    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.OnnxParser = _OnnxParser
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            assert (flags == 0) == (not version.startswith("8.")), "8.x asks for explicit batch; 10 has no flag"
+            return _Network()
+
+        create_builder_config = staticmethod(_BuilderConfig)
+        create_optimization_profile = staticmethod(_Profile)
+
+        def build_serialized_network(self, network, config):
+            assert len(config.profiles) == 1 and config.cache is not None
+            batched = {i.name for i in network.inputs if i.shape and i.shape[0] == -1}
+            assert set(config.profiles[0].shapes) == batched, "every batched input needs a profile shape"
+            trt.builds.append({"inputs": [i.name for i in network.inputs], "flags": set(config.flags),
+                               "profile": config.profiles[0].shapes})
+            return network.data
+
+    trt.Builder = Builder
     return trt

@@ -177,3 +177,44 @@ def test_finetuning_through_the_backend_checkpoints_and_resumes(stand_in, tiny_b
     assert a.step == b.step == 20
     assert max(float(np.abs(a.tensors[k] - b.tensors[k]).max()) for k in b.tensors) <= 1e-5
     assert abs(resumed["accuracy_after"] - plain["accuracy_after"]) <= 0.01
+
+
+def test_build_engine_builds_records_and_keeps_current_engines(stand_in, tiny_bundle, digits_npz):
+    from conftest import cli_in_process
+    from edgefa.runtime.tensorrt_engine import TensorRTEngine
+
+    trt = stand_in("10.3.0")
+    proc = cli_in_process("device", "build-engine", tiny_bundle)
+    assert proc.returncode == 0, proc.stderr
+    assert "infer: engines/infer.engine (TensorRT 10.3.0" in proc.stdout and "refittable" in proc.stdout
+    bundle = read_bundle(tiny_bundle)                                  # the engines are hashed and verify
+    engines = bundle.manifest["engines"]
+    assert engines["infer"]["onnx"] == REFIT_GRAPH and engines["infer"]["refittable"]
+    assert engines["infer"]["precision"] == "fp16" and engines["train_step"]["precision"] == "fp32"
+    assert engines["infer"]["gpu"] == GPU and engines["train_step"]["compute_capability"] == "8.7"
+    infer, train = trt.builds
+    assert infer["flags"] == {"FP16", "REFIT"} and train["flags"] == set()    # the DFA update stays FP32
+    assert infer["inputs"] == ["x"] and train["profile"]["labels"] == ((1,), (32,), (256,))
+    assert (tiny_bundle / "state" / "trt_cache" / "timing.cache").read_bytes() == b"++"   # shared by both builds
+
+    again = cli_in_process("device", "build-engine", tiny_bundle)
+    assert again.returncode == 0 and len(trt.builds) == 2              # current engines are kept
+    engine = open_engine(bundle)
+    assert isinstance(engine, TensorRTEngine)
+    X, y = digits(bundle, digits_npz)
+    assert engine.step(X[:32], y[:32], 0.01).accepted
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "8.5.2"])
+def test_asking_for_tensorrt_builds_missing_or_stale_engines_first(stand_in, version, tiny_bundle):
+    from edgefa.runtime.tensorrt_engine import TensorRTEngine
+
+    trt = stand_in(version)
+    built = []
+    engine = open_engine(read_bundle(tiny_bundle), TENSORRT_BACKEND, on_build=built.append)
+    assert isinstance(engine, TensorRTEngine) and built == ["infer", "train_step"]
+    stale = with_engines(tiny_bundle, "0.0.1")                         # as if another TensorRT built them
+    rebuilt = []
+    open_engine(stale, TENSORRT_BACKEND, on_build=rebuilt.append)
+    assert rebuilt == ["infer", "train_step"] and len(trt.builds) == 4
+    assert engines_problem(read_bundle(tiny_bundle)) is None
