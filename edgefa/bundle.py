@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from . import storage
 from .errors import BundleError
 
 FORMAT = "edgefa-bundle"
@@ -215,31 +216,10 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()})
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all: a temporary file in the same folder, fsynced,
-    renamed over the old one, the folder fsynced. Readable by all (0644), like a plain write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `data` to `path` whole or not at all (storage.replace_file: a temporary file beside
+    it, fsynced, renamed over the old one, the folder fsynced)."""
+    storage.replace_file(path, data)
 
 
 # --- writing (host) -------------------------------------------------------------------------
@@ -248,7 +228,8 @@ def write_bundle(out_dir: str | os.PathLike, manifest: dict, graphs: dict[str, b
                  weights: dict[str, np.ndarray], feedback: dict[str, np.ndarray],
                  extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a complete bundle into a temporary sibling and rename it into place, so a crash
-    leaves either no bundle or a whole one. An existing bundle at `out_dir` is replaced.
+    leaves either no bundle or a whole one. An existing bundle at `out_dir` is replaced
+    (replace_folder); any other non-empty folder is refused before anything is written.
     `extra_files`: relative posix path (subfolders allowed, e.g. "tensorrt/trtexec.sh") -> bytes,
     written and hashed in the manifest like the payload files."""
     extra_files = dict(extra_files or {})
@@ -260,6 +241,7 @@ def write_bundle(out_dir: str | os.PathLike, manifest: dict, graphs: dict[str, b
             raise BundleError(f"extra bundle file {name!r}: needs a plain relative posix path inside the "
                               f"bundle, outside {STATE_DIR}/, not a payload file or the manifest")
     out = Path(out_dir).resolve()
+    check_replaceable(out)                          # before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -276,14 +258,87 @@ def write_bundle(out_dir: str | os.PathLike, manifest: dict, graphs: dict[str, b
                              for name in (*PAYLOAD_FILES, *sorted(extra_files))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         check_arrays(manifest["model"], weights, feedback, where=str(out))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# --- replacing a bundle folder: never delete a file edgefa did not write ---------------------
+
+def is_edgefa_bundle_folder(root: str | os.PathLike) -> bool:
+    """Whether every file under `root` is one edgefa wrote as a bundle: an edgefa-bundle manifest,
+    the files it lists, the device's state/, and edgefa's temporary files (`.NAME.*` beside a
+    listed NAME). Hashes are not checked: a damaged bundle is still edgefa's to replace."""
+    root = Path(root)
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        listed = {MANIFEST, *manifest["files"]} if manifest.get("format") == FORMAT else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
+    if listed is None:
+        return False
+    for path in root.rglob("*"):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        relative = path.relative_to(root).as_posix()
+        temporary = path.name.startswith(".") and any(
+            path.name.startswith(f".{PurePosixPath(name).name}.") for name in listed)
+        if not (relative in listed or relative.startswith(f"{STATE_DIR}/") or temporary):
+            return False
+    return True
+
+
+def device_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The device's fine-tuning checkpoints in a bundle folder's state/ (runtime/state.py)."""
+    return sorted((Path(root) / STATE_DIR).glob("checkpoint*.npz"))
+
+
+def holds_current_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is the current folder or one of the folders it is in."""
+    here, path = Path.cwd().resolve(), Path(path).resolve()
+    return path == here or path in here.parents
+
+
+def check_replaceable(out: str | os.PathLike) -> None:
+    """A BundleError unless a bundle may be written at `out`: nothing there, an empty folder, or a
+    folder that is wholly an edgefa bundle; never the current folder or one holding it."""
+    out = Path(out)
+    if not os.path.lexists(out):
+        return
+    if holds_current_folder(out):
+        raise BundleError(f"{out}: is the current folder (or holds it); edgefa will not replace it: "
+                          "name a new folder")
+    if not out.is_dir() or out.is_symlink():
+        raise BundleError(f"{out}: exists and is not a folder; edgefa will not replace it")
+    if any(out.iterdir()) and not is_edgefa_bundle_folder(out):
+        raise BundleError(f"{out}: holds files that are not an edgefa bundle; edgefa will not replace it")
+
+
+def replace_folder(staged: Path, out: Path) -> None:
+    """Move the finished bundle folder `staged` to `out` (a sibling: one file system). A bundle
+    already at `out` (check_replaceable) is renamed aside to a hidden sibling, `staged` renamed in,
+    and only then the old one removed; a failure between the renames puts the old one back. A crash
+    between them leaves the old bundle whole in `.NAME.old-XXXX/`."""
+    check_replaceable(out)
+    if not os.path.lexists(out):
+        storage.rename(staged, out)
+        storage.fsync_dir(out.parent)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))   # empty: renamed over
+    try:
+        storage.rename(out, old)
+    except Exception:
+        old.rmdir()
+        raise
+    try:
+        storage.rename(staged, out)
+    except Exception:
+        storage.rename(old, out)
+        raise
+    storage.fsync_dir(out.parent)
+    storage.remove_tree(old)
 
 
 # --- reading and verifying (device) ---------------------------------------------------------
@@ -458,13 +513,22 @@ def unpack_archive(archive: str | os.PathLike, dest: str | os.PathLike, max_byte
             for m in members:
                 if not m.isfile() or not _safe_relative(m.name) or m.name.startswith("."):
                     raise BundleError(f"archive entry '{m.name}' is not a plain file with a safe relative path")
-            dest.mkdir(parents=True)
+            names = [PurePosixPath(m.name).as_posix() for m in members]
+            folders = {str(parent) for name in names for parent in PurePosixPath(name).parents}
+            if len(set(names)) != len(names) or folders & set(names):
+                raise BundleError("archive holds the same path twice (as two files, or as a file and a folder)")
+            if dest.exists():
+                raise BundleError(f"{dest}: already exists")
+            # Every file fsynced before the caller renames the bundle into place: after a power
+            # loss a swapped-in bundle holds its bytes, not empty files.
+            storage.make_dir(dest)
             for m in members:
                 out = dest / m.name
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(m) as src, open(out, "xb") as dst:
-                    shutil.copyfileobj(src, dst)
-    except (tarfile.TarError, OSError) as exc:
+                storage.make_dir(out.parent)
+                with tar.extractfile(m) as src:
+                    data = src.read()
+                storage.write_file(out, data)
+    except tarfile.TarError as exc:
         raise BundleError(f"not a bundle archive ({exc})") from None
     read_bundle(dest)
     return dest

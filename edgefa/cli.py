@@ -6,6 +6,7 @@ commands run where torch is not installed. The CLI parses, calls the library and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
@@ -18,7 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .cli_types import (COUNT, FRACTION, LEARNING_RATE, LISTEN_ADDRESS, MOMENTUM, NON_NEGATIVE_FLOAT,
+                        OUT_FILE, OUT_FOLDER, POSITIVE, POSITIVE_FLOAT, SEED, WIDTHS, Finite, refuse_empty_text)
 from .errors import EdgefaError
+from .runtime.divergence import DEFAULT_MAX_REFUSALS
 
 console = Console()
 err_console = Console(stderr=True)
@@ -53,6 +57,29 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+force_option = click.option("--force", is_flag=True,
+                            help="write --out even where it holds something else: what it held is kept "
+                                 "beside it as OUT.replaced-<time>/ (edgefa never deletes what it did not write)")
+
+
+def check_out(out, kind: str, force: bool) -> None:
+    """Before the work: may `kind` be written to --out (edgefa.out_folders)? Where only --force
+    allows it, the old folder is set aside now and put back if the command fails."""
+    from .out_folders import out_folder
+
+    def note(line: str) -> None:
+        err_console.print(f"[yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+    click.get_current_context().with_resource(out_folder(out, kind, force, say=note))
+
+
+def write_json(path, result: dict, indent: int = 2) -> None:
+    """An output file (--report, --json): its folders made, written whole or not at all."""
+    from .bundle import write_atomically
+
+    write_atomically(path, (json.dumps(result, indent=indent) + "\n").encode())
+
+
 @click.group()
 @click.version_option(__version__, prog_name="edgefa")
 def cli() -> None:
@@ -64,59 +91,52 @@ def cli() -> None:
 @cli.command()
 @click.option("--method", type=click.Choice(["bp", "fa", "dfa", "usf", "hybrid"]), default="dfa", show_default=True,
               help="bp | fa | dfa | usf (sign-symmetric feedback) | hybrid (dfa with a bp step every --hybrid-every)")
-@click.option("--hybrid-every", type=int, default=10, show_default=True,
+@click.option("--hybrid-every", type=POSITIVE, default=10, show_default=True,
               help="hybrid: every k-th step is a true BP step (10, 50 and 100 are the interesting values)")
 @click.option("--dataset", default="digits", show_default=True,
               help="digits | npz:FILE (arrays X, y) | mnist:DIR (IDX files) | cifar10:DIR (binary batches) | mnist1d[:N] (generated)")
 @click.option("--model", "model_kind", type=click.Choice(["mlp", "resmlp", "cnn", "vit", "transformer"]),
               default="mlp", show_default=True,
               help="mlp | resmlp (pre-LN residual MLP) | cnn | vit (ViT-Mini) | transformer (causal, one feature per position)")
-@click.option("--hidden", default="256,256", show_default=True, help="mlp: hidden widths, comma-separated")
-@click.option("--width", type=int, default=None,
+@click.option("--hidden", type=WIDTHS, default="256,256", show_default=True, help="mlp: hidden widths, comma-separated")
+@click.option("--width", type=POSITIVE, default=None,
               help="model dim (resmlp 256, vit 64, transformer 64) or base channels (cnn 16)")
-@click.option("--depth", type=int, default=None, help="residual blocks (resmlp 4, vit 2, transformer 2) or conv stages (cnn 2)")
-@click.option("--expansion", type=int, default=1, show_default=True, help="block MLP hidden = width x expansion")
-@click.option("--heads", type=int, default=4, show_default=True, help="attention heads (vit, transformer)")
-@click.option("--patch", type=int, default=None, help="vit patch size (default 4 where it divides images >= 16, else 2)")
-@click.option("--penalty", type=float, default=0.0, show_default=True,
+@click.option("--depth", type=POSITIVE, default=None, help="residual blocks (resmlp 4, vit 2, transformer 2) or conv stages (cnn 2)")
+@click.option("--expansion", type=POSITIVE, default=1, show_default=True, help="block MLP hidden = width x expansion")
+@click.option("--heads", type=POSITIVE, default=4, show_default=True, help="attention heads (vit, transformer)")
+@click.option("--patch", type=POSITIVE, default=None, help="vit patch size (default 4 where it divides images >= 16, else 2)")
+@click.option("--penalty", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True,
               help="residual-stream penalty lambda: adds lambda * sum_l mean ||f_l(h_l)||^2")
 @click.option("--freeze-blocks", is_flag=True, help="frozen-random-blocks baseline: only stem, terminal LN and head train")
 @click.option("--activation", type=click.Choice(["relu", "tanh", "gelu"]), default="relu", show_default=True,
               help="gelu: resmlp, cnn, vit, transformer only")
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=0.003, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--feedback-seed", type=int, default=1, show_default=True)
+@click.option("--epochs", type=POSITIVE, default=30, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
+@click.option("--lr", type=LEARNING_RATE, default=0.003, show_default=True)
+@click.option("--momentum", type=MOMENTUM, default=0.9, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--feedback-seed", type=SEED, default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when present) | cpu | cuda")
-@click.option("--nproc", type=int, default=1, show_default=True,
+@click.option("--nproc", type=POSITIVE, default=1, show_default=True,
               help="data-parallel processes (DDP: gloo on CPU, NCCL with one GPU each); --batch-size is the "
                    "global batch and must divide by it. Under torchrun the world is torchrun's")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="run directory to write")
+@click.option("--out", type=OUT_FOLDER, required=True, help="run directory to write")
+@force_option
 def train(method, hybrid_every, dataset, model_kind, hidden, width, depth, expansion, heads, patch, penalty,
-          freeze_blocks, activation, epochs, batch_size, lr, momentum, seed, feedback_seed, device, nproc, out):
+          freeze_blocks, activation, epochs, batch_size, lr, momentum, seed, feedback_seed, device, nproc, out, force):
     """Train a model on the host with bp, fa, dfa, usf or hybrid; write checkpoint.pt and metrics.json."""
-    if nproc < 1 or batch_size % nproc:    # before torch is imported: a quick one line
-        raise EdgefaError(f"--nproc must be at least 1, got {nproc}" if nproc < 1 else
-                          f"--batch-size {batch_size} is not divisible by --nproc {nproc}: "
+    if batch_size % nproc:                 # before torch is imported: a quick one line
+        raise EdgefaError(f"--batch-size {batch_size} is not divisible by --nproc {nproc}: "
                           "each process takes an equal share of the global batch")
+    check_out(out, "run", force)
     from .data.datasets import load_dataset
     from .training.trainer import TrainConfig, build_model, save_run, train as run_training
 
-    widths = [int(w) for w in hidden.split(",") if w.strip()]
-    if hybrid_every < 1:
-        raise EdgefaError(f"--hybrid-every must be at least 1, got {hybrid_every}")
+    widths = list(hidden)
     if model_kind == "mlp" and activation == "gelu":
         raise EdgefaError("--activation gelu is for resmlp, cnn, vit and transformer; the mlp takes relu or tanh")
     if model_kind == "mlp" and (penalty or freeze_blocks):
         raise EdgefaError("--penalty and --freeze-blocks need residual blocks (resmlp, vit, transformer)")
-    for name, value in (("--width", width), ("--depth", depth), ("--patch", patch), ("--expansion", expansion),
-                        ("--heads", heads)):
-        if value is not None and value < 1:
-            raise EdgefaError(f"{name} must be at least 1, got {value}")
-    if penalty < 0:
-        raise EdgefaError(f"--penalty must be >= 0, got {penalty}")
     config = TrainConfig(method, dataset, widths, activation, epochs, batch_size, lr, momentum, seed,
                          feedback_seed, device=device, hybrid_every=hybrid_every, model=model_kind, width=width,
                          depth=depth, expansion=expansion, heads=heads, patch=patch, penalty=penalty,
@@ -158,9 +178,9 @@ def train(method, hybrid_every, dataset, model_kind, hidden, width, depth, expan
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="bundle directory to write")
-@click.option("--momentum", type=float, default=None, help="device SGD momentum (default: the run's)")
-@click.option("--lr", type=float, default=None, help="device default learning rate (default: the run's)")
+@click.option("--out", type=OUT_FOLDER, required=True, help="bundle directory to write")
+@click.option("--momentum", type=MOMENTUM, default=None, help="device SGD momentum (default: the run's)")
+@click.option("--lr", type=LEARNING_RATE, default=None, help="device default learning rate (default: the run's)")
 @click.option("--trainable", default="all", show_default=True,
               help="what the device trains: all, or last:K (the last K units from the head; mlp: layers, "
                    "resmlp: head+terminal LN, then one block at a time, then the embedding)")
@@ -173,7 +193,8 @@ def train(method, hybrid_every, dataset, model_kind, hidden, width, depth, expan
               help="fail, writing nothing, when a graph would not build into a TensorRT engine for --trt-target")
 @click.option("--tensorrt", "build_engines", is_flag=True,
               help="also build the TensorRT engines here (a host with TensorRT and the device's GPU)")
-def export(run_dir, out, momentum, lr, trainable, trt_target, batch_profile, require_tensorrt, build_engines):
+@force_option
+def export(run_dir, out, momentum, lr, trainable, trt_target, batch_profile, require_tensorrt, build_engines, force):
     """Export a trained run as a bundle: infer.onnx, train_step.onnx, weights, feedback, manifest,
     and tensorrt/ (readiness.json, trtexec.sh: the engine builds to run on the device)."""
     from .bundle import check_trainable_syntax
@@ -193,6 +214,7 @@ def export(run_dir, out, momentum, lr, trainable, trt_target, batch_profile, req
 
         if tensorrt_missing():                       # before anything is written
             raise EdgefaError(f"export --tensorrt: {tensorrt_missing()}; export without it and build on the device")
+    check_out(out, "bundle", force)                  # a folder that is not a bundle: before torch
     from .exporters.export import export_bundle
     from .training.trainer import load_run
 
@@ -218,7 +240,7 @@ def export(run_dir, out, momentum, lr, trainable, trt_target, batch_profile, req
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="HTML file to write (default RUN/report.html)")
+@click.option("--out", type=OUT_FILE, default=None, help="HTML file to write (default RUN/report.html)")
 def report(run_dir, out):
     """Report a run: accuracy and alignment with BP per layer (table), over epochs (RUN/report.html)."""
     from .diagnostics import epoch_alignment, fmt_cosine, read_diagnosis, read_metrics
@@ -291,24 +313,24 @@ def report(run_dir, out):
 def protocol_options(f):
     """The thresholds and measurement settings `diagnose` and `audit` share."""
     options = [
-        click.option("--growth-max", type=float, default=50.0, show_default=True,
+        click.option("--growth-max", type=POSITIVE_FLOAT, default=50.0, show_default=True,
                      help="(a) fires when max_l ||h_{l+1}|| / ||h_l|| is above this"),
-        click.option("--grad-floor", type=float, default=1e-7, show_default=True,
+        click.option("--grad-floor", type=POSITIVE_FLOAT, default=1e-7, show_default=True,
                      help="(b) fires when ||dloss_n/dh_L|| is below this; Gamma below it reads 'degenerate'"),
-        click.option("--stability-max", type=float, default=0.30, show_default=True,
+        click.option("--stability-max", type=Finite(-1, 1), default=0.30, show_default=True,
                      help="(c) fires when the cross-batch cosine of BP gradient directions is above this"),
-        click.option("--margin", type=float, default=2.0, show_default=True,
+        click.option("--margin", type=Finite(), default=2.0, show_default=True,
                      help="(d) fires when test accuracy beats the frozen-blocks baseline by fewer points"),
-        click.option("--null-draws", type=int, default=20, show_default=True,
+        click.option("--null-draws", type=COUNT, default=20, show_default=True,
                      help="fresh random feedback draws for the null calibration of Gamma"),
-        click.option("--probes", type=int, default=128, show_default=True,
+        click.option("--probes", type=POSITIVE, default=128, show_default=True,
                      help="random directions per stage for the perturbation correlation rho"),
-        click.option("--eval-batch", type=int, default=256, show_default=True,
+        click.option("--eval-batch", type=POSITIVE, default=256, show_default=True,
                      help="the fixed evaluation batch: the first samples of the run's test split"),
-        click.option("--batches", type=int, default=8, show_default=True, help="(c): disjoint batches"),
-        click.option("--batch-size", "stability_batch", type=int, default=32, show_default=True,
+        click.option("--batches", type=click.IntRange(min=2), default=8, show_default=True, help="(c): disjoint batches"),
+        click.option("--batch-size", "stability_batch", type=POSITIVE, default=32, show_default=True,
                      help="(c): samples per batch"),
-        click.option("--eps", type=float, default=1e-3, show_default=True, help="rho: perturbation size / ||h_l||_F"),
+        click.option("--eps", type=POSITIVE_FLOAT, default=1e-3, show_default=True, help="rho: perturbation size / ||h_l||_F"),
         click.option("--dtype", default="float32", show_default=True,
                      help="measurement precision: float32 | bfloat16 | float64 (float16 is refused)"),
     ]
@@ -394,7 +416,7 @@ def print_diagnosis(result: dict, where: str) -> None:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--baseline", type=click.Path(file_okay=False), default=None,
+@click.option("--baseline", type=click.Path(exists=True, file_okay=False), default=None,
               help="a frozen-random-blocks run to compare with (default: RUN/frozen_baseline/, trained when absent)")
 @click.option("--no-baseline", is_flag=True, help="skip (d) instead of training the baseline")
 @protocol_options
@@ -434,19 +456,20 @@ def diagnose(run_dir, baseline, no_baseline, device, as_json, fail_on_walk_back,
               help="RULE or RULE+LAMBDA (the residual-stream penalty), comma-separated")
 @click.option("--seeds", default="0,1,2", show_default=True, help="seeds (split, init, batches; feedback seed + 1)")
 @click.option("--dataset", default="digits", show_default=True, help="data set spec, as for `edgefa train`")
-@click.option("--width", type=int, default=256, show_default=True, help="resmlp model dim")
-@click.option("--depth", type=int, default=4, show_default=True, help="resmlp blocks")
+@click.option("--width", type=POSITIVE, default=256, show_default=True, help="resmlp model dim")
+@click.option("--depth", type=POSITIVE, default=4, show_default=True, help="resmlp blocks")
 @click.option("--activation", type=click.Choice(["relu", "tanh", "gelu"]), default="relu", show_default=True)
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--train-batch", type=int, default=32, show_default=True, help="training batch size")
-@click.option("--lr", type=float, default=0.003, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--jobs", type=int, default=1, show_default=True, help="runs at once, one process and thread each")
+@click.option("--epochs", type=POSITIVE, default=30, show_default=True)
+@click.option("--train-batch", type=POSITIVE, default=32, show_default=True, help="training batch size")
+@click.option("--lr", type=LEARNING_RATE, default=0.003, show_default=True)
+@click.option("--momentum", type=MOMENTUM, default=0.9, show_default=True)
+@click.option("--jobs", type=POSITIVE, default=1, show_default=True, help="runs at once, one process and thread each")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
 @protocol_options
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for the runs and the audit files")
+@click.option("--out", type=OUT_FOLDER, required=True, help="folder for the runs and the audit files")
+@force_option
 def audit(configs, seeds, dataset, width, depth, activation, epochs, train_batch, lr, momentum, jobs, device, out,
-          **protocol):
+          force, **protocol):
     """The protocol over BP, FA, DFA, hybrid and penalized DFA on the residual MLP, over seeds (table, plots)."""
     from dataclasses import asdict
 
@@ -457,6 +480,7 @@ def audit(configs, seeds, dataset, width, depth, activation, epochs, train_batch
                          train_batch, lr, momentum, jobs=jobs, device=device)
     config.check()                                   # a bad spec: one line, before torch is imported
     config.settings = asdict(protocol_settings(**protocol))
+    check_out(out, "audit", force)
     with progress_bar() as bar:
         task = bar.add_task("audit", total=None, status="")
 
@@ -482,56 +506,41 @@ def audit(configs, seeds, dataset, width, depth, activation, epochs, train_batch
 @click.option("--data", "data_spec", default="synthetic", show_default=True,
               help="synthetic[:N] (N pairs from a hidden utility, default 2000) | jsonl:FILE (prompt, chosen, "
                    "rejected per line)")
-@click.option("--sigma", type=float, default=0.0, show_default=True,
+@click.option("--sigma", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True,
               help="synthetic: std of the Gaussian noise added to u(a) - u(b) before the label is drawn")
-@click.option("--dim", type=int, default=16, show_default=True, help="synthetic: features per item")
-@click.option("--max-len", type=int, default=128, show_default=True,
+@click.option("--dim", type=POSITIVE, default=16, show_default=True, help="synthetic: features per item")
+@click.option("--max-len", type=POSITIVE, default=128, show_default=True,
               help="jsonl: tokens per item (prompt bytes, SEP, response bytes; cut from the left)")
 @click.option("--method", type=click.Choice(["bp", "fa", "dfa", "usf", "hybrid"]), default="dfa", show_default=True)
-@click.option("--hybrid-every", type=int, default=10, show_default=True, help="hybrid: every k-th step is a BP step")
+@click.option("--hybrid-every", type=POSITIVE, default=10, show_default=True, help="hybrid: every k-th step is a BP step")
 @click.option("--loss", type=click.Choice(["bradley-terry", "hinge"]), default="bradley-terry", show_default=True,
               help="-log sigmoid(s_w - s_l) | max(0, m - (s_w - s_l))")
-@click.option("--margin", type=float, default=1.0, show_default=True, help="hinge: the margin m")
+@click.option("--margin", type=NON_NEGATIVE_FLOAT, default=1.0, show_default=True, help="hinge: the margin m")
 @click.option("--model", "model_kind", type=click.Choice(["mlp", "resmlp", "cnn", "vit", "transformer"]),
               default=None, help="the scorer (default: mlp for synthetic pairs, transformer for jsonl)")
-@click.option("--hidden", default="64,64", show_default=True, help="mlp: hidden widths, comma-separated")
-@click.option("--width", type=int, default=None, help="model dim of the other models (transformer 64)")
-@click.option("--depth", type=int, default=None, help="blocks of the other models (transformer 2)")
-@click.option("--heads", type=int, default=4, show_default=True, help="attention heads (transformer, vit)")
+@click.option("--hidden", type=WIDTHS, default="64,64", show_default=True, help="mlp: hidden widths, comma-separated")
+@click.option("--width", type=POSITIVE, default=None, help="model dim of the other models (transformer 64)")
+@click.option("--depth", type=POSITIVE, default=None, help="blocks of the other models (transformer 2)")
+@click.option("--heads", type=POSITIVE, default=4, show_default=True, help="attention heads (transformer, vit)")
 @click.option("--activation", type=click.Choice(["relu", "tanh", "gelu"]), default="relu", show_default=True,
               help="gelu: not for the mlp")
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="pairs per step")
-@click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--epochs", type=POSITIVE, default=20, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="pairs per step")
+@click.option("--lr", type=LEARNING_RATE, default=0.01, show_default=True)
+@click.option("--momentum", type=MOMENTUM, default=0.9, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="synthetic pairs, held-out split, weights and batch order")
-@click.option("--feedback-seed", type=int, default=1, show_default=True)
-@click.option("--test-fraction", type=float, default=0.25, show_default=True, help="share of the pairs held out")
+@click.option("--feedback-seed", type=SEED, default=1, show_default=True)
+@click.option("--test-fraction", type=FRACTION, default=0.25, show_default=True, help="share of the pairs held out")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when present) | cpu | cuda")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="run directory to write")
+@click.option("--out", type=OUT_FOLDER, required=True, help="run directory to write")
+@force_option
 def train_preference(data_spec, sigma, dim, max_len, method, hybrid_every, loss, margin, model_kind, hidden, width,
                      depth, heads, activation, epochs, batch_size, lr, momentum, seed, feedback_seed, test_fraction,
-                     device, out):
+                     device, out, force):
     """Train a scorer s(x) on preference pairs (chosen over rejected); write checkpoint.pt and metrics.json."""
-    import math
-
-    try:
-        widths = [int(w) for w in hidden.split(",") if w.strip()]
-    except ValueError:
-        raise EdgefaError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
-    for name, value in (("--hybrid-every", hybrid_every), ("--dim", dim), ("--epochs", epochs),
-                        ("--batch-size", batch_size), ("--width", width), ("--depth", depth), ("--heads", heads)):
-        if value is not None and value < 1:
-            raise EdgefaError(f"{name} must be at least 1, got {value}")
-    if not widths or min(widths) < 1:
-        raise EdgefaError(f"--hidden needs widths of at least 1, got {hidden!r}")
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise EdgefaError(f"--sigma must be finite and >= 0, got {sigma}")
-    if not (math.isfinite(margin) and margin >= 0):
-        raise EdgefaError(f"--margin must be finite and >= 0, got {margin}")
-    if not 0 < test_fraction < 1:
-        raise EdgefaError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    widths = list(hidden)
+    check_out(out, "run", force)
     from .training.preference_train import is_token_pairs, load_pairs_spec, train_preference as run_training
     from .training.trainer import TrainConfig, save_run
 
@@ -577,34 +586,32 @@ def experiment() -> None:
 @click.option("--rules", default="bp,dfa,hybrid-10", show_default=True,
               help="bp, fa, dfa, usf, hybrid-K (a BP step every K-th step), comma-separated")
 @click.option("--seeds", default="0,1,2", show_default=True, help="seeds (pairs, split, weights, feedback, batches)")
-@click.option("--pairs", type=int, default=2000, show_default=True, help="synthetic pairs per run (held-out included)")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--dim", type=int, default=16, show_default=True, help="features per item")
-@click.option("--hidden", default="32,32", show_default=True, help="the MLP scorer's hidden widths")
+@click.option("--pairs", type=click.IntRange(min=4), default=2000, show_default=True, help="synthetic pairs per run (held-out included)")
+@click.option("--epochs", type=POSITIVE, default=10, show_default=True)
+@click.option("--dim", type=POSITIVE, default=16, show_default=True, help="features per item")
+@click.option("--hidden", type=WIDTHS, default="32,32", show_default=True, help="the MLP scorer's hidden widths")
 @click.option("--activation", type=click.Choice(["relu", "tanh"]), default="relu", show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="pairs per step")
-@click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="pairs per step")
+@click.option("--lr", type=LEARNING_RATE, default=0.01, show_default=True)
+@click.option("--momentum", type=MOMENTUM, default=0.9, show_default=True)
 @click.option("--loss", type=click.Choice(["bradley-terry", "hinge"]), default="bradley-terry", show_default=True)
-@click.option("--margin", type=float, default=1.0, show_default=True, help="hinge: the margin m")
-@click.option("--test-fraction", type=float, default=0.25, show_default=True, help="share of the pairs held out")
+@click.option("--margin", type=NON_NEGATIVE_FLOAT, default=1.0, show_default=True, help="hinge: the margin m")
+@click.option("--test-fraction", type=FRACTION, default=0.25, show_default=True, help="share of the pairs held out")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when present) | cpu | cuda")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
+@click.option("--out", type=OUT_FOLDER, required=True,
               help="folder for preference.json, preference.md, preference.svg and preference.html")
+@force_option
 def experiment_preference(sigmas, rules, seeds, pairs, epochs, dim, hidden, activation, batch_size, lr, momentum,
-                          loss, margin, test_fraction, device, out):
+                          loss, margin, test_fraction, device, out, force):
     """Held-out preference accuracy against label noise sigma, per rule, over seeds (table and plot)."""
     from .experiments.grid import parse_seeds
     from .experiments.preference import (SweepConfig, parse_rules, parse_sigmas, run_sweep,
                                          summary, table_rows, write_outputs)
 
-    try:
-        widths = [int(w) for w in hidden.split(",") if w.strip()]
-    except ValueError:
-        raise EdgefaError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
-    config = SweepConfig(parse_sigmas(sigmas), parse_rules(rules), parse_seeds(seeds), pairs, epochs, dim, widths,
+    config = SweepConfig(parse_sigmas(sigmas), parse_rules(rules), parse_seeds(seeds), pairs, epochs, dim, list(hidden),
                          activation, batch_size, lr, momentum, loss, margin, test_fraction, device)
     config.check()                         # every bad value is one line before torch is imported
+    check_out(out, "preference-sweep", force)
     total = len(config.sigmas) * len(config.rules) * len(config.seeds)
     with progress_bar() as bar:
         task = bar.add_task("preference sweep", total=total, status="")
@@ -675,23 +682,51 @@ def build_engine(bundle, force):
                       f"batch {e['profile']['min']}..{e['profile']['max']})", highlight=False)
 
 
+# --- fine-tuning's stops: shared by `device finetune`, `finetune` and `fleet finetune` ---------------
+
+max_refusals_option = click.option(
+    "--max-refusals", type=POSITIVE, default=DEFAULT_MAX_REFUSALS, show_default=True,
+    help="stop after this many steps refused for NaN/Inf in one run (a diverged loss stops at once, "
+         "rolled back to the last good checkpoint)")
+
+
+@contextlib.contextmanager
+def stopped_run_report(report: str | None):
+    """A run that stops early (divergence, refusals) still writes --report: what it did up to the
+    stop, and why (`stopped`); the error line follows."""
+    from .runtime.divergence import RunStopped
+
+    try:
+        yield
+    except RunStopped as stop:
+        if report and stop.result is not None:
+            write_json(report, stop.result)
+        raise
+
+
+def add_stop_rows(table: Table, result: dict) -> None:
+    """Refused and rolled-back steps: always shown, 0 included."""
+    table.add_row("refused steps", str(len(result["refused_steps"])))
+    table.add_row("rolled-back steps", str(result["rolled_back_steps"]))
+
+
 @device.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--data", "data_spec", required=True,
               help="training data: FILE.npz (X, y) or mnist:DIR; a bradley-terry bundle: FILE.npz (chosen, rejected)")
-@click.option("--steps", type=int, required=True, help="total steps to reach (resumes from state/)")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)")
-@click.option("--checkpoint-every", type=int, default=50, show_default=True)
-@click.option("--max-refusals", type=int, default=3, show_default=True,
-              help="stop after this many steps refused for NaN/Inf")
-@click.option("--seed", type=int, default=0, show_default=True, help="batch order seed")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+@click.option("--steps", type=POSITIVE, required=True, help="total steps to reach (resumes from state/)")
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
+@click.option("--lr", type=LEARNING_RATE, default=None, help="learning rate (default: the bundle's)")
+@click.option("--checkpoint-every", type=POSITIVE, default=50, show_default=True,
+              help="steps between checkpoints (each one judged good first; the run's end always checkpoints)")
+@max_refusals_option
+@click.option("--seed", type=SEED, default=0, show_default=True, help="batch order seed")
+@click.option("--threads", type=POSITIVE, default=None, help="onnxruntime intra-op threads")
 @click.option("--provider", default=None,
               help="what runs the bundle: tensorrt (the bundle's own engines) or an onnxruntime execution provider "
                    "(default: the bundle's engines if built for this device, else TensorRT EP, CUDA EP, CPU)")
 @click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)")
-@click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the report as JSON")
+@click.option("--report", type=OUT_FILE, default=None, help="write the report as JSON")
 def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads,
              provider, eval_spec, report):
     """Fine-tune a bundle on this device with DFA (onnxruntime or its TensorRT engines), checkpointing into BUNDLE/state/."""
@@ -705,12 +740,12 @@ def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_ref
     eval_data = load(eval_spec) if eval_spec else None
     config = FinetuneConfig(steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads, provider)
     tuner = Finetuner(b, train_data, config, eval_data)  # every input check happens here, before the bar
-    with progress_bar() as bar:
+    with stopped_run_report(report), progress_bar() as bar:
         task = bar.add_task("device dfa", total=steps, completed=tuner.start, status="")
         result = tuner.run(on_step=lambda s, loss: bar.update(task, completed=s, status=f"loss {loss:.3f}"))
         bar.update(task, completed=result["final_step"])
     if report:
-        Path(report).write_text(json.dumps(result, indent=2))
+        write_json(report, result)
     table = Table(title="device fine-tuning (DFA, onnxruntime)", show_header=False)
     table.add_row("steps", f"{result['resumed_from_step']} -> {result['final_step']}"
                   + ("  (resumed)" if result["resumed_from_step"] else ""))
@@ -720,7 +755,7 @@ def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_ref
         table.add_row(result["metric"], f"{pct(result['accuracy_before'])} -> {pct(result['accuracy_after'])}")
     if result["step_time_ms_median"] is not None:
         table.add_row("step time", f"median {result['step_time_ms_median']:.2f} ms, p95 {result['step_time_ms_p95']:.2f} ms")
-    table.add_row("refused steps", str(len(result["refused_steps"])))
+    add_stop_rows(table, result)
     table.add_row("peak RSS", human_bytes(result["peak_rss_bytes"]))
     table.add_row("providers", ", ".join(result["providers"]))
     console.print(table)
@@ -744,9 +779,9 @@ def evaluate(bundle, data_spec):
 
 def link_options(f):
     """--key-file and --baud, shared by every command that opens a link."""
-    f = click.option("--baud", type=int, default=115200, show_default=True,
+    f = click.option("--baud", type=POSITIVE, default=115200, show_default=True,
                      help="line rate for a real serial port (ignored by sockets and pseudo-terminals)")(f)
-    return click.option("--key-file", type=click.Path(dir_okay=False), default=None,
+    return click.option("--key-file", type=click.Path(exists=True, dir_okay=False), default=None,
                         help="shared key: authenticate every frame with HMAC-SHA256")(f)
 
 
@@ -754,12 +789,13 @@ def remote_finetune_options(f):
     """The options of fine-tuning over a link, shared by `finetune` and `fleet finetune`."""
     for option in reversed([
         click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR"),
-        click.option("--steps", type=int, required=True,
+        click.option("--steps", type=POSITIVE, required=True,
                      help="total device steps to reach (continues from the device's step)"),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)"),
-        click.option("--seed", type=int, default=0, show_default=True, help="batch order seed"),
+        click.option("--batch-size", type=POSITIVE, default=32, show_default=True),
+        click.option("--lr", type=LEARNING_RATE, default=None, help="learning rate (default: the bundle's)"),
+        click.option("--seed", type=SEED, default=0, show_default=True, help="batch order seed"),
         click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)"),
+        max_refusals_option,
     ]):
         f = option(f)
     return f
@@ -771,35 +807,38 @@ def _client(url: str, key_file, baud):
     return DeviceClient(url, ClientConfig(key=read_key(key_file), baudrate=baud))
 
 
-def transfer_bar() -> Progress:
+def transfer_bar(transient: bool = False) -> Progress:
     from rich.progress import DownloadColumn, TransferSpeedColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeElapsedColumn(), console=err_console)
+                    TransferSpeedColumn(), TimeElapsedColumn(), console=err_console, transient=transient)
 
 
 @device.command()
 @click.option("--port", default=None, help="serve on a serial port: a pyserial URL (/dev/ttyGS0, "
               "loop://) or 'pty' (make a pseudo-terminal and print its path)")
-@click.option("--listen", "listen_address", default=None,
+@click.option("--listen", "listen_address", type=LISTEN_ADDRESS, default=None,
               help="serve over TCP on ADDR:PORT (port 0: any free port)")
-@click.option("--store", type=click.Path(file_okay=False), required=True,
+@click.option("--store", type=OUT_FOLDER, required=True,
               help="directory for the deployed bundle, its checkpoints and uploads")
-@click.option("--checkpoint-every", type=int, default=10, show_default=True,
+@click.option("--checkpoint-every", type=POSITIVE, default=10, show_default=True,
               help="steps between automatic checkpoints (a killed server loses at most these)")
 @click.option("--provider", default=None,
               help="what runs the bundle: tensorrt (the bundle's own engines) or an onnxruntime execution provider "
                    "(default: the bundle's engines if built for this device, else TensorRT EP, CUDA EP, CPU)")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-@click.option("--max-bundle-mb", type=int, default=256, show_default=True, help="largest bundle accepted")
+@click.option("--threads", type=POSITIVE, default=None, help="onnxruntime intra-op threads")
+@click.option("--max-bundle-mb", type=POSITIVE, default=256, show_default=True, help="largest bundle accepted")
 @click.option("--profile", "profile_name", default=None,
               help="device profile name or TOML file (default: detected); used for energy estimates")
+@click.option("--idle-timeout", type=POSITIVE_FLOAT, default=60.0, show_default=True, metavar="SECONDS",
+              help="TCP: drop a host silent this long between requests (before its HELLO or stalled "
+                   "mid-frame: 10 s, or this when shorter)")
 @link_options
 def serve(port, listen_address, store, checkpoint_every, provider, threads, max_bundle_mb, profile_name,
-          key_file, baud):
+          idle_timeout, key_file, baud):
     """Serve this device to a host over a serial line or TCP (one host at a time)."""
     from .link.client import read_key
-    from .link.server import serve as run_server, stop_on_sigterm
+    from .link.server import PeerTimeouts, serve as run_server, stop_on_sigterm
     from .link.service import DeviceService, ServiceConfig
     from .profiling.machine import open_profiler
 
@@ -816,9 +855,10 @@ def serve(port, listen_address, store, checkpoint_every, provider, threads, max_
     from .runtime.backends import runs_on_gpu
 
     profiler, machine = open_profiler(profile_name, work_on_gpu=runs_on_gpu(provider))
-    say(f"device profile {machine.profile.name} ({machine.how_recognized}); {machine.energy_line}")
+    # the store first: a store in use by another process is one error line, nothing before it
     service = DeviceService(ServiceConfig(Path(store), checkpoint_every, provider, threads,
-                                          max_bundle_bytes=max_bundle_mb << 20), profiler.start())
+                                          max_bundle_bytes=max_bundle_mb << 20), profiler.start(), log=say)
+    say(f"device profile {machine.profile.name} ({machine.how_recognized}); {machine.energy_line}")
     service.machine = {"name": machine.profile.name, "display_name": machine.profile.display_name,
                        "detected": bool(machine.profile.detected), "how": machine.how_recognized}
     stop_on_sigterm()
@@ -828,7 +868,7 @@ def serve(port, listen_address, store, checkpoint_every, provider, threads, max_
         sys.stdout.flush()
 
     run_server(service, port=port, listen_address=listen_address, key=key, baudrate=baud,
-               ready=ready, log=say)
+               ready=ready, log=say, timeouts=PeerTimeouts.from_idle(idle_timeout))
 
 
 @device.command()
@@ -875,7 +915,8 @@ def deploy(bundle, url, key_file, baud):
     from .bundle import read_bundle
 
     read_bundle(bundle)   # a bad bundle stops here, before anything is sent
-    with _client(url, key_file, baud) as dev, transfer_bar() as bar:
+    # transient: the line printed below says what was sent; a refusal is then the only line
+    with _client(url, key_file, baud) as dev, transfer_bar(transient=True) as bar:
         task = bar.add_task(f"deploy -> {url}", total=None)
         result = dev.deploy(bundle, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
         stats = dev.stats
@@ -889,29 +930,32 @@ def deploy(bundle, url, key_file, baud):
 @cli.command("finetune")
 @click.option("--device", "url", required=True, help="the device: a pyserial URL")
 @remote_finetune_options
-@click.option("--report", type=click.Path(dir_okay=False), default=None, help="write the report as JSON")
+@click.option("--report", type=OUT_FILE, default=None, help="write the report as JSON")
 @link_options
-def finetune_remote(url, data_spec, steps, batch_size, lr, seed, eval_spec, report, key_file, baud):
+def finetune_remote(url, data_spec, steps, batch_size, lr, seed, eval_spec, max_refusals, report, key_file, baud):
     """Fine-tune the bundle on a device, sending it one batch per step over the link."""
     from .data.datasets import load_dataset
 
     train_data = load_dataset(data_spec)
     eval_data = load_dataset(eval_spec) if eval_spec else None
     with _client(url, key_file, baud) as dev:
+        start = dev.check_data(train_data.X, train_data.y, data_spec)["step"]   # all the data, before any is sent
+        if eval_data:
+            dev.check_data(eval_data.X, eval_data.y, eval_spec)
         before = dev.evaluate(eval_data.X, eval_data.y) if eval_data else None
-        start = dev.status()["step"]
-        with progress_bar() as bar:
+        with stopped_run_report(report), progress_bar() as bar:
             task = bar.add_task(f"dfa on {url}", total=steps, completed=start, status="")
             result = dev.finetune(train_data.X, train_data.y, steps, batch_size, seed, lr,
                                   on_step=lambda s, loss, rtt: bar.update(task, completed=s,
-                                                                          status=f"loss {loss:.3f}  rtt {rtt:.1f} ms"))
+                                                                          status=f"loss {loss:.3f}  rtt {rtt:.1f} ms"),
+                                  max_refusals=max_refusals)
         after = dev.evaluate(eval_data.X, eval_data.y) if eval_data else None
         profile = dev.profile(samples=False)
         stats = dev.stats.as_dict()
     result.update(accuracy_before=before and before["accuracy"], accuracy_after=after and after["accuracy"],
                   device_peak_rss_bytes=profile["memory"]["peak_rss_bytes"], link=stats)
     if report:
-        Path(report).write_text(json.dumps(result, indent=2))
+        write_json(report, result)
     table = Table(title=f"fine-tuning on {escape(url)} (DFA, over the link)", show_header=False)
     table.add_row("steps", f"{result['resumed_from_step']} -> {result['final_step']}")
     if result["loss_first"] is not None:
@@ -922,6 +966,7 @@ def finetune_remote(url, data_spec, steps, batch_size, lr, seed, eval_spec, repo
         table.add_row("step time on the device", f"median {result['step_ms_median']:.2f} ms")
         table.add_row("round trip per step", f"median {result['round_trip_ms_median']:.2f} ms "
                                              f"(link overhead {result['link_overhead_ms_median']:.2f} ms)")
+    add_stop_rows(table, result)
     table.add_row("link", f"{stats['frames_sent']} frames sent, {stats['retransmits']} repeated, "
                           f"{stats['corrupt']} damaged received, {result['reconnects']} reconnects")
     table.add_row("device peak RSS", human_bytes(profile["memory"]["peak_rss_bytes"]))
@@ -930,13 +975,15 @@ def finetune_remote(url, data_spec, steps, batch_size, lr, seed, eval_spec, repo
 
 @device.command()
 @click.argument("url")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="bundle directory to write")
+@click.option("--out", type=OUT_FOLDER, required=True, help="bundle directory to write")
+@force_option
 @link_options
-def pull(url, out, key_file, baud):
+def pull(url, out, force, key_file, baud):
     """Bring a device's bundle back with its current weights (a checkpoint is taken first)."""
     from .bundle import read_bundle
     from .runtime.state import load_state
 
+    check_out(out, "bundle", force)
     with _client(url, key_file, baud) as dev, transfer_bar() as bar:
         task = bar.add_task(f"pull <- {url}", total=None)
         path = dev.pull(out, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -951,7 +998,7 @@ def fleet() -> None:
     """Drive every device of an inventory file at once (one line of progress each)."""
 
 
-inventory_option = click.option("--inventory", type=click.Path(dir_okay=False), required=True,
+inventory_option = click.option("--inventory", type=click.Path(exists=True, dir_okay=False), required=True,
                                 help="devices.toml: [[device]] tables with name, url, optional key_file, baud")
 
 
@@ -1009,8 +1056,9 @@ def fleet_deploy(bundle, inventory):
 @fleet.command("finetune")
 @inventory_option
 @remote_finetune_options
-def fleet_finetune(inventory, data_spec, steps, batch_size, lr, seed, eval_spec):
-    """Fine-tune every device on the same data, all at once."""
+def fleet_finetune(inventory, data_spec, steps, batch_size, lr, seed, eval_spec, max_refusals):
+    """Fine-tune every device on the same data, all at once (a device that stops, diverged or
+    refusing, is rolled back and reported; the others carry on)."""
     from .data.datasets import load_dataset
     from .link.fleet import load_inventory, run_fleet
 
@@ -1021,20 +1069,26 @@ def fleet_finetune(inventory, data_spec, steps, batch_size, lr, seed, eval_spec)
         tasks = {e.name: bar.add_task(f"dfa on {e.name}", total=steps, status="") for e in entries}
 
         def action(entry, dev):
+            dev.check_data(train_data.X, train_data.y, data_spec)        # all the data, before any is sent
+            if eval_data:
+                dev.check_data(eval_data.X, eval_data.y, eval_spec)
             before = dev.evaluate(eval_data.X, eval_data.y)["accuracy"] if eval_data else None
             result = dev.finetune(train_data.X, train_data.y, steps, batch_size, seed, lr,
                                   on_step=lambda s, loss, rtt: bar.update(tasks[entry.name], completed=s,
-                                                                          status=f"loss {loss:.3f}"))
+                                                                          status=f"loss {loss:.3f}"),
+                                  max_refusals=max_refusals)
             after = dev.evaluate(eval_data.X, eval_data.y)["accuracy"] if eval_data else None
             bar.update(tasks[entry.name], completed=result["final_step"])
             return {**result, "accuracy_before": before, "accuracy_after": after}
 
         results = run_fleet(entries, action)
-    _fleet_summary("fleet fine-tuning (DFA)", results, ["steps", "loss", "accuracy", "round trip"],
+    _fleet_summary("fleet fine-tuning (DFA)", results, ["steps", "loss", "accuracy", "round trip",
+                                                        "refused", "rolled back"],
                    lambda a: [f"{a['resumed_from_step']} -> {a['final_step']}",
                               f"{a['loss_last']:.4f}" if a["loss_last"] is not None else "-",
                               f"{pct(a['accuracy_before'])} -> {pct(a['accuracy_after'])}" if eval_data else "-",
-                              f"{a['round_trip_ms_median']:.2f} ms" if a["round_trip_ms_median"] else "-"])
+                              f"{a['round_trip_ms_median']:.2f} ms" if a["round_trip_ms_median"] else "-",
+                              str(len(a["refused_steps"])), str(a["rolled_back_steps"])])
 
 
 # --- device profiles, budgets and profiling (device side: no torch) ------------------------------
@@ -1172,15 +1226,16 @@ def profile_options(f):
         click.option("--batch", "batch_size", type=click.IntRange(min=1), default=32, show_default=True),
         click.option("--data", "data_spec", default=None,
                      help="npz:FILE | digits | mnist:DIR (default: seeded Gaussian samples of the bundle's shape)"),
-        click.option("--out", type=click.Path(file_okay=False), required=True, help="report directory to write"),
+        click.option("--out", type=OUT_FOLDER, required=True, help="report directory to write"),
         click.option("--device", "url", default=None, help="profile on a device over the link: a pyserial URL"),
         click.option("--profile", "profile_name", default=None, help="device profile (default: detected)"),
         click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
                      help="windows of each repeated phase left out of the statistics"),
-        click.option("--interval", type=click.FloatRange(min=0.001), default=0.02, show_default=True,
+        click.option("--interval", type=Finite(min=0.001), default=0.02, show_default=True,
                      help="energy and memory sampling interval, seconds"),
-        click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads"),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--threads", type=POSITIVE, default=None, help="onnxruntime intra-op threads"),
+        click.option("--seed", type=SEED, default=0, show_default=True),
+        force_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -1203,13 +1258,14 @@ def profile() -> None:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @profile_options
 def profile_run(bundle, steps, batch_size, data_spec, out, url, profile_name, warmup, interval, threads, seed,
-                key_file, baud):
+                force, key_file, baud):
     """Run fine-tuning steps under the profiler; write profile.json and report.html into --out."""
     from .data.datasets import load_dataset
     from .profiling.session import profile_local, profile_over_link
     from .report.html import render_profile_report, write_report
 
     cfg = _profile_config(steps, batch_size, warmup, interval, threads, seed, profile_name)
+    check_out(out, "profile", force)
     data = load_dataset(data_spec) if data_spec else None
     with progress_bar(transient=True) as bar:
         task = bar.add_task(f"profiling on {url or 'this machine'}", total=steps, status="")
@@ -1250,7 +1306,7 @@ def _phases_table(result: dict) -> Table:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @profile_options
 def profile_compare(bundle, steps, batch_size, data_spec, out, url, profile_name, warmup, interval, threads, seed,
-                    key_file, baud):
+                    force, key_file, baud):
     """DFA on the device runtime (locally, or on --device) against BP in torch on this host: the same
     model, batches and energy source; writes compare.json and compare.html with the ratios."""
     from .profiling.compare import compare, run_in_process
@@ -1258,6 +1314,7 @@ def profile_compare(bundle, steps, batch_size, data_spec, out, url, profile_name
     from .report.html import render_compare_report, write_report
 
     cfg = _profile_config(steps, batch_size, warmup, interval, threads, seed, profile_name)
+    check_out(out, "profile-compare", force)
     with progress_bar(transient=True) as bar:
         task = bar.add_task("dfa on " + (url or "the device runtime (own process)"), total=None, status="")
         if url:
@@ -1300,7 +1357,7 @@ def fpga() -> None:
 
 # (fpga simulate / sweep: numerics, below)
 
-def _fpga_inputs(bundle, data_spec, eval_spec, config_path):
+def _fpga_inputs(bundle, data_spec, eval_spec, config_path, lr):
     from .bundle import read_bundle
     from .data.datasets import load_dataset
     from .fpga_sim.config import load_config
@@ -1309,6 +1366,7 @@ def _fpga_inputs(bundle, data_spec, eval_spec, config_path):
     fxp = load_config(config_path)       # a bad config is refused before anything is read or run
     b = read_bundle(bundle)
     require_full_mlp_dfa(b.manifest, bundle)     # a bundle the datapath does not model: before the data
+    fxp.learning_rate(b.manifest["optimizer"]["lr"] if lr is None else lr)   # one it cannot hold, too
     return b, load_dataset(data_spec), load_dataset(eval_spec) if eval_spec else None, fxp
 
 
@@ -1323,10 +1381,10 @@ def fpga_run_options(steps: int, config_help: str):
             click.argument("bundle", type=click.Path()),
             click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR"),
             click.option("--eval", "eval_spec", default=None, help="evaluation data (default: the training data)"),
-            click.option("--steps", type=int, default=steps, show_default=True),
-            click.option("--batch-size", type=int, default=32, show_default=True),
-            click.option("--lr", type=float, default=None, help="learning rate (default: the bundle's)"),
-            click.option("--seed", type=int, default=0, show_default=True, help="batch order seed"),
+            click.option("--steps", type=POSITIVE, default=steps, show_default=True),
+            click.option("--batch-size", type=POSITIVE, default=32, show_default=True),
+            click.option("--lr", type=LEARNING_RATE, default=None, help="learning rate (default: the bundle's)"),
+            click.option("--seed", type=SEED, default=0, show_default=True, help="batch order seed"),
             click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help=config_help),
         ]):
             f = option(f)
@@ -1336,21 +1394,19 @@ def fpga_run_options(steps: int, config_help: str):
 
 @fpga.command()
 @fpga_run_options(200, "fixed-point formats per tensor class (TOML; default: 16-bit data, 48-bit accumulators)")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the result as JSON")
+@click.option("--json", "json_path", type=OUT_FILE, default=None, help="write the result as JSON")
 def simulate(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_path, json_path):
     """Fine-tune BUNDLE with DFA in bit-exact fixed point and, beside it, in float32 (onnxruntime)."""
     from .fpga_sim.simulate import SimulateConfig, simulate as run_simulate
 
-    if steps < 1 or batch_size < 1:
-        raise EdgefaError("--steps and --batch-size must be at least 1")
-    b, train_data, eval_data, fxp = _fpga_inputs(bundle, data_spec, eval_spec, config_path)
+    b, train_data, eval_data, fxp = _fpga_inputs(bundle, data_spec, eval_spec, config_path, lr)
     with progress_bar() as bar:
         task = bar.add_task("fixed-point dfa", total=steps, status="")
         result = run_simulate(b, train_data, SimulateConfig(steps, batch_size, lr, seed), fxp, eval_data,
                               on_step=lambda s, lf, l32: bar.update(
                                   task, completed=s, status=f"loss {lf:.3f} (float32 {l32:.3f})"))
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        write_json(json_path, result)
     before, after = result["accuracy_before"], result["accuracy_after"]
     table = Table(title=f"fixed point vs float32: {steps} DFA steps, batch {batch_size}, "
                         f"lr {result['lr_fixed_point']:.6g} ({result['lr_mode']})")
@@ -1383,32 +1439,26 @@ def simulate(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_p
 
 @fpga.command()
 @fpga_run_options(100, "formats of the classes not swept (TOML)")
-@click.option("--widths", default="6,8,10,12,14,16", show_default=True, help="word lengths W, comma-separated")
-@click.option("--int-bits", type=int, default=2, show_default=True, help="integer bits I of the swept formats")
+@click.option("--widths", type=WIDTHS, default="6,8,10,12,14,16", show_default=True, help="word lengths W, comma-separated")
+@click.option("--int-bits", type=click.IntRange(-256, 256), default=2, show_default=True, help="integer bits I of the swept formats")
 @click.option("--rounding", "roundings", default="AP_RND_CONV,STOCHASTIC", show_default=True,
               help="rounding modes, comma-separated")
 @click.option("--classes", default="weights,optimizer_state", show_default=True,
               help="tensor classes that get ap_fixed<W,I,mode,AP_SAT>")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
+@click.option("--out", type=OUT_FOLDER, required=True,
               help="folder for sweep.json, sweep.md, sweep.svg and sweep.html")
+@force_option
 def sweep(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_path, widths, int_bits, roundings,
-          classes, out):
+          classes, out, force):
     """Accuracy against word length, one line per rounding mode (a table and a plot)."""
     from .fpga_sim.simulate import SimulateConfig
     from .fpga_sim.sweep import SweepConfig, markdown_table, sweep as run_sweep
     from .report.html import render_sweep_report, standalone_svg, sweep_chart, write_report
 
-    def numbers(text, what):
-        try:
-            return tuple(int(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise EdgefaError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-    if steps < 1 or batch_size < 1:
-        raise EdgefaError("--steps and --batch-size must be at least 1")
-    grid = SweepConfig(numbers(widths, "--widths"), tuple(r.strip() for r in roundings.split(",") if r.strip()),
+    grid = SweepConfig(widths, tuple(r.strip() for r in roundings.split(",") if r.strip()),
                        int_bits, tuple(c.strip() for c in classes.split(",") if c.strip()))
-    b, train_data, eval_data, fxp = _fpga_inputs(bundle, data_spec, eval_spec, config_path)
+    b, train_data, eval_data, fxp = _fpga_inputs(bundle, data_spec, eval_spec, config_path, lr)
+    check_out(out, "fpga-sweep", force)
     total = len(grid.widths) * len(grid.roundings)
     with progress_bar() as bar:
         task = bar.add_task("sweep", total=total, status="")
@@ -1450,14 +1500,14 @@ def _joules_text(j: float) -> str:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--array", "array_spec", default="16x16", show_default=True, help="ROWSxCOLS processing elements")
 @click.option("--clock", "clock_spec", default="200MHz", show_default=True, help="200MHz | 1.5GHz | 200e6")
-@click.option("--data-bits", type=int, default=16, show_default=True, help="width of every stored tensor")
-@click.option("--acc-bits", type=int, default=32, show_default=True, help="accumulator width in the PEs")
-@click.option("--onchip-kib", type=float, default=972, show_default=True,
+@click.option("--data-bits", type=click.IntRange(1, 64), default=16, show_default=True, help="width of every stored tensor")
+@click.option("--acc-bits", type=click.IntRange(1, 64), default=32, show_default=True, help="accumulator width in the PEs")
+@click.option("--onchip-kib", type=POSITIVE_FLOAT, default=972, show_default=True,
               help="on-chip memory, counted in BRAM36 blocks of 4.5 KiB (972 = 216 BRAM36)")
-@click.option("--dram-gbps", type=float, default=10.0, show_default=True, help="DRAM bandwidth when tensors spill")
-@click.option("--batch", type=int, default=32, show_default=True, help="training batch")
+@click.option("--dram-gbps", type=POSITIVE_FLOAT, default=10.0, show_default=True, help="DRAM bandwidth when tensors spill")
+@click.option("--batch", type=POSITIVE, default=32, show_default=True, help="training batch")
 @click.option("--feedback", default="stored", show_default=True, help="DFA feedback: stored | lfsr (regenerated)")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="write everything here")
+@click.option("--json", "json_out", type=OUT_FILE, default=None, help="write everything here")
 def fpga_cost(bundle, array_spec, clock_spec, data_bits, acc_bits, onchip_kib, dram_gbps, batch, feedback, json_out):
     """Cycles, latency, DSP/LUT, BRAM36, DRAM traffic and energy of one training step on an
     output-stationary MAC array: DFA against BP side by side. An analytic model, not a measurement."""
@@ -1529,22 +1579,24 @@ def fpga_cost(bundle, array_spec, clock_spec, data_bits, acc_bits, onchip_kib, d
     console.print(escape(f"all figures: analytic model, not a measurement; energy: {basis}; "
                          "assumptions in --json (\"assumptions\")"), highlight=False)
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=1))
+        write_json(json_out, result, indent=1)
         console.print(f"wrote {escape(str(json_out))}")
 
 
 # --- the demo --------------------------------------------------------------------------------
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True)
-@click.option("--epochs", type=int, default=30, show_default=True, help="host pre-training epochs")
-@click.option("--steps", type=int, default=200, show_default=True, help="device fine-tuning steps")
-@click.option("--seed", type=int, default=0, show_default=True)
-def demo(out, epochs, steps, seed):
+@click.option("--out", type=OUT_FOLDER, default="demo-out", show_default=True)
+@click.option("--epochs", type=POSITIVE, default=30, show_default=True, help="host pre-training epochs")
+@click.option("--steps", type=POSITIVE, default=200, show_default=True, help="device fine-tuning steps")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@force_option
+def demo(out, epochs, steps, seed, force):
     """Pretrain with DFA on digits, export, fine-tune on a shifted sensor through a torch-free device
     server behind a pseudo-terminal, and compare with BP fine-tuning on the host."""
     from .demo import DemoConfig, run_demo
 
+    check_out(out, "demo", force)
     result = run_demo(DemoConfig(out=Path(out), epochs=epochs, steps=steps, seed=seed),
                       progress=progress_bar, say=err_console.print)
     table = Table(title=f"edgefa demo: digits seen through a shifted sensor ({result['shift']})")
@@ -1566,6 +1618,9 @@ def demo(out, epochs, steps, seed):
     console.print(f"report: {result['report_path']}")
 
 
+refuse_empty_text(cli)       # every free-text option and argument: an empty value is refused while parsing
+
+
 def main(argv: list[str] | None = None, prog_name: str = "edgefa") -> None:
     """Entry point: bad input becomes one line on stderr and exit status 2, never a traceback."""
     warnings.showwarning = _one_line_warnings
@@ -1577,8 +1632,14 @@ def main(argv: list[str] | None = None, prog_name: str = "edgefa") -> None:
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:     # `edgefa` or `edgefa device` alone: the help
         exc.show()
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:                   # a bad option or argument: one line
+        command = " ".join(exc.ctx.command_path.split()[1:]) if getattr(exc, "ctx", None) else ""
+        where = f"{command}: " if command else ""
+        err_console.print(f"[red]edgefa: error:[/] {escape(where + ' '.join(exc.format_message().split()))}",
+                          highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

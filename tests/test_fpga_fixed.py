@@ -804,3 +804,66 @@ def test_parse_format_bad_mode_argument():
         parse_format("Q8.8", overflow="clip")
     with pytest.raises(FixedPointError, match="width must be an integer"):
         FixedFormat(16.0, 8)
+
+
+# ====================================== the half-LSB boundary ====================================
+# round_scaled once took its decisions on rem = y - floor(y), which is inexact for y in (-1/2, 0):
+# the float just above -1/2 read as an exact tie, so AP_RND_INF and AP_RND_MIN_INF rounded it to
+# -1 instead of 0, and matmul_requantize (which rounds float64 sums) disagreed with matmul +
+# requantize (which round integers).
+
+def half_lsb_neighbours() -> list[float]:
+    """The float64 values at and on both sides of +-1/2 and +-3/2 LSB, and around 0 and -1."""
+    values = []
+    for centre in (0.5, -0.5, 1.5, -1.5, -1.0, 0.0):
+        below, above = np.nextafter(centre, -np.inf), np.nextafter(centre, np.inf)
+        values += [centre, below, above, np.nextafter(below, -np.inf), np.nextafter(above, np.inf)]
+    return values + [-5e-324, 5e-324, -1e-300]
+
+
+@pytest.mark.parametrize("mode", DETERMINISTIC, ids=lambda m: m.value)
+def test_round_scaled_exact_at_the_half_lsb_boundaries(mode):
+    from edgefa.fpga_sim.fixed import round_scaled
+
+    fmt = FixedFormat(16, 8, rounding=mode, overflow=Overflow.SAT)
+    ys = half_lsb_neighbours()
+    got = ints(round_scaled(np.array(ys), fmt).raw)
+    assert got == [ref_round(Fraction(y), mode) for y in ys], list(zip(ys, got))
+    # quantize is the same rounding on x * 2**F (the LSB of ap_fixed<16,8> is 2**-8), for the
+    # values whose x = y * 2**-8 does not underflow
+    normal = [i for i, y in enumerate(ys) if abs(y) >= 1e-300 or y == 0]
+    xs = np.ldexp(np.array([ys[i] for i in normal]), -8)
+    assert ints(quantize(xs, fmt).raw) == [got[i] for i in normal]
+
+
+def test_stochastic_round_scaled_just_above_minus_half():
+    """P(up) is y - floor(y) exactly: with y = -1/2 + 2**-54 the draw u = 1/2 must round up
+    (u < 1/2 + 2**-54), which a rounded remainder (exactly 1/2) refused."""
+    from edgefa.fpga_sim.fixed import round_scaled
+
+    class Half:                                              # a generator whose every draw is 1/2
+        def random(self, shape):
+            return np.full(shape, 0.5)
+
+    fmt = FixedFormat(16, 8, rounding=Rounding.STOCHASTIC, overflow=Overflow.SAT)
+    y = np.array([np.nextafter(-0.5, 0.0), -0.5, np.nextafter(0.5, 1.0), 0.5, -1.0, 2.0])
+    assert ints(round_scaled(y, fmt, Half()).raw) == [0, -1, 1, 0, -1, 2]
+
+
+@pytest.mark.parametrize("mode", DETERMINISTIC, ids=lambda m: m.value)
+def test_matmul_requantize_agrees_with_the_two_step_route_at_minus_half(mode):
+    """a @ b = -(2**53 - 1) product LSBs = -1/2 + 2**-54 output LSBs (the float above -1/2)."""
+    from edgefa.fpga_sim.ops import matmul_requantize
+
+    a_fmt = b_fmt = FixedFormat(32, 5)                      # 27 fraction bits each
+    acc = FixedFormat(64, 10, rounding=mode, overflow=Overflow.SAT)      # 54: no shift into it
+    out = FixedFormat(16, 16, rounding=mode, overflow=Overflow.SAT)      # integers: 54 bits below
+    a = np.array([[-6361 * 69431], [6361 * 69431]], np.int64)           # (2**53 - 1) factored
+    b = np.array([[20394401, -20394401 + 1]], np.int64)
+    fast, overflows = matmul_requantize(a, a_fmt, b, b_fmt, acc, out)
+    q = matmul(a, a_fmt, b, b_fmt, acc)
+    two_step = requantize(q.raw, acc.frac_bits, out)
+    assert overflows == q.overflows == 0
+    assert ints(fast.raw) == ints(two_step.raw)
+    exact = [Fraction(int(x) * int(y), 1 << 54) for x in a[:, 0] for y in b[0]]
+    assert ints(fast.raw) == [ref_round(v, mode) for v in exact]

@@ -13,9 +13,9 @@ from pathlib import Path
 from conftest import REPO, run_edgefa
 
 PACKAGE = REPO / "edgefa"
-DEVICE_MODULES = ["edgefa.bundle", "edgefa.runtime.engine", "edgefa.runtime.state", "edgefa.runtime.tensorrt_build",
+DEVICE_MODULES = ["edgefa.bundle", "edgefa.storage", "edgefa.runtime.engine", "edgefa.runtime.state", "edgefa.runtime.tensorrt_build",
                   "edgefa.runtime.tensorrt_engine", "edgefa.runtime.backends", "edgefa.runtime.cuda_memory",
-                  "edgefa.runtime.step_bounds",
+                  "edgefa.runtime.step_bounds", "edgefa.runtime.divergence",
                   "edgefa.runtime.finetune", "edgefa.runtime.batches", "edgefa.data.preference", "edgefa.profiling.memory",
                   "edgefa.data", "edgefa.link.frames", "edgefa.link.protocol", "edgefa.link.messages",
                   "edgefa.link.transport", "edgefa.link.service", "edgefa.link.server", "edgefa.link.client",
@@ -24,7 +24,8 @@ DEVICE_MODULES = ["edgefa.bundle", "edgefa.runtime.engine", "edgefa.runtime.stat
                   "edgefa.profiling.compare", "edgefa.device_profiles", "edgefa.device_profiles.budget",
                   "edgefa.report.html", "edgefa.fpga_sim.cost", "edgefa.fpga_sim.fixed",
                   "edgefa.fpga_sim.ops", "edgefa.fpga_sim.config", "edgefa.fpga_sim.datapath",
-                  "edgefa.fpga_sim.simulate", "edgefa.fpga_sim.sweep", "edgefa.cli"]
+                  "edgefa.fpga_sim.simulate", "edgefa.fpga_sim.sweep", "edgefa.cli", "edgefa.cli_types",
+                  "edgefa.out_folders"]
 HOST_MODULES = ("edgefa.training", "edgefa.models", "edgefa.exporters", "edgefa.demo", "torch")
 
 

@@ -3,14 +3,15 @@ files (an INA3221 in the hwmon layout, a RAPL counter) that change while the win
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgefa.link.messages import arrays_to_lists, decode, encode, lists_to_arrays
-from edgefa.profiling.profiler import EnergyEstimate, Profiler
+from edgefa.link.messages import MAX_HEADER, MessageError, arrays_to_lists, decode, encode, lists_to_arrays
+from edgefa.profiling.profiler import MAX_PHASES, EnergyEstimate, Profiler
 from edgefa.profiling.sensors import open_energy_source
 
 
@@ -174,3 +175,164 @@ def test_a_long_running_profiler_keeps_only_the_last_windows():
             pass
     assert p.summary()["phases"]["step"]["count"] == 10
     assert p.last_seconds("step") == p.seconds("step")[-1]
+
+
+# --- bounded by design: a device up for weeks ---------------------------------------------------
+
+class DaysClock:
+    """An injected clock (nanoseconds) that the test advances by hand."""
+
+    def __init__(self):
+        self.ns = 10 ** 12
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def advance(self, seconds: float) -> None:
+        self.ns += int(seconds * 1e9)
+
+
+def run_for_days(p: Profiler, clock: DaysClock, days: int) -> None:
+    """Each simulated minute: a few windows of three phases, one sample (the sampler's pace,
+    compressed: 30 ms of windows and a sample a minute)."""
+    for _ in range(days * 24 * 60):
+        for name in ("train_step", "forward", "transfer"):
+            with p.window(name):
+                clock.advance(0.01)
+        clock.advance(59.97)
+        p.sample_now()
+
+
+def header_values(value):
+    """Every leaf of a decoded JSON header."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from header_values(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from header_values(v)
+    else:
+        yield value
+
+
+def profile_reply(p: Profiler) -> tuple[int, int, dict]:
+    """(header bytes, message bytes, summary) of the profile reply the device would send."""
+    fields, arrays = lists_to_arrays(p.summary())
+    data = encode({"ok": True, **fields}, arrays)
+    header = int.from_bytes(data[:4], "big")
+    return header, len(data), fields
+
+
+def test_a_profiler_up_for_days_sends_a_reply_of_fixed_size():
+    """The summary's series are downsampled (timelines to at most 512 buckets, samples_ms to the
+    last 512 windows), every container is bounded, and the reply after 20 days is no larger than
+    after 2: it used to grow with uptime until its JSON header passed 64 KiB (about 3 minutes)."""
+    clock = DaysClock()
+    p = Profiler(warmup=0, max_samples=20_000, max_windows=10_000, clock_ns=clock)
+    run_for_days(p, clock, 2)
+    header_2, size_2, fields_2 = profile_reply(p)
+    run_for_days(p, clock, 18)
+    header_20, size_20, fields_20 = profile_reply(p)
+    assert header_20 < MAX_HEADER and size_20 <= size_2 + 1024, (header_2, size_2, header_20, size_20)
+    assert len(p._samples) == 20_000 and all(len(spans) == 10_000 for spans in p.spans.values())
+
+    s = p.summary()
+    timeline = s["memory"]["timeline"]
+    assert len(timeline["t_s"]) == len(timeline["rss_bytes"]) == 512
+    assert s["memory"]["timeline_samples"] == 20_000 and "max RSS" in s["memory"]["timeline_aggregation"]
+    # the timeline spans the samples kept: the last 20 000 (one a minute, and one at each summary),
+    # ending now; a bucket holds 39 or 40 of them and is stamped with its last
+    now = 20 * 86400
+    assert timeline["t_s"][-1] == pytest.approx(now, rel=1e-9)
+    assert now - 20_000 * 60 <= timeline["t_s"][0] <= now - 20_000 * 60 + 43 * 60
+    step = s["phases"]["train_step"]
+    assert step["count"] == 10_000 and len(step["samples_ms"]) == 512
+    assert step["samples_ms_of"] == "the last 512 of 10000 windows after warm-up"
+    assert step["latency_ms"]["p50"] == pytest.approx(10.0)
+    # the header holds plain JSON only: no numpy scalar (json.dumps writes np.float64 as a float,
+    # which is how a list of them once stayed in the header)
+    for v in header_values(fields_20):
+        assert type(v) in (str, int, float, bool, type(None)), (type(v), v)
+
+
+def test_a_power_timeline_over_days_is_the_mean_power_of_each_bucket(tmp_path):
+    """A rail at 5 W for the first half and 10 W for the second: 4 000 samples become at most 512
+    buckets whose power is energy / duration, so every bucket reads 5 W, 10 W or in between."""
+    folder = ina3221_hwmon(tmp_path, 5000, 1000)
+    source, _ = open_energy_source(tmp_path, order=["ina3221-hwmon"])
+    clock = DaysClock()
+    p = Profiler(source, warmup=0, clock_ns=clock)
+    for i in range(4_000):
+        if i == 2_000:
+            set_power(folder, 5000, 2000)
+        clock.advance(30)
+        p.sample_now()
+    power = p.summary()["energy"]["timeline"]["power_w"]
+    assert 256 <= len(power) <= 512
+    assert power[0] == pytest.approx(5) and power[-1] == pytest.approx(10)
+    assert all(5 - 1e-9 <= w <= 10 + 1e-9 for w in power)
+
+
+def test_containers_stay_bounded_whatever_the_caller_does():
+    """Window names past MAX_PHASES are not recorded (one note, not one per window), and a note
+    repeated is kept once."""
+    p = Profiler(warmup=0, notes=["sensor x: unreadable"] * 100)
+    for i in range(MAX_PHASES + 50):
+        for _ in range(3):
+            with p.window(f"phase{i}"):
+                pass
+    s = p.summary()
+    assert len(s["phases"]) == MAX_PHASES
+    assert s["energy"]["notes"] == ["sensor x: unreadable",
+                                    f"more than {MAX_PHASES} window names: windows after that are not recorded"]
+
+
+def test_summary_while_the_sampler_and_the_serving_thread_append():
+    """The sampler thread samples as fast as it can and a second thread closes windows while
+    summary() runs in a loop. It raised `RuntimeError: deque mutated during iteration`."""
+    p = Profiler(warmup=0, sample_interval_s=0.0, max_samples=200, max_windows=500)
+    stop = threading.Event()
+    errors = []
+
+    def serve_windows():
+        try:
+            while not stop.is_set():
+                with p.window("train_step"):
+                    pass
+                with p.window(f"phase{len(p.spans) % 8}"):
+                    pass
+        except Exception as exc:      # noqa: BLE001 -- reported by the assertion below
+            errors.append(exc)
+
+    server = threading.Thread(target=serve_windows)
+    with p:
+        server.start()
+        deadline, summaries = time.monotonic() + 1.5, 0
+        try:
+            while time.monotonic() < deadline:
+                s = p.summary()
+                t = s["memory"]["timeline"]["t_s"]
+                assert t == sorted(t) and len(t) <= 512      # samples stay in time order
+                summaries += 1
+        finally:
+            stop.set()
+            server.join()
+    assert errors == [] and summaries >= 5
+    # bounds small enough to be reached on two busy cores (about 1000 samples in 1.5 s seen there)
+    assert len(p._samples) == 200 and len(p.spans["train_step"]) == 500
+
+
+def test_numpy_numbers_never_stay_in_the_header():
+    """lists_to_arrays moves a list of numpy floats (the old memory timeline) to an array and turns
+    a numpy scalar into a plain number."""
+    fields = {"t_s": [np.float64(0.25)] * 10_000, "peak": np.int64(7), "mixed": ["a", np.float32(1.5)]}
+    header, arrays = lists_to_arrays(fields)
+    assert header["t_s"] == {"$array": "/t_s"} and arrays["/t_s"].shape == (10_000,)
+    assert type(header["peak"]) is int and header["mixed"] == ["a", 1.5] and type(header["mixed"][1]) is float
+    msg = decode(encode({"ok": True, **header}, arrays))
+    assert arrays_to_lists(msg.fields, msg.arrays)["t_s"] == [0.25] * 10_000
+
+
+def test_a_header_over_the_limit_is_refused_by_its_sender():
+    with pytest.raises(MessageError, match="exceeds 65536"):
+        encode({"ok": True, "notes": ["x" * 100] * 1000})

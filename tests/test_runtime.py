@@ -95,7 +95,9 @@ def test_cli_huge_lr_refuses_steps_stops_after_max_refusals_and_saves_the_origin
     assert warnings[1].startswith("warning: step 1 refused") and "(2 refused in this run, limit 2)" in warnings[1]
     errors = error_lines(proc)
     assert len(errors) == 1, proc.stderr
-    assert "stopped at step 1: 2 steps refused for NaN/Inf (steps [0, 1])" in errors[0]
+    # the line and the checkpoint agree: step 1 was the last one run, step 2 is the next to run
+    assert ("stopped after step 1: 2 steps refused for NaN/Inf (steps [0, 1]); the last good weights are "
+            "saved at step 2 (the next step to run)") in errors[0]
 
     saved = npz_arrays(tiny_bundle / "state" / "checkpoint.npz")
     assert int(saved["step"]) == 2
@@ -169,8 +171,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_bundle, digits_npz
     for name in after_resume:
         assert np.array_equal(final[name], after_resume[name]), name
 
-    for bundle in (resumed, straight):
-        assert sorted(os.listdir(bundle / "state")) == ["checkpoint.npz"]        # no *.tmp left
+    # the fine-tune's lock and the last two checkpoints (one, where only the final one was taken); no *.tmp
+    assert sorted(os.listdir(resumed / "state")) == [".lock", "checkpoint.npz", "checkpoint.prev.npz"]
+    assert sorted(os.listdir(straight / "state")) == [".lock", "checkpoint.npz"]
 
 
 def test_checkpoint_stores_feedback_and_refuses_a_foreign_one(tiny_bundle, digits_npz):
@@ -194,7 +197,7 @@ def test_checkpoint_stores_feedback_and_refuses_a_foreign_one(tiny_bundle, digit
                                  ("device", "evaluate", tiny_bundle, "--data", digits_npz))
     for proc in (finetune, evaluate):
         assert_one_error_line(proc, str(path), "feedback matrix 'fc1' differs from the bundle's")
-    assert sorted(os.listdir(tiny_bundle / "state")) == ["checkpoint.npz"]
+    assert sorted(os.listdir(tiny_bundle / "state")) == [".lock", "checkpoint.npz"]   # the fine-tune's lock
 
     del arrays["feedback/fc1"]                                   # a checkpoint without feedback
     with open(path, "wb") as f:

@@ -35,7 +35,9 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .fixed import FixedFormat, FixedPointError, parse_format
+import numpy as np
+
+from .fixed import FixedFormat, FixedPointError, parse_format, quantize
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,6 +48,7 @@ TENSOR_CLASSES = ("weights", "activations", "errors", "feedback", "gradients", "
                   "optimizer_state")
 MAX_DATA_WIDTH = 32
 MAX_ACCUMULATOR_WIDTH = 64
+MAX_LR_SHIFT = 40               # learning_rate.mode = "shift": lr = 2**-shift, shift 0..40
 
 DEFAULT_FORMATS = {
     "weights": "ap_fixed<16,4,AP_RND_CONV,AP_SAT>",
@@ -82,8 +85,8 @@ class FxpConfig:
                                       f"the {limit} bits supported for {name}")
         if self.lr_mode not in ("multiplier", "shift"):
             raise FixedPointError(f"fxp config: learning_rate.mode must be multiplier or shift, got {self.lr_mode!r}")
-        if self.lr_shift is not None and not 0 <= self.lr_shift <= 40:
-            raise FixedPointError(f"fxp config: learning_rate.shift must be 0..40, got {self.lr_shift}")
+        if self.lr_shift is not None and not 0 <= self.lr_shift <= MAX_LR_SHIFT:
+            raise FixedPointError(f"fxp config: learning_rate.shift must be 0..{MAX_LR_SHIFT}, got {self.lr_shift}")
         if self.scalar_format.width > MAX_DATA_WIDTH:
             raise FixedPointError(f"fxp config: learning_rate.format is wider than {MAX_DATA_WIDTH} bits")
         if self.table_method not in ("lut", "pwl"):
@@ -91,6 +94,27 @@ class FxpConfig:
 
     def fmt(self, tensor_class: str) -> FixedFormat:
         return self.formats[tensor_class]
+
+    def learning_rate(self, lr: float) -> tuple[np.int64, FixedFormat, int | None]:
+        """lr as the datapath holds it: (raw value, its format, the shift in shift mode else None).
+        A learning rate the datapath cannot hold is a FixedPointError naming the range it can,
+        never clamped or rounded to 0 silently."""
+        if not (np.isfinite(lr) and lr >= 0):
+            raise FixedPointError(f"learning rate must be finite and >= 0, got {lr}")
+        if self.lr_mode == "shift":
+            # lr = 2**-shift: the nearest power of two unless the config names the shift; 0 stays 0
+            shift = self.lr_shift if self.lr_shift is not None else int(round(-np.log2(lr))) if lr > 0 else 0
+            if not 0 <= shift <= MAX_LR_SHIFT:
+                raise FixedPointError(f"learning rate {lr:g} is not representable as 2**-shift: the shift "
+                                      f"mode holds 2**-{MAX_LR_SHIFT} .. 1 (shift 0..{MAX_LR_SHIFT})")
+            return np.int64(1 if lr > 0 else 0), FixedFormat(2, 2 - shift), shift    # raw 1 = 2**-shift
+        scalar = self.scalar_format
+        q = quantize(lr, scalar)
+        if q.overflows or (lr > 0 and q.raw == 0):
+            raise FixedPointError(f"learning rate {lr:g} is not representable in {scalar}: it holds "
+                                  f"{scalar.lsb:g} .. {float(scalar.to_float(scalar.raw_max)):g} (and 0); "
+                                  "choose --lr in that range or a wider learning_rate.format")
+        return q.raw, scalar, None
 
     def with_formats(self, **changes: FixedFormat) -> "FxpConfig":
         return replace(self, formats={**self.formats, **changes})

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from .config import TENSOR_CLASSES, FxpConfig
-from .fixed import FixedFormat, FixedPointError, Quantized, quantize, requantize, shift_round
+from .fixed import FixedFormat, Quantized, quantize, requantize, shift_round
 from .ops import FunctionTable, SoftmaxError, add, matmul_requantize
 from .scope import require_full_mlp_dfa
 
@@ -81,22 +81,13 @@ class FixedPointDFA:
         self.counters = Counters()
         self.momentum = float(bundle.manifest["optimizer"]["momentum"])
         self.lr = float(bundle.manifest["optimizer"]["lr"] if lr is None else lr)
-        if not (np.isfinite(self.lr) and self.lr >= 0):
-            raise FixedPointError(f"learning rate must be finite and >= 0, got {self.lr}")
 
         self.params = {n: self._q("weights", a) for n, a in bundle.weights.items()}
         self.velocity = {n: np.zeros_like(a) for n, a in self.params.items()}
         self.feedback = {n: self._q("feedback", a) for n, a in bundle.feedback.items()}
         scalar = config.scalar_format
         self.mu = quantize(self.momentum, scalar).raw if self.momentum else None
-        if config.lr_mode == "shift":
-            # lr = 2**-shift: the nearest power of two unless the config names the shift; 0 stays 0
-            self.lr_shift = config.lr_shift if config.lr_shift is not None else \
-                max(0, int(round(-np.log2(self.lr)))) if self.lr > 0 else 0
-            self.lr_raw = np.int64(1 if self.lr > 0 else 0)
-            self.lr_fmt = FixedFormat(2, 2 - self.lr_shift)                          # raw 1 = 2**-shift
-        else:
-            self.lr_raw, self.lr_fmt = quantize(self.lr, scalar).raw, scalar
+        self.lr_raw, self.lr_fmt, self.lr_shift = config.learning_rate(self.lr)   # never clamped silently
         self.effective_lr = float(self.lr_fmt.to_float(self.lr_raw))
         self.table = None if self.activation == "relu" else FunctionTable(
             "tanh", config.table_method, config.table_size, config.table_input_range,

@@ -324,22 +324,31 @@ def round_scaled(y: np.ndarray, fmt: FixedFormat, rng: np.random.Generator | Non
     elif mode is Rounding.TRN:
         rounded = np.floor(y)
     else:
+        # Every decision compares y itself with an exact float, never the remainder y - floor:
+        # that is inexact for y in (-1/2, 0) (1 + y needs more bits than float64 has; the one
+        # float just above -1/2 would read as an exact tie). floor + 1/2 is exact wherever y is
+        # not an integer (then |y| < 2**52), and an integer y rounds to itself in every mode.
         floor = np.floor(y)
-        rem = y - floor                                      # exact, in [0, 1)
+        fraction = y != floor
+        mid = floor + 0.5
+        above, tie = fraction & (y > mid), fraction & (y == mid)
         if mode is Rounding.TRN_ZERO:
-            up = (rem != 0) & (y < 0)
+            up = fraction & (y < 0)
         elif mode is Rounding.RND:
-            up = rem >= 0.5
+            up = above | tie
         elif mode is Rounding.RND_ZERO:
-            up = (rem > 0.5) | ((rem == 0.5) & (y < 0))
+            up = above | (tie & (y < 0))
         elif mode is Rounding.RND_MIN_INF:
-            up = rem > 0.5
+            up = above
         elif mode is Rounding.RND_INF:
-            up = (rem > 0.5) | ((rem == 0.5) & (y >= 0))
-        else:                                                # stochastic: P(up) = rem
+            up = above | (tie & (y >= 0))
+        else:                                                # stochastic: P(up) = y - floor
             if rng is None:
                 raise FixedPointError("stochastic rounding needs a seeded generator")
-            up = rng.random(y.shape) < rem
+            u = rng.random(y.shape)                          # multiples of 2**-53 in [0, 1)
+            # u < y - floor, compared exactly: y - floor is exact unless floor is -1, and there
+            # u - 1 is (a multiple of 2**-53 in [-1, 0)).
+            up = np.where(floor == -1, u - 1.0 < y, u < y - floor)
         rounded = floor + up
     # Out-of-range values are handled in float (exact: integer-valued, power-of-two bounds) so that
     # magnitudes beyond int64 still wrap or saturate correctly.

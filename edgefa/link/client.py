@@ -23,12 +23,14 @@ from typing import Callable
 
 import numpy as np
 
-from ..bundle import pack_archive, unpack_archive
+from ..bundle import check_replaceable, pack_archive, replace_folder, unpack_archive
 from ..errors import EdgefaError
 from ..runtime.batches import batch_indices
+from ..runtime.divergence import DEFAULT_MAX_REFUSALS, DIVERGED, TOO_MANY_REFUSALS, Diverged, TooManyRefusals
+from ..runtime.finetune import check_samples
 from .messages import Message, MessageError, arrays_to_lists, decode, encode
 from .protocol import Connection, LinkError, LinkLost, MessageReceived, SessionRefused, SessionStarted, Timing
-from .transport import SerialTransport, exchange
+from .transport import OpenError, SerialTransport, exchange
 
 # A chunk and its request header fit one 64 KiB fragment: a chunk of exactly 64 KiB would need a
 # second, tiny fragment and so a second round trip (measured: 115 -> 143 MB/s on loopback).
@@ -98,8 +100,12 @@ class DeviceClient:
         self.close()
         try:
             transport = SerialTransport(self.url, self.config.baudrate)
-        except EdgefaError as exc:   # not there yet (a device restarting): worth another try
-            raise LinkError(str(exc)) from None
+        except OpenError as exc:
+            # Not there yet (a device restarting refuses connections; a USB device we had a session
+            # with re-enumerating): worth another try. A URL that can never open is not retried.
+            if exc.retry or (exc.missing and self.peer is not None):
+                raise LinkError(str(exc)) from None
+            raise
         self.transport = self.config.wrap(transport) if self.config.wrap else transport
         if self.conn is None:   # one Connection for the client's life: its stats add up
             self.conn = Connection("client", key=self.config.key, hello={"role": "host"},
@@ -193,23 +199,65 @@ class DeviceClient:
             on_progress(size, size)
         return {**self.call("upload_end", sha256=sha).fields, "archive_bytes": size, "sha256": sha}
 
-    def train_step(self, step: int, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> Message:
+    def train_step(self, step: int, x: np.ndarray, y: np.ndarray, lr: float | None = None,
+                   max_refusals: int = DEFAULT_MAX_REFUSALS, run_start: int | None = None) -> Message:
         return self.call("train", {"x": np.asarray(x, np.float32), "y": np.asarray(y, np.int64)},
-                         step=step, lr=lr)
+                         step=step, lr=lr, max_refusals=max_refusals, run_start=step if run_start is None else run_start)
+
+    def check_data(self, X: np.ndarray, y: np.ndarray, what: str = "data") -> dict:
+        """Check labelled samples against the device's bundle (feature count, labels in
+        0..n_classes-1, finite values) before any of them is sent: a problem is one DataError line
+        and nothing is applied. Returns the device's status."""
+        status = self.status()
+        if "in_features" in status:          # (no bundle deployed: the device itself answers that)
+            check_samples(X, y, status["in_features"], status["n_classes"], what)
+        return status
 
     def finetune(self, X: np.ndarray, y: np.ndarray, steps: int, batch_size: int = 32, seed: int = 0,
-                 lr: float | None = None, on_step: Callable[[int, float, float], None] | None = None) -> dict:
+                 lr: float | None = None, on_step: Callable[[int, float, float], None] | None = None,
+                 max_refusals: int = DEFAULT_MAX_REFUSALS) -> dict:
         """Train until the device reaches `steps`, sending batch k for device step k (the same
         batches as `edgefa device finetune`). The device's step leads: after a restart from an
-        older checkpoint the lost steps are sent again, and a repeated step is never applied twice."""
-        step = self.status()["step"]
+        older checkpoint the lost steps are sent again, and a repeated step is never applied twice.
+        The device judges every step (runtime/divergence.py, as a local run does): a divergence
+        rolls it back to its last good checkpoint and raises Diverged here, `max_refusals` refused
+        steps in this run raise TooManyRefusals; both carry the summary so far. The run ends with a
+        checkpoint, which the device judges first, like the end of a local run."""
+        step = self.check_data(X, y, "training data")["step"]
         start, losses, step_ms, round_trip_ms, refused = step, [], [], [], []
+
+        def summary(final_step: int, stopped: dict | None = None) -> dict:
+            rtt, dev = np.array(round_trip_ms), np.array(step_ms)
+            return {"resumed_from_step": start, "final_step": final_step, "steps_run": len(losses),
+                    "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                    "refused_steps": refused,
+                    "rolled_back_steps": (stopped or {}).get("rolled_back_steps", 0), "stopped": stopped,
+                    "step_ms_median": float(np.median(dev)) if len(dev) else None,
+                    "round_trip_ms_median": float(np.median(rtt)) if len(rtt) else None,
+                    "link_overhead_ms_median": float(np.median(rtt - dev)) if len(rtt) else None,
+                    "round_trip_ms": round_trip_ms, "device_step_ms": step_ms,
+                    "reconnects": self.reconnects}
+
+        def stop(exc: DeviceError):
+            """The device stopped the run: the same exceptions, and line, as a local run's."""
+            message = str(exc).removeprefix("device: ")
+            if exc.code == DIVERGED:
+                back_to, at = int(exc.fields["step"]), int(exc.fields["diverged_at_step"])
+                stopped = {"reason": DIVERGED, "at_step": at, "rolled_back_to_step": back_to,
+                           "rolled_back_steps": at - back_to, "message": message}
+                raise Diverged(f"{self.url}: {message}", summary(back_to, stopped)) from None
+            refused.append(int(exc.fields["step"]) - 1)
+            stopped = {"reason": TOO_MANY_REFUSALS, "at_step": int(exc.fields["step"]) - 1, "message": message}
+            raise TooManyRefusals(f"{self.url}: {message}", summary(int(exc.fields["step"]), stopped)) from None
+
         while step < steps:
             idx = batch_indices(len(y), batch_size, seed, step)
             t0 = time.perf_counter()
             try:
-                reply = self.train_step(step, X[idx], y[idx], lr)
+                reply = self.train_step(step, X[idx], y[idx], lr, max_refusals, start)
             except DeviceError as exc:
+                if exc.code in (DIVERGED, TOO_MANY_REFUSALS):
+                    stop(exc)
                 if exc.code != "step_ahead":
                     raise
                 step = int(exc.fields["step"])   # the device restarted from its checkpoint
@@ -225,17 +273,16 @@ class DeviceClient:
             step = int(reply["step"])
             if on_step:
                 on_step(step, reply["loss"], round_trip_ms[-1])
-        rtt, dev = np.array(round_trip_ms), np.array(step_ms)
-        return {"resumed_from_step": start, "final_step": step, "steps_run": len(losses),
-                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-                "refused_steps": refused,
-                "step_ms_median": float(np.median(dev)) if len(dev) else None,
-                "round_trip_ms_median": float(np.median(rtt)) if len(rtt) else None,
-                "link_overhead_ms_median": float(np.median(rtt - dev)) if len(rtt) else None,
-                "round_trip_ms": round_trip_ms, "device_step_ms": step_ms,
-                "reconnects": self.reconnects}
+        try:
+            self.call("checkpoint")
+        except DeviceError as exc:
+            if exc.code != DIVERGED:
+                raise
+            stop(exc)
+        return summary(step)
 
     def evaluate(self, X: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> dict:
+        self.check_data(X, y, "evaluation data")
         correct, loss_sum, step = 0, 0.0, None
         for i in range(0, len(y), batch_size):
             r = self.call("evaluate", {"x": np.asarray(X[i:i + batch_size], np.float32),
@@ -273,17 +320,18 @@ class DeviceClient:
 
     def pull(self, out: str | os.PathLike, on_progress: Callable[[int, int], None] | None = None) -> Path:
         """The device's bundle with its current state (a checkpoint is taken first), verified and
-        written to `out` atomically; an existing `out` is replaced only once the new one is whole."""
-        archive = self.fetch("bundle", on_progress)
+        written to `out` atomically; an existing bundle at `out` is replaced only once the new one
+        is whole (bundle.replace_folder), and any other non-empty `out` is refused before the
+        transfer."""
         out = Path(out).resolve()
+        check_replaceable(out)
+        archive = self.fetch("bundle", on_progress)
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             (work / "archive.tar").write_bytes(archive)
             unpack_archive(work / "archive.tar", work / "bundle", max_bytes=len(archive))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(work / "bundle", out)
+            replace_folder(work / "bundle", out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return out

@@ -53,11 +53,13 @@ class Frame:
 
 @dataclass(frozen=True)
 class Corrupt:
-    """Bytes that did not make a frame. `kind` and `seq` are set when the header was intact."""
+    """Bytes that did not make a frame. `kind` and `seq` are set when the header was intact, and
+    `version` when that intact header was of another protocol version (a peer, not line noise)."""
     reason: str
     skipped: int
     kind: int | None = None
     seq: int | None = None
+    version: int | None = None
 
 
 def encode_frame(kind: int, seq: int, payload: bytes = b"", tag: bytes | None = None) -> bytes:
@@ -120,7 +122,7 @@ class FrameDecoder:
                 why = (f"protocol version {version} (this side speaks {VERSION})" if version != VERSION
                        else f"payload of {length} bytes exceeds {self.max_payload}" if length > self.max_payload
                        else f"unknown frame kind {kind}")
-                out.append(Corrupt(why, 1, kind, seq))
+                out.append(Corrupt(why, 1, kind, seq, version if version != VERSION else None))
                 pos += 1
                 continue
             tag_len = TAG_BYTES if flags & FLAG_AUTH else 0

@@ -57,6 +57,10 @@ def encode(fields: dict, arrays: dict[str, np.ndarray] | None = None, blob: byte
         specs.append({"name": "blob", "dtype": "uint8", "shape": [len(blob)]})
         parts.append(bytes(blob))
     header = json.dumps({**fields, "arrays": specs}, separators=(",", ":")).encode()
+    if len(header) > MAX_HEADER:
+        # refused here, by the side that made it, rather than as an unreadable message over there
+        raise MessageError(f"message header of {len(header)} bytes exceeds {MAX_HEADER} "
+                           "(long series belong in arrays: see lists_to_arrays)")
     return b"".join([HEADER_LEN.pack(len(header)), header, *parts])
 
 
@@ -93,17 +97,30 @@ def decode(data: bytes) -> Message:
     return Message(fields, arrays)
 
 
+def _is_number(value) -> bool:
+    """A real number of Python's or numpy's (not a bool: True is no measurement)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def lists_to_arrays(fields: dict) -> tuple[dict, dict[str, np.ndarray]]:
     """Move every list of numbers (at any depth) out of `fields` into float64 arrays, leaving
-    {"$array": name} in its place: long series (a profile's samples) would not fit the JSON header."""
+    {"$array": name} in its place: long series (a profile's samples) would not fit the JSON header.
+    A numpy scalar left elsewhere becomes the plain Python number it holds, so that what stays in
+    the header is plain JSON (a list of numpy floats once stayed there and outgrew it)."""
     arrays: dict[str, np.ndarray] = {}
 
     def walk(value, path):
         if isinstance(value, dict):
             return {k: walk(v, f"{path}/{k}") for k, v in value.items()}
-        if isinstance(value, list) and value and all(type(v) in (int, float) for v in value):
+        if isinstance(value, np.ndarray) and value.dtype.kind in "iuf":
+            value = value.tolist()
+        if isinstance(value, (list, tuple)) and value and all(_is_number(v) for v in value):
             arrays[path] = np.asarray(value, dtype=np.float64)
             return {"$array": path}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, np.generic):
+            return value.item()
         return value
     return walk(fields, ""), arrays
 
@@ -118,6 +135,8 @@ def arrays_to_lists(fields: dict, arrays: dict[str, np.ndarray]) -> dict:
                     raise MessageError(f"reply names a missing array {str(name)[:40]!r}")
                 return arrays[name].tolist()
             return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
         return value
     return walk(fields)
 

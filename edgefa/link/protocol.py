@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from ..errors import EdgefaError
-from .frames import FLAG_AUTH, MAX_PAYLOAD, Corrupt, Frame, FrameDecoder, Kind, encode_frame
+from .frames import FLAG_AUTH, MAX_PAYLOAD, VERSION, Corrupt, Frame, FrameDecoder, Kind, encode_frame
 
 NONCE_BYTES = 16
 FRAGMENT = struct.Struct(">III")        # message id, message size, offset of this fragment
@@ -75,6 +75,9 @@ class LinkStats:
     forged: int = 0                      # bad or missing HMAC tags
     replayed: int = 0                    # authentic frames with an old sequence number
     sessions: int = 0
+    dropped_idle: int = 0                # TCP peers dropped for silence (server.PeerTimeouts)
+    refused_busy: int = 0                # TCP peers told "device busy" (written by the server's
+                                         # accepting thread only: one writer, no lost counts)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +132,11 @@ class Connection:
     def is_open(self) -> bool:
         return self._state == "open"
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of a frame whose end has not arrived (yet)."""
+        return self._decoder.buffered
+
     def connect(self, now: float) -> None:
         """Client: start (or restart) a session. Queued messages wait for the WELCOME."""
         assert self.role == "client"
@@ -155,12 +163,24 @@ class Connection:
         """Forget bytes held back from a transport that has gone (a new TCP connection starts clean)."""
         self._decoder = FrameDecoder()
 
+    def end_session(self) -> None:
+        """Server: forget the session and the bytes held back (its TCP connection was closed), so
+        that nothing of it carries over to the next connection."""
+        self._reset_session()
+        self.reset_input()
+
+    def refuse(self, reason: str) -> None:
+        """Queue a REFUSE with `reason`: what a peer about to be disconnected is told, in one line."""
+        self._emit(Kind.REFUSE, 0, reason.encode()[:200])
+
     def _consume(self, items: list, now: float) -> None:
         damaged = False
         for item in items:
             if isinstance(item, Corrupt):
                 self.stats.corrupt += 1
                 damaged = True
+                if item.version is not None:
+                    self._other_version(item.version)
             else:
                 self.stats.frames_received += 1
                 self._on_frame(item, now)
@@ -232,6 +252,19 @@ class Connection:
         self._rttvar = 0.0
         self._last_progress = 0.0
 
+    def _other_version(self, version: int) -> None:
+        """An intact frame of another protocol version: a peer running another edgefa, which no
+        retry will fix. A connecting client gives up at once; a server says what it speaks."""
+        if self.role == "client" and self._state == "connecting":
+            self._refused(f"the device speaks link protocol v{version}, this host v{VERSION} "
+                          "(install the same edgefa on both)")
+        elif self.role == "server" and self._state != "open":
+            self._emit(Kind.REFUSE, 0, f"this device speaks link protocol v{VERSION}, not v{version}".encode())
+
+    def _refused(self, reason: str) -> None:
+        self._state = "refused"
+        self._events.append(SessionRefused(reason[:200]))
+
     def _send_hello(self, now: float) -> None:
         self._hello_sent_at = now
         self._emit(Kind.HELLO, 0, self._hello_nonce + json.dumps(self.hello).encode(), key=self.key)
@@ -276,7 +309,7 @@ class Connection:
             if self.key is not None:
                 self.stats.forged += 1
                 return
-            self._lose("the device authenticates its frames; give the shared key")
+            self._refused("the device authenticates its frames; give the shared key")   # no retry helps
             return
         if not self._authentic(frame, self.key):
             return
@@ -285,7 +318,7 @@ class Connection:
             return                                                # a WELCOME for another HELLO
         peer = _parse_hello(p[2 * NONCE_BYTES:])
         if peer is None:
-            self._lose("malformed WELCOME")
+            self._refused("malformed WELCOME")
             return
         self._send_key, self._recv_key = _session_keys(self.key, self._hello_nonce, p[NONCE_BYTES:2 * NONCE_BYTES])
         self._state, self._last_progress = "open", now
@@ -302,8 +335,7 @@ class Connection:
             self._on_welcome(frame, now)
         elif frame.kind == Kind.REFUSE:
             if self.role == "client" and self._state == "connecting":
-                self._state = "refused"
-                self._events.append(SessionRefused(frame.payload.decode("utf-8", "replace")[:200]))
+                self._refused(frame.payload.decode("utf-8", "replace"))
             elif self.role == "client" and self._state == "open" and self.key is None:
                 # Reconnect at once. Not on a keyed link: REFUSE carries no tag, and 21 forged bytes
                 # must not end an authenticated session (there, the give-up timer notices instead).

@@ -8,6 +8,7 @@ bytes raises LinkError from read or write.
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -16,6 +17,7 @@ import select
 import socket
 import time
 import tty
+from urllib.parse import urlsplit
 
 import serial
 
@@ -24,17 +26,64 @@ from .protocol import LinkError
 
 READ_MAX = 256 * 1024
 
+# Why a port may open on a later try: a device restarting refuses connections for a moment, a
+# network or a USB port comes back, another process lets go of a serial port.
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN,
+                     errno.EBUSY, errno.EIO, errno.EAGAIN, errno.EINTR}
+
+
+class OpenError(EdgefaError):
+    """A transport that would not open. `retry`: the same URL may open on a later try (a device
+    restarting refuses connections); not so for a malformed URL, an unknown scheme or a host that
+    does not resolve. `missing`: a device file that is not there, which comes back only where it
+    was there before (a USB serial device re-enumerating)."""
+
+    def __init__(self, message: str, retry: bool, missing: bool = False):
+        super().__init__(message)
+        self.retry, self.missing = retry, missing
+
+
+def _check_socket_url(url: str) -> None:
+    """socket://HOST:PORT, checked before pyserial sees it (whose messages for a bad one are
+    "'<=' not supported between instances of 'int' and 'NoneType'" and the like)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise OpenError(f"{url}: not a socket://HOST:PORT URL ({exc})", retry=False) from None
+    if not parts.hostname or port is None or not 0 < port < 65536:
+        raise OpenError(f"{url}: not a socket://HOST:PORT URL (PORT from 1 to 65535)", retry=False)
+
+
+def _open_error(url: str, exc: Exception) -> OpenError:
+    """What pyserial's failure means for trying again (pyserial wraps the OSError it met)."""
+    cause = exc.__context__ if isinstance(exc, serial.SerialException) and exc.__context__ else exc
+    if isinstance(cause, socket.gaierror):
+        # EAI_AGAIN: the resolver did not answer this time; any other answer is final
+        return OpenError(f"cannot open {url}: its host does not resolve ({cause.strerror})",
+                         retry=cause.errno == socket.EAI_AGAIN)
+    if isinstance(cause, FileNotFoundError):
+        return OpenError(f"cannot open {url}: no such device", retry=False, missing=True)
+    if isinstance(cause, TimeoutError) or (isinstance(cause, OSError) and cause.errno in _TRANSIENT_ERRNOS):
+        return OpenError(f"cannot open {url}: {cause.strerror or cause}", retry=True)
+    # the rest is final: an unknown scheme ("invalid URL, protocol 'x' not known"), a file that is
+    # not a serial port, a permission denied
+    return OpenError(f"cannot open {url}: {exc}", retry=False)
+
 
 class SerialTransport:
     """A pyserial port by URL: /dev/ttyUSB0, /dev/pts/N, socket://host:port, loop://, rfc2217://..."""
 
     def __init__(self, url: str, baudrate: int = 115200):
+        if url.startswith("socket://"):
+            _check_socket_url(url)
         try:
             # timeout 0: pyserial never blocks in read; we wait in select ourselves, so a read returns
             # as soon as anything arrives instead of waiting for a full buffer.
             self.port = serial.serial_for_url(url, baudrate=baudrate, timeout=0)
         except (serial.SerialException, ValueError, OSError) as exc:
-            raise EdgefaError(f"cannot open {url}: {exc}") from None
+            raise _open_error(url, exc) from None
         self.url = url
         sock = getattr(self.port, "_socket", None)   # socket://: pyserial leaves Nagle on, which
         if isinstance(sock, socket.socket):          # holds a small frame ~40 ms behind the last
@@ -106,6 +155,20 @@ class FdTransport:
                 os.close(self.fd)
         except OSError:
             pass
+
+    def close_gracefully(self, linger: float = 1.0) -> None:
+        """A socket: send our last bytes' FIN, read whatever the peer still sends (up to `linger`
+        seconds, until it closes), then close. Closing with unread bytes would send a RST, which
+        may discard our last words (a REFUSE) before the peer reads them."""
+        if isinstance(self._owned, socket.socket):
+            deadline = time.monotonic() + linger
+            try:
+                self._owned.shutdown(socket.SHUT_WR)
+                while (left := deadline - time.monotonic()) > 0 and self.read(left):
+                    pass
+            except (OSError, LinkError):
+                pass
+        self.close()
 
 
 def open_pty() -> tuple[int, str]:
@@ -196,9 +259,13 @@ def _geometric(rng: random.Random, p: float) -> float:
     return math.floor(math.log(1.0 - rng.random()) / math.log(1.0 - p))
 
 
-def exchange(conn, transport, wait: float) -> None:
+def exchange(conn, transport, wait: float) -> int:
     """One turn of I/O for a protocol Connection: send what it has, wait up to `wait` seconds for
-    bytes (less when one of its timers is due), feed them in, run its timers, send again."""
+    bytes (less when one of its timers is due), feed them in, run its timers, send again. Returns
+    how many bytes arrived.
+
+    The Connection's timers (retransmission, giving up) read time.monotonic: they time round
+    trips on the wire, which an injected clock (server.serve's `clock`) must not speed up."""
     transport.write(conn.data_to_send())
     deadline = conn.next_deadline()
     if deadline is not None:
@@ -209,3 +276,4 @@ def exchange(conn, transport, wait: float) -> None:
         conn.receive_data(data, now)
     conn.poll(now)
     transport.write(conn.data_to_send())
+    return len(data)

@@ -18,6 +18,20 @@ Everything slower happens off the hot path:
 Latency statistics drop the first `warmup` windows of each repeated phase (first runs allocate
 arenas and fill caches) and report p50/p95/p99 with the aggregation named.
 
+Bounded by design: a device server runs for weeks, so every container here has a fixed bound
+(windows per phase, phases, samples, notes), stored compactly (16 bytes a window, 24 a sample),
+and the summary has a size that does not grow with uptime: timelines are downsampled to at most
+SERIES_POINTS points and `samples_ms` holds at most the last SERIES_POINTS windows. Every number in
+it is a plain Python int or float (numpy scalars would stay in a link reply's JSON header).
+
+Threads: windows close on the serving thread, the sampler thread appends samples, and `summary`
+may run on either; every shared container is read and written under `_lock` only, and sampling
+itself is serialized by `_sampling` (so samples stay in time order and the power integration
+never sees time run backwards).
+
+Every timestamp comes from `clock_ns` (time.perf_counter_ns unless injected: the soak benchmark
+runs a clock that advances days per second, so what grows with uptime shows in seconds).
+
 numpy only: this runs on the device.
 """
 
@@ -25,6 +39,7 @@ from __future__ import annotations
 
 import threading
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -34,6 +49,13 @@ import numpy as np
 from .memory import peak_rss_bytes, rss_bytes
 
 LATENCY_AGGREGATION = "percentiles over windows after warm-up"
+SERIES_POINTS = 512      # the most points any series in a summary has (timelines, samples_ms)
+MAX_PHASES = 64          # distinct window names kept; more is a bug in the caller, noted once
+MAX_NOTES = 16           # distinct notes kept (the newest); a note repeated is kept once
+MEMORY_AGGREGATION = ("max RSS per bucket of consecutive samples (at most 512 buckets); "
+                      "t_s: the time of the bucket's last sample")
+POWER_AGGREGATION = ("mean power per bucket of consecutive samples (at most 512 buckets): energy over "
+                     "the bucket / its duration; t_s: the bucket's midpoint")
 
 
 @dataclass(frozen=True)
@@ -52,19 +74,60 @@ class EnergyEstimate:
         return cls(profile.name, profile.idle_power_w, profile.pj_per_flop, profile.pj_per_dram_byte)
 
 
-class _Window:
-    """The context manager `Profiler.window` returns: records (start, end) into one list."""
-    __slots__ = ("_spans", "_start")
+class _Ring:
+    """The last `capacity` rows of `width` numbers in one flat array.array: it grows to its
+    capacity and then overwrites its oldest row, so its memory is bounded (8 bytes a number).
+    Not thread-safe by itself: the Profiler calls it under its lock."""
+    __slots__ = ("_flat", "_typecode", "width", "capacity", "_numbers", "_next")
 
-    def __init__(self, spans: deque):
-        self._spans = spans
+    def __init__(self, typecode: str, width: int, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"a ring needs a capacity of at least 1, not {capacity}")
+        self._typecode, self.width, self.capacity = typecode, width, capacity
+        self._numbers = capacity * width
+        self._flat, self._next = array(typecode), 0     # _next: where the oldest row starts, once full
+
+    def __len__(self) -> int:
+        return len(self._flat) // self.width
+
+    def append(self, row: tuple) -> None:
+        flat = self._flat
+        if len(flat) < self._numbers:
+            flat.extend(row)
+        else:
+            i = self._next
+            for k, value in enumerate(row):
+                flat[i + k] = value
+            self._next = (i + self.width) % self._numbers
+
+    def last(self) -> tuple:
+        end = (self._next or len(self._flat)) - self.width
+        return tuple(self._flat[end:end + self.width])
+
+    def rows(self) -> np.ndarray:
+        """A copy of every row, oldest first, shape (rows, width)."""
+        flat = np.array(self._flat, dtype=np.int64 if self._typecode == "q" else np.float64)
+        return np.roll(flat, -self._next).reshape(-1, self.width)
+
+    def clear(self) -> None:
+        self._flat, self._next = array(self._typecode), 0
+
+
+class _Window:
+    """The context manager `Profiler.window` returns: records (start, end) into one phase's ring."""
+    __slots__ = ("_spans", "_lock", "_clock_ns", "_start")
+
+    def __init__(self, spans: _Ring, lock: threading.Lock, clock_ns: Callable[[], int]):
+        self._spans, self._lock, self._clock_ns = spans, lock, clock_ns
 
     def __enter__(self):
-        self._start = time.perf_counter_ns()
+        self._start = self._clock_ns()
         return self
 
     def __exit__(self, *exc):
-        self._spans.append((self._start, time.perf_counter_ns()))
+        end = self._clock_ns()
+        with self._lock:
+            self._spans.append((self._start, end))
         return False
 
 
@@ -86,62 +149,97 @@ class Profiler:
 
     `energy` is an EnergySource from profiling.sensors (kind "power" in watts or "energy" in
     cumulative joules), or None; `estimate` is used when it is None. `enabled=False` makes every
-    window a shared no-op (the "profiling off" side of the overhead benchmark)."""
+    window a shared no-op (the "profiling off" side of the overhead benchmark). `clock_ns` is the
+    clock every timestamp is read from (nanoseconds, monotonic)."""
 
     def __init__(self, energy=None, estimate: EnergyEstimate | None = None, *, warmup: int = 3,
                  sample_interval_s: float = 0.02, max_samples: int = 50_000, max_windows: int = 100_000,
-                 notes: list[str] | None = None,
-                 enabled: bool = True, gpu_memory: Callable[[], dict | None] | None = None):
+                 notes: list[str] | None = None, enabled: bool = True,
+                 gpu_memory: Callable[[], dict | None] | None = None,
+                 clock_ns: Callable[[], int] = time.perf_counter_ns):
         self.energy, self.estimate, self.warmup = energy, estimate, warmup
-        self.sample_interval_s, self.notes, self.enabled = sample_interval_s, list(notes or []), enabled
+        self.sample_interval_s, self.enabled, self.clock_ns = sample_interval_s, enabled, clock_ns
         self.gpu_memory = gpu_memory
+        self._lock = threading.Lock()                      # guards spans, work, _open, notes, _samples
+        self._sampling = threading.Lock()                  # one sample at a time, in time order
+        self.notes: deque[str] = deque(maxlen=MAX_NOTES)
+        for note in notes or ():
+            self._note(note)
         # the last max_windows (start, end) per phase: a device serving for weeks stays bounded
-        self.spans: dict[str, deque[tuple[int, int]]] = {}
+        self.spans: dict[str, _Ring] = {}
         self.max_windows = max_windows
         self.work: dict[str, tuple[float, float]] = {}     # name -> (flops, bytes) per window, for estimates
         self.extra: dict[str, object] = {}                 # figures measured elsewhere, e.g. runtime growth
         self._open: dict[str, int] = {}
-        self._max_samples = max_samples
-        self._samples = deque(maxlen=max_samples)          # (t_ns, cumulative J or nan, rss bytes)
+        self._samples = _Ring("d", 3, max_samples)         # (t_ns, cumulative J or nan, rss bytes)
         self._cum_j, self._last = 0.0, None                # integration state for power sensors
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.t0_ns = time.perf_counter_ns()
+        self.t0_ns = clock_ns()
+
+    def _note(self, text: str) -> None:
+        """Keep `text` once (a sensor failing every sample must not grow a list), newest last."""
+        with self._lock:
+            if text not in self.notes:
+                self.notes.append(text)
 
     # --- windows ---------------------------------------------------------------------------
+
+    def _phase(self, name: str) -> _Ring | None:
+        """The ring of `name`, made on first use; None past MAX_PHASES names (noted once)."""
+        spans = self.spans.get(name)      # a dict read is atomic; the dict only grows under _lock
+        if spans is None:
+            with self._lock:
+                spans = self.spans.get(name)
+                if spans is None and len(self.spans) < MAX_PHASES:
+                    spans = self.spans[name] = _Ring("q", 2, self.max_windows)
+            if spans is None:
+                self._note(f"more than {MAX_PHASES} window names: windows after that are not recorded")
+        return spans
 
     def window(self, name: str, flops: float = 0.0, bytes_moved: float = 0.0):
         """A context manager timing one window of `name`. The work it declares (FLOPs, bytes
         moved) is only used by the estimated energy fallback; it is per window and constant per name."""
         if not self.enabled:
             return _NO_WINDOW
-        spans = self.spans.get(name)
+        spans = self._phase(name)
         if spans is None:
-            spans = self.spans[name] = deque(maxlen=self.max_windows)
-        if flops or bytes_moved:
-            self.work[name] = (flops, bytes_moved)
-        return _Window(spans)
+            return _NO_WINDOW
+        if (flops or bytes_moved) and self.work.get(name) != (flops, bytes_moved):
+            with self._lock:
+                self.work[name] = (flops, bytes_moved)
+        return _Window(spans, self._lock, self.clock_ns)
 
     def begin_window(self, name: str) -> None:
         if self.enabled:
-            self._open[name] = time.perf_counter_ns()
+            start = self.clock_ns()
+            with self._lock:
+                self._open[name] = start
 
     def end_window(self, name: str) -> None:
         if self.enabled:
-            start = self._open.pop(name)
-            self.window(name)._spans.append((start, time.perf_counter_ns()))
+            end = self.clock_ns()
+            spans = self._phase(name)
+            with self._lock:
+                start = self._open.pop(name)
+                if spans is not None:
+                    spans.append((start, end))
+
+    def _spans_of(self, name: str) -> np.ndarray:
+        with self._lock:
+            spans = self.spans.get(name)
+            return spans.rows() if spans is not None else np.zeros((0, 2), np.int64)
 
     def seconds(self, name: str, skip_warmup: bool = True) -> np.ndarray:
         """Durations of the closed windows of `name`, in seconds (after warm-up by default)."""
-        spans = list(self.spans.get(name, ()))
-        spans = spans[self.warmup_of(len(spans)) if skip_warmup else 0:]
-        kept = np.array(spans, dtype=np.int64).reshape(-1, 2)
+        spans = self._spans_of(name)
+        kept = spans[self.warmup_of(len(spans)) if skip_warmup else 0:]
         return (kept[:, 1] - kept[:, 0]) * 1e-9
 
     def last_seconds(self, name: str) -> float:
         """Duration of the last closed window of `name` (O(1): the server reports it every step)."""
-        start, end = self.spans[name][-1]
+        with self._lock:
+            start, end = self.spans[name].last()
         return (end - start) * 1e-9
 
     def warmup_of(self, count: int) -> int:
@@ -151,12 +249,12 @@ class Profiler:
 
     def clear(self) -> None:
         """Forget every window and sample (a fresh measurement on a long-running device)."""
-        with self._lock:
+        with self._sampling, self._lock:
             self.spans.clear()
             self._open.clear()
             self._samples.clear()
             self._cum_j, self._last = 0.0, None
-            self.t0_ns = time.perf_counter_ns()
+            self.t0_ns = self.clock_ns()
         self.sample_now()
 
     # --- the sampler -----------------------------------------------------------------------
@@ -189,16 +287,16 @@ class Profiler:
 
     def sample_now(self) -> None:
         """Take one sample of energy and RSS now (the sampler thread calls this every interval)."""
-        t = time.perf_counter_ns()
-        cum = float("nan")
-        if self.energy is not None:
-            try:
-                value = self.energy.read()
-            except Exception as exc:  # a sensor that fails mid-run: keep the run, stop measuring energy
-                self.notes.append(f"{self.energy.name}: stopped reading ({exc}); energy after this is missing")
-                self.energy = None
-            else:
-                with self._lock:
+        with self._sampling:
+            t = self.clock_ns()
+            cum = float("nan")
+            if self.energy is not None:
+                try:
+                    value = float(self.energy.read())
+                except Exception as exc:  # a sensor that fails mid-run: keep the run, stop measuring energy
+                    self._note(f"{self.energy.name}: stopped reading ({exc}); energy after this is missing")
+                    self.energy = None
+                else:
                     if self.energy.kind == "energy":
                         cum = value
                     else:   # watts: trapezoid between the last two samples
@@ -207,98 +305,124 @@ class Profiler:
                             self._cum_j += 0.5 * (w_prev + value) * (t - t_prev) * 1e-9
                         self._last = (t, value)
                         cum = self._cum_j
-        with self._lock:
-            self._samples.append((t, cum, rss_bytes() or 0))
+            rss = rss_bytes() or 0
+            with self._lock:
+                self._samples.append((t, cum, rss))
 
     # --- the summary -----------------------------------------------------------------------
 
-    def _energy_method(self) -> str:
-        if self.energy is not None or self._measured_samples():
+    def _energy_method(self, energy_source, cum: np.ndarray) -> str:
+        if energy_source is not None or not np.isnan(cum).all():
             return "measured"
         return "estimated" if self.estimate is not None else "none"
 
-    def _measured_samples(self) -> bool:
-        return any(not np.isnan(c) for _, c, _ in self._samples)
-
     def summary(self, include_samples: bool = True) -> dict:
-        """Everything measured so far, JSON-ready (the `phases`, `memory` and `energy` of profile.json)."""
+        """Everything measured so far, JSON-ready (the `phases`, `memory` and `energy` of profile.json).
+        Its size is bounded whatever the uptime (see the module doc), and every number is a plain
+        Python int or float."""
         self.sample_now()   # so that the sampled span covers every window closed so far
-        with self._lock:
-            samples = np.array(self._samples, dtype=np.float64).reshape(-1, 3)
+        with self._lock:    # a consistent copy; the arithmetic runs outside the lock
+            samples = self._samples.rows()
+            all_spans = {name: spans.rows() for name, spans in self.spans.items()}
+            notes, work, t0_ns = list(self.notes), dict(self.work), self.t0_ns
+        energy_source = self.energy     # the sampler may drop a failing sensor meanwhile
         t_ns, cum, rss = samples[:, 0], samples[:, 1], samples[:, 2]
         valid = ~np.isnan(cum)
-        method = self._energy_method()
-        source = (f"{self.energy.name}: {self.energy.what}" if self.energy is not None
+        method = self._energy_method(energy_source, cum)
+        source = (f"{energy_source.name}: {energy_source.what}" if energy_source is not None
                   else f"estimate from device profile {self.estimate.profile}" if self.estimate else "none")
 
         phases = {}
-        for name, spans in self.spans.items():
+        for name, spans in all_spans.items():
             skip = self.warmup_of(len(spans))
-            kept = np.array(list(spans)[skip:], dtype=np.int64).reshape(-1, 2)
+            kept = spans[skip:]
             seconds = (kept[:, 1] - kept[:, 0]) * 1e-9
             ms = seconds * 1e3
             phase = {"count": int(len(kept)), "warmup": skip,
                      "latency_ms": latency_stats(ms), "total_s": float(seconds.sum())}
             if include_samples:
-                phase["samples_ms"] = [round(float(v), 6) for v in ms]
-            phase["energy_j"] = self._window_energy(name, kept, seconds, t_ns[valid], cum[valid], method, source)
+                shown = ms[-SERIES_POINTS:]
+                phase["samples_ms"] = [round(float(v), 6) for v in shown]
+                phase["samples_ms_of"] = (f"the last {len(shown)} of {len(ms)} windows after warm-up"
+                                          if len(shown) < len(ms) else "every window after warm-up")
+            phase["energy_j"] = self._window_energy(work.get(name, (0.0, 0.0)), kept, t_ns[valid], cum[valid],
+                                                    method, source)
             phases[name] = phase
 
         headline = phases.get("train_step") or (max(phases.values(), key=lambda p: p["count"]) if phases else None)
-        energy_total = headline["energy_j"]["total"] if headline else None
-        energy = {"method": method, "backend": self.energy.name if self.energy is not None else
+        headline_energy = headline["energy_j"] if headline else None
+        energy = {"method": method, "backend": energy_source.name if energy_source is not None else
                   (f"estimate from profile {self.estimate.profile}" if self.estimate else "none"),
-                  "what": self.energy.what if self.energy is not None else
+                  "what": energy_source.what if energy_source is not None else
                   ("idle power x time + FLOPs x pJ/FLOP + bytes x pJ/byte" if self.estimate else "nothing"),
-                  "notes": list(self.notes),
+                  "notes": notes,
                   # the median, like the step time beside it: a VM stall or a page-cache flush in
                   # a few windows should not set the figure for every step (the mean is per_window)
-                  "per_step_j": headline["energy_j"]["per_window_p50"] if headline else None,
+                  "per_step_j": headline_energy["per_window_p50"] if headline else None,
                   "per_step_aggregation": "median over train_step windows after warm-up",
-                  "average_power_w": (energy_total / headline["total_s"]
-                                      if energy_total is not None and headline["total_s"] > 0 else None),
-                  "timeline": self._power_timeline(t_ns[valid], cum[valid])}
+                  "average_power_w": (headline_energy["total"] / headline_energy["seconds"]
+                                      if headline and headline_energy["total"] is not None
+                                      and headline_energy["seconds"] > 0 else None),
+                  "timeline": self._power_timeline(t_ns[valid], cum[valid], t0_ns),
+                  "timeline_aggregation": POWER_AGGREGATION}
         # The kernel's high-water mark (VmHWM) is folded from per-thread counters and can lag the
         # sampled VmRSS by 64 pages per thread (4 MiB with 16 threads, seen on a 16-core machine),
         # so the peak is the larger of the two: both are resident bytes that were really reached.
-        highest = [v for v in (peak_rss_bytes(), max((int(r) for r in rss), default=None)) if v is not None]
+        highest = [v for v in (peak_rss_bytes(), int(rss.max()) if len(rss) else None) if v is not None]
+        buckets = _buckets(len(t_ns))
         memory = {"peak_rss_bytes": max(highest, default=None),
                   "rss_bytes": rss_bytes(),
-                  "timeline": {"t_s": [round((t - self.t0_ns) * 1e-9, 4) for t in t_ns],
-                               "rss_bytes": [int(r) for r in rss]},
+                  "timeline": {"t_s": [round((int(t_ns[b[-1]]) - t0_ns) * 1e-9, 4) for b in buckets],
+                               "rss_bytes": [int(rss[b].max()) for b in buckets]},
+                  "timeline_aggregation": MEMORY_AGGREGATION, "timeline_samples": int(len(t_ns)),
                   "runtime_growth_bytes": self.extra.get("runtime_growth_bytes"),
                   "onnxruntime_arena": "not exposed by onnxruntime's Python API; included in runtime_growth_bytes",
                   "gpu": self.gpu_memory() if self.gpu_memory else None}
         return {"phases": phases, "memory": memory, "energy": energy}
 
-    def _window_energy(self, name, kept, seconds, t_ns, cum, method, source) -> dict:
-        out = {"per_window": None, "per_window_p50": None, "total": None, "method": method, "source": source}
-        if not len(kept):
-            return out
+    def _window_energy(self, work, kept, t_ns, cum, method, source) -> dict:
+        """Energy of the windows in `kept`: measured ones only inside the sampled span (the samples
+        kept may cover less time than the windows kept on a device up for days); `windows` and
+        `seconds` say which were counted."""
+        out = {"per_window": None, "per_window_p50": None, "total": None, "windows": 0, "seconds": 0.0,
+               "method": method, "source": source}
         if method == "measured":
-            if len(t_ns) < 2 or kept[0, 0] < t_ns[0] or kept[-1, 1] > t_ns[-1]:
+            if len(t_ns) >= 2:
+                kept = kept[(kept[:, 0] >= t_ns[0]) & (kept[:, 1] <= t_ns[-1])]
+            else:
+                kept = kept[:0]
+            if not len(kept):
                 out["method"], out["source"] = "none", "windows outside the sampled span"
                 return out
             joules = np.interp(kept[:, 1], t_ns, cum) - np.interp(kept[:, 0], t_ns, cum)
-        elif method == "estimated":
-            flops, nbytes = self.work.get(name, (0.0, 0.0))
-            joules = np.array([self.estimate.joules(s, flops, nbytes) for s in seconds])
+        elif method == "estimated" and len(kept):
+            joules = self.estimate.joules((kept[:, 1] - kept[:, 0]) * 1e-9, *work)   # per window, vectorized
         else:
             return out
+        out["windows"], out["seconds"] = int(len(kept)), float((kept[:, 1] - kept[:, 0]).sum() * 1e-9)
         out["total"] = float(joules.sum())
         out["per_window"] = float(joules.mean())
         out["per_window_p50"] = float(np.median(joules))
         return out
 
-    def _power_timeline(self, t_ns: np.ndarray, cum: np.ndarray) -> dict:
-        """Average power between consecutive samples (measured only)."""
+    def _power_timeline(self, t_ns: np.ndarray, cum: np.ndarray, t0_ns: int) -> dict:
+        """Mean power per bucket of consecutive samples (measured only); with few samples, a bucket
+        is one interval between two samples."""
         if len(t_ns) < 2:
             return {"t_s": [], "power_w": []}
-        dt = np.diff(t_ns) * 1e-9
+        # bucket edges: indices into the samples, first and last included
+        edges = np.unique(np.linspace(0, len(t_ns) - 1, min(len(t_ns), SERIES_POINTS + 1)).round().astype(np.int64))
+        dt = np.diff(t_ns[edges]) * 1e-9
         ok = dt > 0
-        power = np.diff(cum)[ok] / dt[ok]
-        mid = ((t_ns[1:] + t_ns[:-1]) / 2)[ok]
-        return {"t_s": [round((t - self.t0_ns) * 1e-9, 4) for t in mid], "power_w": [round(float(p), 4) for p in power]}
+        power = np.diff(cum[edges])[ok] / dt[ok]
+        mid = ((t_ns[edges][1:] + t_ns[edges][:-1]) / 2)[ok]
+        return {"t_s": [round((float(t) - t0_ns) * 1e-9, 4) for t in mid],
+                "power_w": [round(float(w), 4) for w in power]}
+
+
+def _buckets(n: int) -> list[np.ndarray]:
+    """Indices 0..n-1 cut into at most SERIES_POINTS runs of consecutive indices, as equal as can be."""
+    return [b for b in np.array_split(np.arange(n), min(n, SERIES_POINTS)) if len(b)] if n else []
 
 
 def latency_stats(ms: np.ndarray) -> dict:

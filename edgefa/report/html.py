@@ -579,7 +579,11 @@ def latency_figure(profile: dict) -> str:
     markers = {k: _latency(phase, k) for k in ("p50", "p95", "p99")}
     plot = histogram(phase.get("samples_ms") or [], "latency", f"{name} latency histogram",
                      f"{name} window latency (ms)", markers)
-    caption = (f"{len(phase.get('samples_ms') or [])} windows after {phase.get('warmup', 0)} warm-up windows; "
+    shown = len(phase.get("samples_ms") or [])
+    count = phase.get("count", shown)
+    # the histogram holds the last windows only (a long-lived profiler keeps a bounded tail)
+    windows = f"the last {shown} of {count}" if shown < count else f"{count}"
+    caption = (f"{windows} windows after {phase.get('warmup', 0)} warm-up windows; "
                f"dashed lines: p50, p95, p99 ({(phase.get('latency_ms') or {}).get('aggregation', 'percentiles')})")
     return figure(f"Latency of {name} (ms per window)", plot, f"no samples for {name}", caption)
 

@@ -9,14 +9,14 @@ scored s(chosen) > s(rejected). Batch k is pairs `batch_indices(n_pairs, batch, 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from pathlib import Path
 
-from ..bundle import LOSS_BRADLEY_TERRY, Bundle
+from ..bundle import LOSS_BRADLEY_TERRY, Bundle, momentum_name, read_bundle
 from ..data.datasets import Dataset, Standardizer
 from ..data.preference import PreferencePairs
 from ..errors import DataError, EdgefaError
@@ -25,8 +25,10 @@ from ..profiling.memory import peak_rss_bytes, rss_bytes
 from ..profiling.profiler import Profiler
 from .batches import batch_indices
 from .backends import open_engine
+from .divergence import (DEFAULT_MAX_REFUSALS, DIVERGED, TOO_MANY_REFUSALS, Diverged, DivergenceGuard,
+                         DivergenceRule, TooManyRefusals, chance_loss, diverged_message, refusals_message)
 from .engine import DeviceEngine
-from .state import DeviceState, load_state, save_state
+from .state import DeviceState, load_state, lock_state, save_state
 
 
 @dataclass
@@ -34,25 +36,46 @@ class FinetuneConfig:
     steps: int                      # the total step count to reach (a resumed run does the rest)
     batch_size: int = 32
     lr: float | None = None         # None: the bundle's optimizer.lr
-    checkpoint_every: int = 50
-    max_refusals: int = 3           # stop after this many refused (NaN/Inf) steps
+    checkpoint_every: int = 50      # >= 1 (the CLI says so); 0 here: only the final checkpoint
+    max_refusals: int = DEFAULT_MAX_REFUSALS    # stop after this many refused (NaN/Inf) steps
     seed: int = 0
     threads: int | None = None
     provider: str | None = None     # None: the bundle's TensorRT engines if current, else onnxruntime's best
+    divergence: DivergenceRule = field(default_factory=DivergenceRule)
 
 
-class TooManyRefusals(EdgefaError):
-    pass
+def check_samples(X: np.ndarray, y: np.ndarray, in_features: int, n_classes: int, what: str) -> None:
+    """Labelled samples fit a model: [N, in_features] finite values, labels in 0..n_classes-1.
+    Checked where the data is (the device's own file, or the host before it sends a byte)."""
+    X, y = np.asarray(X), np.asarray(y)
+    if X.ndim != 2 or X.shape[1] != in_features:
+        raise DataError(f"{what}: samples have {X.shape[1:]} features, the bundle expects {in_features}")
+    if y.shape != (len(X),) or y.dtype.kind not in "iu":
+        raise DataError(f"{what}: needs one integer label per sample ({len(X)}), got {y.dtype} {list(y.shape)}")
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise DataError(f"{what}: labels must lie in 0..{n_classes - 1}, found {y.min()}..{y.max()}")
+    if not np.isfinite(X).all():
+        raise DataError(f"{what}: samples hold {int(np.count_nonzero(~np.isfinite(X)))} non-finite values (NaN/Inf)")
 
 
 def standardize(bundle: Bundle, ds: Dataset, what: str) -> np.ndarray:
     """Check a data set against the bundle and scale it as the host did (global mean and std)."""
-    model = bundle.model
-    if ds.X.ndim != 2 or ds.X.shape[1] != model["in_features"]:
-        raise DataError(f"{what}: samples have {ds.X.shape[1:]} features, the bundle expects {model['in_features']}")
-    if len(ds.y) and (ds.y.min() < 0 or ds.y.max() >= model["n_classes"]):
-        raise DataError(f"{what}: labels must lie in 0..{model['n_classes'] - 1}")
+    check_samples(ds.X, ds.y, bundle.model["in_features"], bundle.model["n_classes"], what)
     return bundle_standardizer(bundle).apply(ds.X)
+
+
+def mean_loss(engine: DeviceEngine, pairs: bool, a: np.ndarray, b: np.ndarray) -> float:
+    """The training loss of the engine's current weights on one batch, as the train-step graph
+    computes it (mean cross-entropy of samples `a` with labels `b`; Bradley-Terry: mean
+    softplus(s_rejected - s_chosen) of pairs `a`, `b`), by a forward pass only: nothing changes."""
+    with np.errstate(all="ignore"):     # diverged weights give Inf logits: the loss says so (NaN/Inf)
+        if pairs:
+            margin = engine.predict_logits(a)[:, 0].astype(np.float64) - engine.predict_logits(b)[:, 0]
+            return float(np.logaddexp(0.0, -margin).mean())
+        logits = engine.predict_logits(a).astype(np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+        return float(-log_probs[np.arange(len(b)), b].mean())
 
 
 def is_preference(bundle: Bundle) -> bool:
@@ -133,6 +156,8 @@ class Finetuner:
         else:
             self.X, self.y = standardize(bundle, train, train.name), train.y
             self.eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else None
+        # one trainer per bundle state: a second fine-tune (or a server) on it fails here, naming us
+        self.state_lock = lock_state(bundle)
         rss_before = rss_bytes()
         with self.profiler.window("load"):
             self.engine = open_engine(bundle, config.provider, config.threads)
@@ -142,11 +167,43 @@ class Finetuner:
         if rss_before is not None:
             self.profiler.extra["runtime_growth_bytes"] = rss_bytes() - rss_before
         self.start, self.refused = (saved.step, list(saved.refused_steps)) if saved else (0, [])
+        self.saved_step = saved.step if saved else None     # the step of the newest checkpoint on disk
         self.cost = step_cost(bundle.model, config.batch_size, self.engine.momentum, self.engine.preference)
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int, guard: DivergenceGuard | None = None) -> None:
+        """Save the engine's state as the checkpoint at `step`; with `guard`, first prove the state
+        good: an update whose loss no step has measured yet (the last one applied) is judged by
+        its loss on the last batch, and a runaway is rolled back (Diverged), never written."""
         with self.profiler.window("checkpoint"):
+            if guard is not None and not self.state_judged:
+                reason = guard.probe(mean_loss(self.engine, self.pairs, *self.last_batch))
+                if reason:
+                    self.stop_diverged(step, reason)
             save_state(self.bundle, DeviceState(step, self.engine.state(), self.refused))
+        self.saved_step = step
+
+    def roll_back(self) -> int:
+        """Put the engine back to the last good checkpoint (every one written was judged good), or
+        to the bundle's own weights when there is none; the step it holds."""
+        saved = load_state(self.bundle, self.engine.state_names)
+        if saved is None:
+            # the engine trained the bundle's arrays in place: read the bundle's weights again
+            weights = read_bundle(self.bundle.path).weights
+            tensors = {p: weights[p] for p in self.engine.params}
+            tensors.update({momentum_name(p): np.zeros_like(weights[p])
+                            for p in self.engine.params if self.engine.momentum})
+            saved = DeviceState(0, tensors, [])
+        self.engine.load_state(saved.tensors)
+        self.refused = list(saved.refused_steps)
+        return saved.step
+
+    def stop_diverged(self, step: int, reason: str):
+        """Roll back and raise Diverged: `step` is the step whose starting state ran away."""
+        back_to = self.roll_back()
+        self.stopped = {"reason": DIVERGED, "at_step": step, "rolled_back_to_step": back_to,
+                        "rolled_back_steps": step - back_to}
+        message = diverged_message(step, reason, back_to, self.lr)
+        raise Diverged(message, self.summary(back_to, message))
 
     def eval_accuracy(self) -> float | None:
         if not self.eval:
@@ -159,41 +216,64 @@ class Finetuner:
         # (the batch's selection is not a window of its own: a few microseconds, like a window)
         idx = batch_indices(len(self.X), self.config.batch_size, self.config.seed, step)
         if self.pairs:
-            chosen, rejected = self.X[idx], self.R[idx]
+            self.last_batch = chosen, rejected = self.X[idx], self.R[idx]
             with self.profiler.window("train_step", self.cost.flops, self.cost.bytes_moved):
                 return self.engine.step_pairs(chosen, rejected, self.lr)
-        x, y = self.X[idx], self.y[idx]
+        self.last_batch = x, y = self.X[idx], self.y[idx]
         with self.profiler.window("train_step", self.cost.flops, self.cost.bytes_moved):
             return self.engine.step(x, y, self.lr)
 
     def run(self, on_step: Callable[[int, float], None] | None = None) -> dict:
-        cfg, engine, prof = self.config, self.engine, self.profiler
-        acc_before = self.eval_accuracy()
-        losses, refused_now = [], 0
+        """Train from `start` to `config.steps`. Every step's loss is judged (runtime/divergence.py):
+        a divergence rolls back to the last good checkpoint and raises Diverged; `max_refusals`
+        refused steps save the (unchanged) weights and raise TooManyRefusals. Both carry the
+        summary (`.result`); a finished run returns it."""
+        cfg = self.config
+        guard = DivergenceGuard(chance_loss(self.bundle.model["n_classes"], self.pairs), cfg.divergence,
+                                cfg.max_refusals)
+        self.acc_before = self.eval_accuracy()
+        self.losses, self.stopped, refused_now = [], None, 0
+        # Whether the engine's state has had its loss measured: the starting state is what the
+        # user has (not ours to judge); after an accepted update, not until the next step (or a probe).
+        self.state_judged = True
         for step in range(self.start, cfg.steps):
             result = self.train_step(step)
-            losses.append(result.loss)
+            refused_now += not result.accepted
+            verdict = guard.judge(result.loss, result.accepted, refused_now)
+            if verdict == DIVERGED:          # the state this step started from ran away
+                self.stop_diverged(step, guard.reason)
+            self.losses.append(result.loss)
+            self.state_judged = not result.accepted     # a refused step left the judged state as it was
             if not result.accepted:
                 self.refused.append(step)
-                refused_now += 1
                 warnings.warn(f"step {step} refused: non-finite loss or weights; kept the previous weights "
                               f"({refused_now} refused in this run, limit {cfg.max_refusals})", stacklevel=2)
-                if refused_now >= cfg.max_refusals:
+                if verdict == TOO_MANY_REFUSALS:
                     self.checkpoint(step + 1)
-                    raise TooManyRefusals(f"stopped at step {step}: {refused_now} steps refused for NaN/Inf "
-                                          f"(steps {self.refused[-refused_now:]}); the last good weights are saved")
+                    self.stopped = {"reason": TOO_MANY_REFUSALS, "at_step": step}
+                    message = refusals_message(step, self.refused[-refused_now:], step + 1)
+                    raise TooManyRefusals(message, self.summary(step + 1, message))
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                self.checkpoint(done)
+                self.checkpoint(done, guard)
             if on_step:
                 on_step(done, result.loss)
         final_step = max(self.start, cfg.steps)
-        self.checkpoint(final_step)
+        # not twice for one step: the kept previous checkpoint must be an older state, not a copy
+        if self.saved_step != final_step:
+            self.checkpoint(final_step, guard)
+        return self.summary(final_step)
 
-        ms = prof.seconds("train_step", skip_warmup=False)[-len(losses):] * 1e3 if losses else np.zeros(0)
+    def summary(self, final_step: int, stop_message: str | None = None) -> dict:
+        """The run's report so far: `refused_steps` (all the state's, in step order) and
+        `rolled_back_steps` (steps undone by a divergence) are always there; `stopped` is None for a
+        finished run, else what stopped it."""
+        losses, cfg = self.losses, self.config
+        ms = self.profiler.seconds("train_step", skip_warmup=False)[-len(losses):] * 1e3 if losses else np.zeros(0)
+        stopped = self.stopped and {**self.stopped, "message": stop_message}
         return {
             "bundle": str(self.bundle.path),
-            "providers": engine.providers,
+            "providers": self.engine.providers,
             "resumed_from_step": self.start,
             "final_step": final_step,
             "steps_run": len(losses),
@@ -202,11 +282,13 @@ class Finetuner:
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "refused_steps": self.refused,
+            "rolled_back_steps": (stopped or {}).get("rolled_back_steps", 0),
+            "stopped": stopped,
             "step_time_ms_median": float(np.median(ms)) if len(ms) else None,
             "step_time_ms_p95": float(np.percentile(ms, 95)) if len(ms) else None,
             "loss": self.bundle.manifest.get("loss"),
             "metric": "preference accuracy" if self.pairs else "accuracy",
-            "accuracy_before": acc_before,
+            "accuracy_before": self.acc_before,
             "accuracy_after": self.eval_accuracy(),
             "peak_rss_bytes": peak_rss_bytes(),
             "bundle_bytes": self.bundle.size_bytes(),
