@@ -209,9 +209,11 @@ def test_stray_temp_files_of_a_killed_save_are_cleaned_at_start(tiny_bundle, dig
 
 
 def _wait_for_holder(lock, proc, timeout=60.0) -> None:
+    """Until `proc` holds `lock` and has written its first checkpoint beside it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if lock.exists() and lock.read_text().strip() == str(proc.pid):
+        if lock.exists() and lock.read_text().strip() == str(proc.pid) \
+                and (lock.parent / "checkpoint.npz").exists():
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)

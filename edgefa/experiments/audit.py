@@ -109,6 +109,9 @@ class AuditConfig:
             raise EdgefaError(f"--lr must be > 0, got {self.lr}")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
             raise EdgefaError(f"--momentum must be in [0, 1), got {self.momentum}")
+        from ..data.datasets import load_dataset
+
+        load_dataset(self.dataset)      # a bad --dataset is one line now, not in a worker after the work began
 
     def train_config(self, method: str, penalty: float, seed: int):
         from ..training.trainer import TrainConfig

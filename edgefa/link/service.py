@@ -242,6 +242,7 @@ class DeviceService:
         self.archive_sha = sha_file.read_text().strip() if sha_file.exists() else None
         self.step, self.refused = (saved.step, list(saved.refused_steps)) if saved else (0, [])
         self.checkpointed_step, self._last_train, self._fetches = self.step, None, {}
+        self._diverged = None        # a stop's cached reply belongs to the weights it rolled back
 
     @property
     def providers(self) -> list[str]:

@@ -156,11 +156,12 @@ class Finetuner:
         else:
             self.X, self.y = standardize(bundle, train, train.name), train.y
             self.eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else None
-        # one trainer per bundle state: a second fine-tune (or a server) on it fails here, naming us
-        self.state_lock = lock_state(bundle)
         rss_before = rss_bytes()
         with self.profiler.window("load"):
             self.engine = open_engine(bundle, config.provider, config.threads)
+            # one trainer per bundle state: a second fine-tune (or a server) on it fails here, naming
+            # the holder (after the engine: a run that cannot start leaves the bundle as it was)
+            self.state_lock = lock_state(bundle)
             saved = load_state(bundle, self.engine.state_names)
             if saved:
                 self.engine.load_state(saved.tensors)
