@@ -90,7 +90,8 @@ def main() -> None:
 
     profiler, machine = open_profiler(None, **profiler_options)
     say(f"device profile {machine.profile.name} ({machine.how_recognized}); {machine.energy_line}")
-    service = DeviceService(ServiceConfig(args.store, args.checkpoint_every, None, args.threads), profiler.start())
+    service = DeviceService(ServiceConfig(args.store, args.checkpoint_every, None, args.threads), profiler.start(),
+                            log=say)
     service.machine = {"name": machine.profile.name, "display_name": machine.profile.display_name,
                        "detected": bool(machine.profile.detected), "how": machine.how_recognized}
     stop_on_sigterm()

@@ -337,7 +337,7 @@ def main() -> None:
         if args.device == "cuda" and not torch.cuda.is_available():
             ap.error("--device cuda: no CUDA GPU here")
 
-    from edgefa.data import load_dataset
+    from edgefa.shared.datasets import load_dataset
 
     t_load = time.perf_counter()
     data = {ds: load_dataset(ds) for ds in datasets}

@@ -46,7 +46,7 @@ GPU_PROVIDERS = {"onnxruntime CUDA EP": "CUDAExecutionProvider", "onnxruntime Te
 def build_bundle(out: Path, inputs: int, width: int, depth: int) -> Path:
     import torch
 
-    from edgefa.data import Standardizer
+    from edgefa.shared.datasets import Standardizer
     from edgefa.exporters.export import export_bundle
     from edgefa.training.trainer import Run, TrainConfig, build_model, make_optimizer
 

@@ -57,7 +57,7 @@ def build_bundles(out: Path) -> dict[float, Path]:
     """One bundle per momentum, both exported from the same (untrained, seeded) DFA model."""
     import torch  # only the parent builds; neither worker inherits this import
 
-    from edgefa.data import Standardizer
+    from edgefa.shared.datasets import Standardizer
     from edgefa.exporters.export import export_bundle
     from edgefa.models import MLP, MLPConfig
     from edgefa.training.trainer import Run, TrainConfig, make_optimizer

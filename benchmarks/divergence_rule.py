@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edgefa.bundle import read_bundle  # noqa: E402
-from edgefa.data import load_digits  # noqa: E402
+from edgefa.shared.datasets import load_digits  # noqa: E402
 from edgefa.runtime.divergence import DivergenceGuard, chance_loss  # noqa: E402
 from edgefa.runtime.finetune import FinetuneConfig, Finetuner, accuracy  # noqa: E402
 

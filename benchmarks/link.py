@@ -54,9 +54,9 @@ import numpy as np  # noqa: E402
 
 from _pairs import load_now, machine_info, spread  # noqa: E402
 from edgefa.bundle import read_bundle  # noqa: E402
-from edgefa.data import load_digits  # noqa: E402
+from edgefa.shared.datasets import load_digits  # noqa: E402
 from edgefa.link.client import ClientConfig, DeviceClient, read_key  # noqa: E402
-from edgefa.runtime.batches import batch_indices  # noqa: E402
+from edgefa.shared.batches import batch_indices  # noqa: E402
 
 TRANSPORTS = ("tcp", "tcp_hmac", "pty")
 BATCH, SEED, CHECKPOINT_EVERY = 32, 0, 10
@@ -339,7 +339,7 @@ def main() -> None:
         "machine": machine,
         "config": {"transports": list(TRANSPORTS), "upload_reps": args.reps, "upload_warmup": 1,
                    "train_steps": args.steps, "warmup": args.warmup, "status_calls": args.status_calls,
-                   "batch": BATCH, "data": "sklearn digits (edgefa.data.load_digits), batch_indices seed 0",
+                   "batch": BATCH, "data": "sklearn digits (edgefa.shared.datasets.load_digits), batch_indices seed 0",
                    "device_threads": args.device_threads or "server default",
                    "checkpoint_every": CHECKPOINT_EVERY, "bundle": str(args.bundle) if args.bundle else "trained",
                    "order": "one turn per transport per round, order shuffled per round (seeded)",

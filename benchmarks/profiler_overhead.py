@@ -43,7 +43,7 @@ from _pairs import fmt, load_now, machine_info, ratio_summary, run_pairs, write_
 from edgefa.bundle import read_bundle  # noqa: E402
 from edgefa.profiling.machine import open_profiler  # noqa: E402
 from edgefa.profiling.profiler import Profiler  # noqa: E402
-from edgefa.profiling.session import synthetic_data  # noqa: E402
+from edgefa.profile_runs.session import synthetic_data  # noqa: E402
 from edgefa.runtime.finetune import FinetuneConfig, Finetuner  # noqa: E402
 
 # (input, hidden, steps per turn): turns of roughly 30-60 ms, short enough that most miss a VM stall
@@ -55,7 +55,7 @@ SAMPLE_INTERVAL_S = 0.02   # open_profiler's default, as `edgefa profile` runs  
 def build_bundle(out: Path, inputs: int, hidden: list[int]) -> Path:
     import torch
 
-    from edgefa.data import Standardizer
+    from edgefa.shared.datasets import Standardizer
     from edgefa.exporters.export import export_bundle
     from edgefa.models import MLP, MLPConfig
     from edgefa.training.trainer import Run, TrainConfig, make_optimizer

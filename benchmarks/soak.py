@@ -73,7 +73,7 @@ import numpy as np  # noqa: E402
 
 from _pairs import load_now, machine_info  # noqa: E402
 from edgefa.bundle import pack_archive, read_bundle, sha256_file  # noqa: E402
-from edgefa.data import load_digits  # noqa: E402
+from edgefa.shared.datasets import load_digits  # noqa: E402
 from edgefa.errors import EdgefaError  # noqa: E402
 from edgefa.link.client import CHUNK_BYTES, ClientConfig, DeviceClient, DeviceError  # noqa: E402
 from edgefa.link.protocol import Connection  # noqa: E402

@@ -18,6 +18,7 @@ the device binds its live buffers straight into both graphs.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -25,6 +26,8 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -38,6 +41,13 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PAYLOAD_FILES = ("infer.onnx", "train_step.onnx", "weights.npz", "feedback.npz")
 STATE_DIR = "state"
+# what the device writes in a bundle's state/ (runtime/state.py writes it; the --out policy reads it)
+CHECKPOINT = "checkpoint.npz"
+PREVIOUS = "checkpoint.prev.npz"
+LOCK = ".lock"
+CHECKPOINT_NAMES = (CHECKPOINT, PREVIOUS)     # newest first
+TEMPORARY_PATTERN = f".{CHECKPOINT}.*.tmp"    # storage.replace_file's `.NAME.PID.tmp`
+TRT_CACHE = "trt_cache"                       # TensorRT's caches (runtime/engine.py, tensorrt_build.py)
 # The forward pass with the weights as initializers, from which TensorRT builds a refittable
 # inference engine (exporters.onnx_graphs.refittable_infer_graph; runtime.tensorrt_build).
 REFIT_GRAPH = "tensorrt/infer_refit.onnx"
@@ -207,11 +217,12 @@ def load_npz_strict(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:   # a torn zip: the last two
         raise BundleError(f"{path}: unreadable npz ({str(exc).splitlines()[0]})") from None
 
 
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def _save_float32_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """weights.npz / feedback.npz: every array float32 (a data set file is shared/datasets.save_npz)."""
     with open(path, "wb") as f:
         np.savez(f, **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()})
 
@@ -247,8 +258,8 @@ def write_bundle(out_dir: str | os.PathLike, manifest: dict, graphs: dict[str, b
     try:
         for name, data in graphs.items():
             (tmp / name).write_bytes(data)
-        save_npz(tmp / "weights.npz", weights)
-        save_npz(tmp / "feedback.npz", feedback)
+        _save_float32_npz(tmp / "weights.npz", weights)
+        _save_float32_npz(tmp / "feedback.npz", feedback)
         for name, data in sorted(extra_files.items()):
             path = tmp.joinpath(*PurePosixPath(name).parts)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,29 +276,51 @@ def write_bundle(out_dir: str | os.PathLike, manifest: dict, graphs: dict[str, b
     return out
 
 
+def is_state_file(relative: PurePosixPath) -> bool:
+    """Whether a file at `relative` (inside state/) is one edgefa writes there: the two checkpoints,
+    the lock, a save's temporary file, or TensorRT's engine and timing caches (trt_cache/, named by
+    TensorRT). Anything else is the user's: a bundle holding it is not edgefa's to replace."""
+    if relative.parts[:1] == (TRT_CACHE,):
+        return len(relative.parts) > 1
+    name = relative.as_posix()
+    return name in (*CHECKPOINT_NAMES, LOCK) or fnmatch.fnmatchcase(name, TEMPORARY_PATTERN)
+
+
+
 # --- replacing a bundle folder: never delete a file edgefa did not write ---------------------
 
-def is_edgefa_bundle_folder(root: str | os.PathLike) -> bool:
-    """Whether every file under `root` is one edgefa wrote as a bundle: an edgefa-bundle manifest,
-    the files it lists, the device's state/, and edgefa's temporary files (`.NAME.*` beside a
-    listed NAME). Hashes are not checked: a damaged bundle is still edgefa's to replace."""
+def foreign_files(root: str | os.PathLike, limit: int = 3) -> list[str] | None:
+    """The first `limit` files under `root` that edgefa did not write as a bundle (relative posix
+    paths), [] when there are none, None when `root` has no edgefa-bundle manifest. edgefa's are:
+    the manifest, the files it lists, edgefa's temporary files (`.NAME.*` beside a listed NAME),
+    and in state/ only what the device writes there (is_state_file). Hashes are not
+    checked: a damaged bundle is still edgefa's to replace."""
     root = Path(root)
     try:
         manifest = json.loads((root / MANIFEST).read_text())
         listed = {MANIFEST, *manifest["files"]} if manifest.get("format") == FORMAT else None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return False
+        return None
     if listed is None:
-        return False
-    for path in root.rglob("*"):
+        return None
+    foreign = []
+    for path in sorted(root.rglob("*")):
         if path.is_dir() and not path.is_symlink():
             continue
-        relative = path.relative_to(root).as_posix()
+        relative = PurePosixPath(path.relative_to(root).as_posix())
         temporary = path.name.startswith(".") and any(
             path.name.startswith(f".{PurePosixPath(name).name}.") for name in listed)
-        if not (relative in listed or relative.startswith(f"{STATE_DIR}/") or temporary):
-            return False
-    return True
+        in_state = relative.parts[0] == STATE_DIR and is_state_file(relative.relative_to(STATE_DIR))
+        if not (relative.as_posix() in listed or in_state or temporary):
+            foreign.append(relative.as_posix())
+            if len(foreign) == limit:
+                break
+    return foreign
+
+
+def is_edgefa_bundle_folder(root: str | os.PathLike) -> bool:
+    """Whether every file under `root` is one edgefa wrote as a bundle (foreign_files)."""
+    return foreign_files(root, limit=1) == []
 
 
 def device_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -312,8 +345,10 @@ def check_replaceable(out: str | os.PathLike) -> None:
                           "name a new folder")
     if not out.is_dir() or out.is_symlink():
         raise BundleError(f"{out}: exists and is not a folder; edgefa will not replace it")
-    if any(out.iterdir()) and not is_edgefa_bundle_folder(out):
-        raise BundleError(f"{out}: holds files that are not an edgefa bundle; edgefa will not replace it")
+    foreign = foreign_files(out) if any(out.iterdir()) else []
+    if foreign != []:
+        raise BundleError(f"{out}: holds files that are not an edgefa bundle"
+                          + (f" ({', '.join(foreign)})" if foreign else "") + "; edgefa will not replace it")
 
 
 def replace_folder(staged: Path, out: Path) -> None:

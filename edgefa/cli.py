@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import __version__
 from .cli_types import (COUNT, FRACTION, LEARNING_RATE, LISTEN_ADDRESS, MOMENTUM, NON_NEGATIVE_FLOAT,
-                        OUT_FILE, OUT_FOLDER, POSITIVE, POSITIVE_FLOAT, SEED, WIDTHS, Finite, refuse_empty_text)
+                        OUT_FILE, OUT_FOLDER, POSITIVE, POSITIVE_FLOAT, SEED, WIDTHS, Finite, counts, refuse_empty_text)
 from .errors import EdgefaError
 from .runtime.divergence import DEFAULT_MAX_REFUSALS
 
@@ -129,7 +129,7 @@ def train(method, hybrid_every, dataset, model_kind, hidden, width, depth, expan
         raise EdgefaError(f"--batch-size {batch_size} is not divisible by --nproc {nproc}: "
                           "each process takes an equal share of the global batch")
     check_out(out, "run", force)
-    from .data.datasets import load_dataset
+    from .shared.datasets import load_dataset
     from .training.trainer import TrainConfig, build_model, save_run, train as run_training
 
     widths = list(hidden)
@@ -327,7 +327,7 @@ def protocol_options(f):
                      help="random directions per stage for the perturbation correlation rho"),
         click.option("--eval-batch", type=POSITIVE, default=256, show_default=True,
                      help="the fixed evaluation batch: the first samples of the run's test split"),
-        click.option("--batches", type=click.IntRange(min=2), default=8, show_default=True, help="(c): disjoint batches"),
+        click.option("--batches", type=counts(2), default=8, show_default=True, help="(c): disjoint batches"),
         click.option("--batch-size", "stability_batch", type=POSITIVE, default=32, show_default=True,
                      help="(c): samples per batch"),
         click.option("--eps", type=POSITIVE_FLOAT, default=1e-3, show_default=True, help="rho: perturbation size / ||h_l||_F"),
@@ -344,7 +344,7 @@ def protocol_settings(growth_max, grad_floor, stability_max, margin, null_draws,
     from .diagnostics import measure_dtype_name
 
     measure_dtype_name(dtype)                # float16 is refused before torch is imported
-    from .diagnostics.protocol import Settings, Thresholds
+    from .diagnostics.diagnosis import Settings, Thresholds
 
     return Settings(Thresholds(growth_max, grad_floor, stability_max, margin / 100.0), eval_batch, batches,
                     stability_batch, null_draws, probes, eps, dtype)
@@ -426,8 +426,8 @@ def print_diagnosis(result: dict, where: str) -> None:
 def diagnose(run_dir, baseline, no_baseline, device, as_json, fail_on_walk_back, **protocol):
     """Judge a trained run: four diagnostics, a verdict, honest alignment (writes RUN/diagnosis.json)."""
     settings = protocol_settings(**protocol)          # float16 and bad values: one line, before torch
-    from .data.datasets import load_dataset
-    from .diagnostics.protocol import diagnose as run_protocol, frozen_baseline, write_diagnosis
+    from .shared.datasets import load_dataset
+    from .diagnostics.diagnosis import diagnose as run_protocol, frozen_baseline, write_diagnosis
     from .training.trainer import load_run
 
     run = load_run(run_dir, device)
@@ -586,7 +586,7 @@ def experiment() -> None:
 @click.option("--rules", default="bp,dfa,hybrid-10", show_default=True,
               help="bp, fa, dfa, usf, hybrid-K (a BP step every K-th step), comma-separated")
 @click.option("--seeds", default="0,1,2", show_default=True, help="seeds (pairs, split, weights, feedback, batches)")
-@click.option("--pairs", type=click.IntRange(min=4), default=2000, show_default=True, help="synthetic pairs per run (held-out included)")
+@click.option("--pairs", type=counts(4), default=2000, show_default=True, help="synthetic pairs per run (held-out included)")
 @click.option("--epochs", type=POSITIVE, default=10, show_default=True)
 @click.option("--dim", type=POSITIVE, default=16, show_default=True, help="features per item")
 @click.option("--hidden", type=WIDTHS, default="32,32", show_default=True, help="the MLP scorer's hidden widths")
@@ -640,10 +640,11 @@ def device() -> None:
     """Device-side commands (numpy + onnxruntime; no torch needed)."""
 
 
-def _show_bundle(path) -> None:
+def _show_bundle(path, b=None) -> None:
+    """The bundle's table; `b`: the bundle at `path`, when the caller has read it already."""
     from .bundle import describe_model, read_bundle
 
-    b = read_bundle(path)
+    b = b or read_bundle(path)
     m, opt = b.manifest, b.manifest["optimizer"]
     table = Table(title=f"bundle {b.path}", show_header=False)
     table.add_row("model", escape(describe_model(m["model"])))
@@ -662,8 +663,19 @@ def _show_bundle(path) -> None:
 @device.command()
 @click.argument("bundle", type=click.Path())
 def verify(bundle):
-    """Verify a bundle (hashes, version, shapes) and show what it holds."""
-    _show_bundle(bundle)
+    """Verify a bundle (hashes, version, shapes; its graphs load and run a forward pass on the
+    CPU) and show what it holds, its device state/ too."""
+    from .bundle import read_bundle
+    from .runtime.backends import open_checked_engine
+    from .runtime.state import describe_state
+
+    b = read_bundle(bundle)
+    engine = open_checked_engine(b, "CPUExecutionProvider", threads=1)    # every check before any output
+    state = describe_state(b, engine.state_names)
+    _show_bundle(bundle, b)
+    console.print("graphs: infer and train_step load in onnxruntime (forward pass on a zero batch: finite)",
+                  highlight=False, soft_wrap=True)
+    console.print(f"state/: {escape(state)}", highlight=False, soft_wrap=True)
 
 
 @device.command("build-engine")
@@ -731,7 +743,7 @@ def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_ref
              provider, eval_spec, report):
     """Fine-tune a bundle on this device with DFA (onnxruntime or its TensorRT engines), checkpointing into BUNDLE/state/."""
     from .bundle import read_bundle
-    from .data.datasets import load_dataset
+    from .shared.datasets import load_dataset
     from .runtime.finetune import FinetuneConfig, Finetuner, is_preference, load_pairs
 
     b = read_bundle(bundle)
@@ -767,7 +779,7 @@ def finetune(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_ref
 def evaluate(bundle, data_spec):
     """Accuracy of the bundle's current weights (its device state when present)."""
     from .bundle import read_bundle
-    from .data.datasets import load_dataset
+    from .shared.datasets import load_dataset
     from .runtime.finetune import evaluate as run_evaluate
 
     result = run_evaluate(read_bundle(bundle), load_dataset(data_spec))
@@ -832,10 +844,14 @@ def transfer_bar(transient: bool = False) -> Progress:
               help="device profile name or TOML file (default: detected); used for energy estimates")
 @click.option("--idle-timeout", type=POSITIVE_FLOAT, default=60.0, show_default=True, metavar="SECONDS",
               help="TCP: drop a host silent this long between requests (before its HELLO or stalled "
-                   "mid-frame: 10 s, or this when shorter)")
+                   "mid-frame: 10 s, or this when shorter); a serial line: serve another host once the "
+                   "session has been silent this long")
+@click.option("--keep-retired", type=click.IntRange(0, 100), default=3, show_default=True,
+              help="replaced bundles that hold device state to keep in STORE/retired/ once they leave "
+                   "bundle.prev (oldest removed; `device pull --kept` brings one back)")
 @link_options
 def serve(port, listen_address, store, checkpoint_every, provider, threads, max_bundle_mb, profile_name,
-          idle_timeout, key_file, baud):
+          idle_timeout, keep_retired, key_file, baud):
     """Serve this device to a host over a serial line or TCP (one host at a time)."""
     from .link.client import read_key
     from .link.server import PeerTimeouts, serve as run_server, stop_on_sigterm
@@ -854,10 +870,20 @@ def serve(port, listen_address, store, checkpoint_every, provider, threads, max_
 
     from .runtime.backends import runs_on_gpu
 
+    from .out_folders import check_store_folder
+
+    # before anything is created: a bundle given as the store, an address that cannot be bound
+    # (in use, not this machine's: a probe bound and closed at once; the server binds it again)
+    check_store_folder(store)
+    if listen_address is not None:
+        from .link.transport import listen
+
+        listen(listen_address).close()
     profiler, machine = open_profiler(profile_name, work_on_gpu=runs_on_gpu(provider))
     # the store first: a store in use by another process is one error line, nothing before it
     service = DeviceService(ServiceConfig(Path(store), checkpoint_every, provider, threads,
-                                          max_bundle_bytes=max_bundle_mb << 20), profiler.start(), log=say)
+                                          max_bundle_bytes=max_bundle_mb << 20, keep_retired=keep_retired),
+                            profiler.start(), log=say)
     say(f"device profile {machine.profile.name} ({machine.how_recognized}); {machine.energy_line}")
     service.machine = {"name": machine.profile.name, "display_name": machine.profile.display_name,
                        "detected": bool(machine.profile.detected), "how": machine.how_recognized}
@@ -887,22 +913,30 @@ def info(url, key_file, baud, as_json):
 
 
 def _info_table(url: str, answer: dict) -> Table:
+    # the client checked that the fields read here are there (link.client.REPLY_FIELDS); lists and
+    # names are rendered with str(), whatever a device of another version puts in them
     d, v, p = answer["device"], answer["versions"], answer["providers"]
     table = Table(title=f"device {escape(url)}", show_header=False)
     table.add_row("device", escape(f"{d['model']} ({d['machine']}, {d['cpu_count']} CPUs"
                                    + (f", {human_bytes(d['memory_bytes'])}" if d.get("memory_bytes") else "") + ")"))
     table.add_row("host name", escape(str(d["hostname"])))
     table.add_row("versions", escape(", ".join(f"{k} {val}" for k, val in v.items())))
-    table.add_row("execution providers", escape(f"chosen {', '.join(p['chosen'])}; available {', '.join(p['available'])}"))
+    table.add_row("execution providers", escape(f"chosen {', '.join(map(str, p['chosen']))}; "
+                                                f"available {', '.join(map(str, p['available']))}"))
     for name, why in (p.get("backends") or {}).items():
         if name not in p["available"]:      # edgefa's own backends: available, or why not
-            table.add_row(f"{name} backend", escape(why))
+            table.add_row(escape(f"{name} backend"), escape(str(why)))
     if answer.get("bundle"):
         table.add_row("bundle", f"{answer['bundle'][:16]}…  model {' -> '.join(map(str, answer['model']))}")
         table.add_row("step", f"{answer['step']} (checkpointed {answer['checkpointed_step']}, "
                               f"every {answer['checkpoint_every']} steps)")
     else:
         table.add_row("bundle", "none deployed")
+    if answer.get("kept") is not None:      # (devices before retired bundles do not say)
+        table.add_row("kept bundles", escape(", ".join(
+            f"{k.get('name')} (step {'?' if k.get('step') is None else k['step']})"
+            for k in answer["kept"] if isinstance(k, dict)) or "none")
+            + f" (keeps {answer['keep_retired']} retired; pull one with device pull URL --kept NAME)")
     return table
 
 
@@ -920,11 +954,36 @@ def deploy(bundle, url, key_file, baud):
         task = bar.add_task(f"deploy -> {url}", total=None)
         result = dev.deploy(bundle, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
         stats = dev.stats
-    note = "already deployed (state kept)" if result.get("deployed") else "deployed"
-    console.print(f"{note}: {human_bytes(result['archive_bytes'])} archive sha256 {result['sha256'][:16]}… "
-                  f"-> {escape(url)}, device at step {result['step']}"
+    console.print(escape(deploy_lines(result, url))
                   + (f" ({stats.retransmits} frames repeated, {dev.reconnects} reconnects)"
-                     if stats.retransmits or dev.reconnects else ""))
+                     if stats.retransmits or dev.reconnects else ""), soft_wrap=True)
+
+
+def deploy_lines(result: dict, url: str) -> str:
+    """What a deploy did (DeviceClient.deploy's answer): the step the device is at, and what became
+    of the state it held before: where each replaced bundle is kept, and how to pull it back."""
+    note = "already deployed (state kept)" if result.get("deployed") else "deployed"
+    at = (f"resumed at step {result['resumed_step']} from the bundle's state" if result.get("resumed_step") is not None
+          else f"device at step {result['step']}")
+    lines = [f"{note}: {human_bytes(result['archive_bytes'])} archive sha256 {result['sha256'][:16]}… -> {url}, {at}"]
+
+    def pull_hint(name: str) -> str:
+        return f"pull it with: edgefa device pull {url} --kept {name} --out DIR"
+
+    replaced, pushed = result.get("replaced"), result.get("pushed_out")
+    if replaced:
+        lines.append(f"the replaced bundle ({(replaced['bundle'] or '?')[:16]}…, step {replaced['step']}) is kept "
+                     f"on the device as {replaced['kept_as']}; {pull_hint(replaced['kept_as'])}")
+    if pushed and pushed["kept_as"]:
+        lines.append(f"the bundle before it (step {pushed['step']}) moved to {pushed['kept_as']}; "
+                     f"{pull_hint(pushed['kept_as'])}")
+    elif pushed and pushed["step"] is not None:
+        lines.append(f"the bundle before it (step {pushed['step']}) was removed: the device keeps no retired "
+                     f"bundles (device serve --keep-retired {result.get('keep_retired')})")
+    if result.get("evicted"):
+        lines.append(f"removed the oldest retired bundles beyond --keep-retired {result.get('keep_retired')}: "
+                     + ", ".join(result["evicted"]))
+    return "\n".join(lines)
 
 
 @cli.command("finetune")
@@ -934,12 +993,15 @@ def deploy(bundle, url, key_file, baud):
 @link_options
 def finetune_remote(url, data_spec, steps, batch_size, lr, seed, eval_spec, max_refusals, report, key_file, baud):
     """Fine-tune the bundle on a device, sending it one batch per step over the link."""
-    from .data.datasets import load_dataset
+    from .shared.datasets import load_dataset
 
     train_data = load_dataset(data_spec)
     eval_data = load_dataset(eval_spec) if eval_spec else None
     with _client(url, key_file, baud) as dev:
         start = dev.check_data(train_data.X, train_data.y, data_spec)["step"]   # all the data, before any is sent
+        if start >= steps:            # --steps is the total to reach, not a count to add
+            console.print(f"the device is already at step {start} (>= --steps {steps}): nothing to do")
+            return
         if eval_data:
             dev.check_data(eval_data.X, eval_data.y, eval_spec)
         before = dev.evaluate(eval_data.X, eval_data.y) if eval_data else None
@@ -976,19 +1038,23 @@ def finetune_remote(url, data_spec, steps, batch_size, lr, seed, eval_spec, max_
 @device.command()
 @click.argument("url")
 @click.option("--out", type=OUT_FOLDER, required=True, help="bundle directory to write")
+@click.option("--kept", default=None, metavar="NAME",
+              help="pull a bundle a deploy replaced, with its state: bundle.prev or retired/NAME "
+                   "(as the deploy line and `device info` name them)")
 @force_option
 @link_options
-def pull(url, out, force, key_file, baud):
+def pull(url, out, kept, force, key_file, baud):
     """Bring a device's bundle back with its current weights (a checkpoint is taken first)."""
     from .bundle import read_bundle
     from .runtime.state import load_state
 
     check_out(out, "bundle", force)
     with _client(url, key_file, baud) as dev, transfer_bar() as bar:
-        task = bar.add_task(f"pull <- {url}", total=None)
-        path = dev.pull(out, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+        task = bar.add_task(f"pull <- {url}" + (f" ({kept})" if kept else ""), total=None)
+        path = dev.pull(out, on_progress=lambda done, total: bar.update(task, completed=done, total=total), kept=kept)
     saved = load_state(read_bundle(path), [])
-    console.print(f"pulled {escape(str(path))} (device state at step {saved.step if saved else 0})")
+    console.print(f"pulled {escape(str(path))} ({escape(kept) + ', its' if kept else 'device'} state at step "
+                  f"{saved.step if saved else 0})")
 
 
 # --- fleets: several devices at once ------------------------------------------------------------
@@ -1059,7 +1125,7 @@ def fleet_deploy(bundle, inventory):
 def fleet_finetune(inventory, data_spec, steps, batch_size, lr, seed, eval_spec, max_refusals):
     """Fine-tune every device on the same data, all at once (a device that stops, diverged or
     refusing, is rolled back and reported; the others carry on)."""
-    from .data.datasets import load_dataset
+    from .shared.datasets import load_dataset
     from .link.fleet import load_inventory, run_fleet
 
     entries = load_inventory(inventory)
@@ -1173,9 +1239,9 @@ def profiles_detect(as_json):
 @cli.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--profile", "profile_name", default=None, help="device profile name or TOML (default: detected)")
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch", "batch_size", type=POSITIVE, default=32, show_default=True)
 @click.option("--provider", default=None, help="execution provider that would run it (default: the profile's first)")
-@click.option("--samples", type=click.IntRange(min=0), default=0, help="fine-tuning samples held on the device")
+@click.option("--samples", type=COUNT, default=0, help="fine-tuning samples held on the device")
 @click.option("--json", "as_json", is_flag=True, help="print the budget as JSON")
 def budget(bundle, profile_name, batch_size, provider, samples, as_json):
     """Predict peak memory and a lower bound on step time of fine-tuning BUNDLE on a device."""
@@ -1222,14 +1288,19 @@ class DefaultCommandGroup(click.Group):
 
 def profile_options(f):
     options = [
-        click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True),
-        click.option("--batch", "batch_size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--steps", type=POSITIVE, default=200, show_default=True),
+        click.option("--batch", "batch_size", type=POSITIVE, default=32, show_default=True),
         click.option("--data", "data_spec", default=None,
                      help="npz:FILE | digits | mnist:DIR (default: seeded Gaussian samples of the bundle's shape)"),
         click.option("--out", type=OUT_FOLDER, required=True, help="report directory to write"),
-        click.option("--device", "url", default=None, help="profile on a device over the link: a pyserial URL"),
+        click.option("--device", "url", default=None,
+                     help="profile on a device over the link (a pyserial URL): the steps run in a scratch session "
+                          "on the bundle it serves, which must be BUNDLE, and are undone; the device's state is unchanged"),
+        click.option("--deploy", is_flag=True,
+                     help="with --device: deploy BUNDLE first when the device serves another bundle (that bundle "
+                          "and its state are kept on the device as bundle.prev, as `edgefa deploy` does)"),
         click.option("--profile", "profile_name", default=None, help="device profile (default: detected)"),
-        click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
+        click.option("--warmup", type=COUNT, default=5, show_default=True,
                      help="windows of each repeated phase left out of the statistics"),
         click.option("--interval", type=Finite(min=0.001), default=0.02, show_default=True,
                      help="energy and memory sampling interval, seconds"),
@@ -1243,7 +1314,7 @@ def profile_options(f):
 
 
 def _profile_config(steps, batch_size, warmup, interval, threads, seed, profile_name):
-    from .profiling.session import ProfileConfig
+    from .profile_runs.session import ProfileConfig
     return ProfileConfig(steps=steps, batch_size=batch_size, warmup=warmup, sample_interval_s=interval,
                          threads=threads, seed=seed, profile=profile_name)
 
@@ -1257,14 +1328,15 @@ def profile() -> None:
 @profile.command("run")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @profile_options
-def profile_run(bundle, steps, batch_size, data_spec, out, url, profile_name, warmup, interval, threads, seed,
+def profile_run(bundle, steps, batch_size, data_spec, out, url, deploy, profile_name, warmup, interval, threads, seed,
                 force, key_file, baud):
     """Run fine-tuning steps under the profiler; write profile.json and report.html into --out."""
-    from .data.datasets import load_dataset
-    from .profiling.session import profile_local, profile_over_link
+    from .shared.datasets import load_dataset
+    from .profile_runs.session import profile_local, profile_over_link
     from .report.html import render_profile_report, write_report
 
     cfg = _profile_config(steps, batch_size, warmup, interval, threads, seed, profile_name)
+    _check_deploy_flag(deploy, url)
     check_out(out, "profile", force)
     data = load_dataset(data_spec) if data_spec else None
     with progress_bar(transient=True) as bar:
@@ -1272,7 +1344,7 @@ def profile_run(bundle, steps, batch_size, data_spec, out, url, profile_name, wa
         on_step = (lambda s, loss, *rest: bar.update(task, advance=1, status=f"loss {loss:.3f}"))
         if url:
             with _client(url, key_file, baud) as dev:
-                result = profile_over_link(dev, bundle, cfg, data, on_step=on_step)
+                result = profile_over_link(dev, bundle, cfg, data, on_step=on_step, deploy=deploy)
         else:
             result = profile_local(bundle, cfg, data, on_step=on_step)
     out = Path(out)
@@ -1280,7 +1352,24 @@ def profile_run(bundle, steps, batch_size, data_spec, out, url, profile_name, wa
     (out / "profile.json").write_text(json.dumps(result, indent=1))
     write_report(out / "report.html", render_profile_report(result))
     console.print(_phases_table(result))
+    _print_device_state(result, url)
     console.print(f"wrote {out / 'profile.json'} and {out / 'report.html'}")
+
+
+def _check_deploy_flag(deploy: bool, url: str | None) -> None:
+    if deploy and not url:
+        raise click.UsageError("--deploy needs --device URL (a local profile runs on a scratch copy of BUNDLE)")
+
+
+def _print_device_state(result: dict, url: str | None) -> None:
+    """After a profile over the link: what it did to the device (nothing, unless --deploy deployed)."""
+    state = result.get("device_state")
+    if not state:
+        return
+    if state["deployed"]:
+        console.print(escape(deploy_lines(state["deployed"], url)), soft_wrap=True)
+    console.print(f"the profile's steps ran in a scratch session and were undone: the device is at step "
+                  f"{state['step_after']}, as before them", soft_wrap=True)
 
 
 def _phases_table(result: dict) -> Table:
@@ -1305,24 +1394,26 @@ def _phases_table(result: dict) -> Table:
 @profile.command("compare")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @profile_options
-def profile_compare(bundle, steps, batch_size, data_spec, out, url, profile_name, warmup, interval, threads, seed,
-                    force, key_file, baud):
+def profile_compare(bundle, steps, batch_size, data_spec, out, url, deploy, profile_name, warmup, interval, threads,
+                    seed, force, key_file, baud):
     """DFA on the device runtime (locally, or on --device) against BP in torch on this host: the same
     model, batches and energy source; writes compare.json and compare.html with the ratios."""
-    from .profiling.compare import compare, run_in_process
-    from .profiling.session import profile_over_link
+    from .profile_runs.compare import compare, run_in_process
+    from .profile_runs.session import profile_over_link
     from .report.html import render_compare_report, write_report
 
     cfg = _profile_config(steps, batch_size, warmup, interval, threads, seed, profile_name)
+    _check_deploy_flag(deploy, url)
     check_out(out, "profile-compare", force)
     with progress_bar(transient=True) as bar:
         task = bar.add_task("dfa on " + (url or "the device runtime (own process)"), total=None, status="")
         if url:
-            from .data.datasets import load_dataset
+            from .shared.datasets import load_dataset
             with _client(url, key_file, baud) as dev:
-                dfa = profile_over_link(dev, bundle, cfg, load_dataset(data_spec) if data_spec else None)
+                dfa = profile_over_link(dev, bundle, cfg, load_dataset(data_spec) if data_spec else None,
+                                        deploy=deploy)
         else:
-            dfa = run_in_process("edgefa.profiling.session", bundle, cfg, data_spec)
+            dfa = run_in_process("edgefa.profile_runs.session", bundle, cfg, data_spec)
         bar.update(task, total=1, completed=1)
         task = bar.add_task("bp in torch (own process)", total=None, status="")
         bp = run_in_process("edgefa.training.bp_profile", bundle, cfg, data_spec)
@@ -1345,6 +1436,7 @@ def profile_compare(bundle, steps, batch_size, data_spec, out, url, profile_name
                   energy_text(bp["energy"]["per_step_j"], bp["energy"]["method"]),
                   "-" if r["energy_per_step"] is None else f"{r['energy_per_step']:.2f}")
     console.print(table)
+    _print_device_state(dfa, url)
     console.print(f"wrote {out / 'compare.json'} and {out / 'compare.html'}")
 
 
@@ -1359,15 +1451,18 @@ def fpga() -> None:
 
 def _fpga_inputs(bundle, data_spec, eval_spec, config_path, lr):
     from .bundle import read_bundle
-    from .data.datasets import load_dataset
+    from .shared.datasets import load_dataset
     from .fpga_sim.config import load_config
     from .fpga_sim.scope import require_full_mlp_dfa
+    from .fpga_sim.simulate import float_reference_engine
 
     fxp = load_config(config_path)       # a bad config is refused before anything is read or run
     b = read_bundle(bundle)
     require_full_mlp_dfa(b.manifest, bundle)     # a bundle the datapath does not model: before the data
     fxp.learning_rate(b.manifest["optimizer"]["lr"] if lr is None else lr)   # one it cannot hold, too
-    return b, load_dataset(data_spec), load_dataset(eval_spec) if eval_spec else None, fxp
+    data = load_dataset(data_spec), load_dataset(eval_spec) if eval_spec else None
+    engine = float_reference_engine(b)           # graphs that do not load: one line, before any output
+    return b, *data, fxp, engine
 
 
 def _sqnr_text(db: float | None) -> str:
@@ -1399,10 +1494,10 @@ def simulate(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_p
     """Fine-tune BUNDLE with DFA in bit-exact fixed point and, beside it, in float32 (onnxruntime)."""
     from .fpga_sim.simulate import SimulateConfig, simulate as run_simulate
 
-    b, train_data, eval_data, fxp = _fpga_inputs(bundle, data_spec, eval_spec, config_path, lr)
+    b, train_data, eval_data, fxp, engine = _fpga_inputs(bundle, data_spec, eval_spec, config_path, lr)
     with progress_bar() as bar:
         task = bar.add_task("fixed-point dfa", total=steps, status="")
-        result = run_simulate(b, train_data, SimulateConfig(steps, batch_size, lr, seed), fxp, eval_data,
+        result = run_simulate(b, train_data, SimulateConfig(steps, batch_size, lr, seed), fxp, eval_data, engine=engine,
                               on_step=lambda s, lf, l32: bar.update(
                                   task, completed=s, status=f"loss {lf:.3f} (float32 {l32:.3f})"))
     if json_path:
@@ -1452,18 +1547,18 @@ def sweep(bundle, data_spec, eval_spec, steps, batch_size, lr, seed, config_path
           classes, out, force):
     """Accuracy against word length, one line per rounding mode (a table and a plot)."""
     from .fpga_sim.simulate import SimulateConfig
-    from .fpga_sim.sweep import SweepConfig, markdown_table, sweep as run_sweep
+    from .fpga_sim.sweep import FormatGrid, markdown_table, sweep as run_sweep
     from .report.html import render_sweep_report, standalone_svg, sweep_chart, write_report
 
-    grid = SweepConfig(widths, tuple(r.strip() for r in roundings.split(",") if r.strip()),
-                       int_bits, tuple(c.strip() for c in classes.split(",") if c.strip()))
-    b, train_data, eval_data, fxp = _fpga_inputs(bundle, data_spec, eval_spec, config_path, lr)
+    grid = FormatGrid(widths, tuple(r.strip() for r in roundings.split(",") if r.strip()),
+                      int_bits, tuple(c.strip() for c in classes.split(",") if c.strip()))
+    b, train_data, eval_data, fxp, engine = _fpga_inputs(bundle, data_spec, eval_spec, config_path, lr)
     check_out(out, "fpga-sweep", force)
     total = len(grid.widths) * len(grid.roundings)
     with progress_bar() as bar:
         task = bar.add_task("sweep", total=total, status="")
         result = run_sweep(b, train_data, SimulateConfig(steps, batch_size, lr, seed), grid, fxp, eval_data,
-                           on_run=lambda row: bar.update(task, advance=1, status=(
+                           engine=engine, on_run=lambda row: bar.update(task, advance=1, status=(
                                f"W={row['width']} {row['rounding']}: {pct(row['accuracy'])}")))
     result = {"schema": "edgefa.fpga-sweep/1", **result}
     folder = Path(out)
@@ -1594,9 +1689,9 @@ def fpga_cost(bundle, array_spec, clock_spec, data_bits, acc_bits, onchip_kib, d
 def demo(out, epochs, steps, seed, force):
     """Pretrain with DFA on digits, export, fine-tune on a shifted sensor through a torch-free device
     server behind a pseudo-terminal, and compare with BP fine-tuning on the host."""
+    check_out(out, "demo", force)         # the folder and the ones the demo makes in it: before torch
     from .demo import DemoConfig, run_demo
 
-    check_out(out, "demo", force)
     result = run_demo(DemoConfig(out=Path(out), epochs=epochs, steps=steps, seed=seed),
                       progress=progress_bar, say=err_console.print)
     table = Table(title=f"edgefa demo: digits seen through a shifted sensor ({result['shift']})")

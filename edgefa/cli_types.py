@@ -22,8 +22,20 @@ import click
 
 # numpy's legacy seeding and torch's manual_seed both take any seed in [0, 2**32)
 SEED = click.IntRange(0, 2 ** 32 - 1)
-POSITIVE = click.IntRange(min=1)
-COUNT = click.IntRange(min=0)
+# The largest count any option takes (steps, epochs, batch sizes, widths, samples, ...). Far above
+# any real run: a billion DFA steps is weeks of device time even at a millisecond a step. A larger
+# value is a typo that would otherwise run until killed (`--steps 99999999999999999999`), and
+# below 2**31 every count also fits the int32 and int64 fields it ends up in.
+COUNT_MAX = 10 ** 9
+
+
+def counts(min: int = 0) -> click.IntRange:
+    """Integers from `min` to COUNT_MAX: the type of every count option."""
+    return click.IntRange(min, COUNT_MAX)
+
+
+POSITIVE = counts(1)
+COUNT = counts(0)
 PORT_MAX = 65535
 
 
@@ -79,8 +91,8 @@ class IntList(click.ParamType):
 
     name = "integers"
 
-    def __init__(self, min: int = 1):
-        self.min = min
+    def __init__(self, min: int = 1, max: int = COUNT_MAX):
+        self.min, self.max = min, max
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
@@ -94,6 +106,8 @@ class IntList(click.ParamType):
             self.fail("needs at least one integer", param, ctx)
         if min(numbers) < self.min:
             self.fail(f"{value!r}: every value must be at least {self.min}", param, ctx)
+        if max(numbers) > self.max:
+            self.fail(f"{value!r}: every value must be at most {self.max}", param, ctx)
         return numbers
 
 

@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,8 +21,10 @@ from typing import Callable
 import torch
 from rich.progress import Progress
 
-from .data import SensorShift, load_digits, save_npz, stratified_split
+from .shared.datasets import load_digits, save_npz, stratified_split
+from .shared.shift import SensorShift
 from .exporters.export import export_bundle
+from .out_folders import check_out_folder
 from .models import MLP, MLPConfig
 from .training.trainer import TrainConfig, evaluate, make_optimizer, save_run, to_tensors, train, train_steps
 
@@ -42,8 +44,10 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[], Progress], say: Callable[[str], None] = print) -> dict:
-    """Run the demo; `progress()` makes a fresh rich Progress for each phase."""
+    """Run the demo; `progress()` makes a fresh rich Progress for each phase. `cfg.out` must be
+    empty, absent or an earlier demo's (out_folders: checked here, before any work)."""
     out = cfg.out
+    check_out_folder(out, "demo")
     out.mkdir(parents=True, exist_ok=True)
     train_cfg = TrainConfig(method="dfa", dataset="digits", epochs=cfg.epochs, batch_size=cfg.batch_size,
                             lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed, device="cpu",
@@ -109,9 +113,12 @@ def drive_device_over_pty(cfg: DemoConfig, bundle_path: Path, dev_train, dev_tes
     pseudo-terminal it prints with pyserial, and deploy, evaluate, fine-tune and pull over it."""
     from .link.client import DeviceClient
 
+    # The server's store is a fresh scratch folder: it is the server's own (deploys, uploads,
+    # checkpoints), nothing the demo's user keeps, and a store left by an earlier run would hold the
+    # same bundle already fine-tuned. Only the server writes in it, so removing it removes only edgefa's.
+    store = tempfile.TemporaryDirectory(prefix="edgefa-demo-store-")
     cmd = [sys.executable, "-m", "edgefa.without_torch", "device", "serve", "--port", "pty",
-           "--store", str(out / "device-store"), "--checkpoint-every", "50"]
-    shutil.rmtree(out / "device-store", ignore_errors=True)
+           "--store", str(Path(store.name) / "store"), "--checkpoint-every", "50"]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = server.stdout.readline()
@@ -136,6 +143,7 @@ def drive_device_over_pty(cfg: DemoConfig, bundle_path: Path, dev_train, dev_tes
     finally:
         server.terminate()
         server.wait(timeout=30)
+        store.cleanup()
     return {**tuned, "accuracy_before": before, "accuracy_after": after,
             "peak_rss_bytes": profile["memory"]["peak_rss_bytes"], "bundle_bytes": profile["bundle_bytes"],
             "energy": profile["energy"],

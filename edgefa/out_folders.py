@@ -5,12 +5,15 @@ What DIR may hold, checked before any work (one line and exit status 2 otherwise
     nothing, or an empty folder              written
     edgefa's own output of the same kind     written over: a bundle is replaced whole and
                                              atomically (bundle.replace_folder), the other kinds
-                                             rewrite their own files in it
+                                             rewrite their own files in it (and the folders they
+                                             make inside, NESTED, must be edgefa's own too)
     anything else                            refused; with --force it is kept, renamed to
                                              DIR.replaced-<UTC time>/, and DIR is written afresh
                                              (put back if the command fails)
 
-A bundle whose state/ holds device checkpoints counts as "anything else": those checkpoints are
+A bundle is edgefa's own when every file in it is one edgefa wrote (bundle.foreign_files): in
+state/ only the checkpoints, the lock, temporary files and TensorRT's caches; a user's file there
+makes it "anything else". A bundle whose state/ holds device checkpoints counts as "anything else" too: those checkpoints are
 fine-tuning that exists nowhere else, and a new export or pull would not carry it. With --force
 the whole old bundle is kept beside, state and all, so `edgefa device evaluate` or `deploy` still
 take it as it is (a bare state/ folder would mean nothing without its bundle). The current folder,
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import storage
-from .bundle import MANIFEST, device_checkpoints, holds_current_folder, is_edgefa_bundle_folder
+from .bundle import device_checkpoints, foreign_files, holds_current_folder, is_edgefa_bundle_folder
 from .errors import EdgefaError
 
 BUNDLE = "bundle"
@@ -43,6 +46,11 @@ MARKERS = {
     "demo": ("demo_report.json",),
 }
 KINDS = (BUNDLE, *MARKERS)
+# The folders an output of a kind writes inside itself, with their own kind. It is written over
+# only where each of them is edgefa's own: a bundle wholly edgefa's files (bundle.check_replaceable:
+# the demo's bundles hold the device state the demo itself made, which a re-run makes again), any
+# other kind by its markers.
+NESTED = {"demo": {"run": "run", "bundle": BUNDLE, "device-bundle": BUNDLE}}
 
 
 class OutFolderError(EdgefaError):
@@ -60,7 +68,28 @@ def _what_it_holds(path: Path) -> str:
     for kind in KINDS:
         if is_kind(path, kind):
             return f"an edgefa {kind} folder"
-    return "files edgefa did not write" if not (path / MANIFEST).exists() else "a bundle with files edgefa did not write"
+    foreign = foreign_files(path)
+    if foreign:
+        return f"a bundle with files edgefa did not write ({', '.join(foreign)})"
+    return "files edgefa did not write"
+
+
+def _nested_problem(path: Path, kind: str) -> str | None:
+    """What in `path` (edgefa's output of `kind`) stops it from being written over: a folder it
+    writes (NESTED) that holds something else; None when there is none."""
+    for name, nested_kind in NESTED.get(kind, {}).items():
+        folder = path / name
+        if not os.path.lexists(folder):
+            continue
+        if not folder.is_dir() or folder.is_symlink():
+            return f"an edgefa {kind} folder whose {name} is not a folder"
+        if not any(folder.iterdir()) or is_kind(folder, nested_kind):
+            continue
+        foreign = foreign_files(folder) if nested_kind == BUNDLE else None
+        what = (f"files edgefa did not write ({', '.join(foreign)})" if foreign
+                else f"something other than an edgefa {nested_kind} folder")
+        return f"an edgefa {kind} folder whose {name}/ holds {what}"
+    return None
 
 
 def _checkpoint_step(path: Path) -> str:
@@ -92,7 +121,9 @@ def check_out_folder(path: str | os.PathLike, kind: str, force: bool = False) ->
             return None
         held = f"a bundle with device state/{_checkpoint_step(path)}: fine-tuning that exists nowhere else"
     elif kind != BUNDLE and is_kind(path, kind):
-        return None
+        held = _nested_problem(path, kind)
+        if held is None:
+            return None
     else:
         held = _what_it_holds(path)
     if holds_current_folder(path):
@@ -135,3 +166,14 @@ def out_folder(path: str | os.PathLike, kind: str, force: bool = False,
         storage.remove_tree(path)
         storage.rename(aside, path)
         raise
+
+
+def check_store_folder(path: str | os.PathLike) -> None:
+    """`device serve --store DIR`: the store is a folder the server owns (it deploys bundles into
+    it, keeps uploads and a lock there). A bundle folder is refused, before anything is written:
+    the server would write its .lock and incoming/ into the bundle and serve nothing from it."""
+    path = Path(path)
+    if path.is_dir() and foreign_files(path, limit=1) is not None:
+        raise OutFolderError(f"--store {path}: that is a bundle; the store is a folder the server owns, "
+                             f"e.g. --store {path.parent / 'device-store'}, and the bundle goes into it with "
+                             f"`edgefa deploy {path} --device URL`")

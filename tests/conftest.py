@@ -17,6 +17,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests of the quick tier (tests/quick_tier.py) `quick`: `pytest -m quick` runs them."""
+    from quick_tier import in_quick_tier, selectors
+
+    chosen = selectors()
+    for item in items:
+        if in_quick_tier(item.path.name, getattr(item, "originalname", item.name), chosen):
+            item.add_marker(pytest.mark.quick)
+
+
 def run_edgefa(*args: str, without_torch: bool = False, cwd: Path | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real CLI in a second process; `without_torch` makes `import torch` fail there."""
@@ -91,7 +101,7 @@ def tiny_bundle(tiny_bundle_master, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def digits_npz(tmp_path_factory) -> Path:
     """The digits as a device data file (raw pixels, as a sensor would give them)."""
-    from edgefa.data import load_digits, save_npz
+    from edgefa.shared.datasets import load_digits, save_npz
 
     path = tmp_path_factory.mktemp("data") / "digits.npz"
     save_npz(path, load_digits())

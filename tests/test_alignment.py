@@ -1,4 +1,4 @@
-"""Alignment metrics (edgefa/diagnostics/alignment.py) against answers known in advance."""
+"""Alignment metrics (edgefa/training/alignment.py) against answers known in advance."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from edgefa.diagnostics import bp_twin, cosine, measure_alignment
-from edgefa.diagnostics.alignment import tensor_cosine
+from edgefa.training.alignment import bp_twin, cosine, measure_alignment, tensor_cosine
 from edgefa.models import MLP, NETS, MLPConfig, NetConfig
 from edgefa.training.trainer import TrainConfig, train
 

@@ -20,7 +20,7 @@ MODELS = [("tiny", 64, [32, 16], 0.9), ("mid", 784, [1024, 1024], 0.9),
 def bundles(tmp_path_factory) -> dict[str, Path]:
     import torch
 
-    from edgefa.data import Standardizer
+    from edgefa.shared.datasets import Standardizer
     from edgefa.exporters.export import export_bundle
     from edgefa.models import MLP, MLPConfig
     from edgefa.training.trainer import Run, TrainConfig, make_optimizer

@@ -19,14 +19,14 @@ from test_device_preference import scorer_run
 from test_trainable import _cli_in_process, mlp_run, resmlp_run
 from edgefa import bundle as bundle_mod
 from edgefa.bundle import describe_model, read_bundle
-from edgefa.data.datasets import Dataset
+from edgefa.shared.datasets import Dataset
 from edgefa.exporters.export import export_bundle
 from edgefa.fpga_sim import scope
 from edgefa.fpga_sim.config import FxpConfig
 from edgefa.fpga_sim.cost import MacArray, cost_of_bundle, cost_report
 from edgefa.fpga_sim.datapath import FixedPointDFA
 from edgefa.fpga_sim.simulate import SimulateConfig, simulate
-from edgefa.fpga_sim.sweep import SweepConfig, sweep
+from edgefa.fpga_sim.sweep import FormatGrid, sweep
 from edgefa.link.service import DeviceService, ServiceConfig
 
 PROFILE = "jetson-nano-4gb"      # a named device profile: no detection probe in these tests
@@ -153,7 +153,7 @@ def test_one_check_guards_the_datapath_the_simulator_the_sweep_and_the_cost_mode
         assert scope.out_of_scope(b.manifest) == [reason]
         for call in (lambda: FixedPointDFA(b, FxpConfig()),
                      lambda: simulate(b, train, SimulateConfig(steps=1), FxpConfig()),
-                     lambda: sweep(b, train, SimulateConfig(steps=1), SweepConfig(widths=(8,)), FxpConfig()),
+                     lambda: sweep(b, train, SimulateConfig(steps=1), FormatGrid(widths=(8,)), FxpConfig()),
                      lambda: cost_of_bundle(b.path, MacArray())):
             with pytest.raises(scope.OutOfScope, match=f"^{b.path}: fpga: .*this bundle is {reason}$"):
                 call()

@@ -86,7 +86,8 @@ def bad_values(param: click.Parameter, place: dict[str, Path]) -> list[tuple[str
         cases += [("NaN", "nan"), ("inf", "inf"), ("-inf", "-inf"), ("huge (overflows to inf)", "1e309"),
                   ("text", "abc"), ("empty", "")]
     elif isinstance(t, IntList):
-        cases += [("empty", ""), ("text", "abc"), ("0", "0"), ("-1", "-1"), ("a gap and text", "8,,x"), ("1.5", "1.5")]
+        cases += [("empty", ""), ("text", "abc"), ("0", "0"), ("-1", "-1"), ("a gap and text", "8,,x"), ("1.5", "1.5"),
+                  ("huge", f"8,{10 ** 30}")]
     elif isinstance(t, ListenAddress):
         cases += [("empty", ""), ("port too large", "127.0.0.1:99999"), ("negative port", "127.0.0.1:-1"),
                   ("no port", "127.0.0.1"), ("port not a number", "localhost:http")]
@@ -208,6 +209,8 @@ def test_every_parameter_has_a_checked_type():
                  for path, command, param in ALL
                  if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType))
                  and not isinstance(param.type, (click.IntRange, Finite))]
+    unchecked += [f"{' '.join(path)} {label(param)}: an IntRange with no maximum (a huge count runs until killed)"
+                  for path, command, param in ALL if isinstance(param.type, click.IntRange) and param.type.max is None]
     unchecked += [f"{' '.join(path)} {label(param)}: click.FloatRange lets NaN through"
                   for path, command, param in ALL
                   if isinstance(param.type, click.FloatRange) and not isinstance(param.type, Finite)]
@@ -228,7 +231,7 @@ def test_the_walk_covers_every_command():
 # --- the known cases of issue 17, one by one (each failed before) ------------------------------------
 
 @pytest.mark.parametrize("args, fragment", [
-    (("train", "--batch-size", "0", "--out", "o"), "'--batch-size': 0 is not in the range x>=1"),
+    (("train", "--batch-size", "0", "--out", "o"), "'--batch-size': 0 is not in the range 1<=x<=1000000000"),
     (("train", "--seed", "-1", "--out", "o"), "'--seed': -1 is not in the range"),
     (("train", "--hidden", "abc", "--out", "o"), "'--hidden': 'abc' is not a comma-separated list of integers"),
     (("train", "--lr", "nan", "--out", "o"), "'--lr': 'nan' is not a finite number"),
@@ -236,6 +239,9 @@ def test_the_walk_covers_every_command():
     (("finetune", "--device", "socket://127.0.0.1:1", "--data", "digits", "--steps", "3",
       "--report", "file/r.json"), "'file' is a file, not a folder"),
     (("fpga", "sweep", "b", "--data", "digits", "--widths", "8,x", "--out", "s"), "'--widths'"),
+    # issue 17 B.3: accepted, and ran until killed
+    (("device", "finetune", "b", "--data", "digits", "--steps", "99999999999999999999"),
+     "'--steps': 99999999999999999999 is not in the range 1<=x<=1000000000"),
 ])
 def test_issue_17_bad_inputs_are_refused_while_parsing(args, fragment, place, tmp_path):
     before = snapshot(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests for edgefa.data: loaders, validation of bad files, split, standardizer and sensor shift."""
+"""Tests for edgefa.shared's data: loaders, validation of bad files, split, standardizer and sensor shift."""
 
 import gzip
 import struct
@@ -6,18 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from edgefa.data import (
-    Dataset,
-    SensorShift,
-    Standardizer,
-    load_dataset,
-    load_digits,
-    load_idx,
-    load_mnist_dir,
-    load_npz,
-    save_npz,
-    stratified_split,
-)
+from edgefa.shared.datasets import (Dataset, Standardizer, load_dataset, load_digits, load_idx, load_mnist_dir, load_npz,
+                                    save_npz, stratified_split)
+from edgefa.shared.shift import SensorShift
 from edgefa.errors import DataError
 
 
@@ -342,7 +333,7 @@ def test_shift_left_and_down(random_images):
 
 
 def test_rotation_by_zero_is_identity(random_images):
-    from edgefa.data import rotate_images
+    from edgefa.shared.shift import rotate_images
 
     np.testing.assert_allclose(rotate_images(random_images, 0.0), random_images, atol=1e-6)
     out = SensorShift(dx=0, rotation_deg=0.0).apply(image_dataset(random_images), 0)

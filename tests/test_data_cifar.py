@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_error_line, cli_in_process
-from edgefa.data import load_dataset
-from edgefa.data.datasets import CIFAR10_RECORD, load_cifar10_batches, load_cifar10_dir
+from edgefa.shared.datasets import load_dataset
+from edgefa.shared.datasets import CIFAR10_RECORD, load_cifar10_batches, load_cifar10_dir
 from edgefa.errors import DataError
 
 

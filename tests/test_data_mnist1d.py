@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_error_line, cli_in_process
-from edgefa.data import load_dataset, load_mnist1d
+from edgefa.shared.datasets import load_dataset, load_mnist1d
 from edgefa.errors import DataError
 
 pytest.importorskip("mnist1d", reason="the mnist1d package (host extra) is not installed")

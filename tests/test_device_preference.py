@@ -13,12 +13,12 @@ import torch
 
 from conftest import assert_one_error_line, run_edgefa
 from edgefa.bundle import LOSS_BRADLEY_TERRY, momentum_name, read_bundle
-from edgefa.data import Standardizer
-from edgefa.data.preference import synthetic_pairs
+from edgefa.shared.datasets import Standardizer
+from edgefa.shared.preference_pairs import synthetic_pairs
 from edgefa.errors import DataError, EdgefaError
 from edgefa.exporters.export import _param_name, export_bundle
 from edgefa.models import MLP, MLPConfig
-from edgefa.runtime.batches import batch_indices
+from edgefa.shared.batches import batch_indices
 from edgefa.runtime.engine import OrtEngine
 from edgefa.runtime.finetune import FinetuneConfig, Finetuner, load_pairs
 from edgefa.training.preference import bradley_terry_loss

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import edgefa.device_profiles as dp
+from edgefa.device_profiles import host_probe
 from edgefa.device_profiles import (DETECTED_SOURCE, DeviceProfile, ProfileError, detect_profile,
                                     list_profiles, load_profile)
 from edgefa.errors import EdgefaError
@@ -256,7 +257,7 @@ def test_flops_per_cycle_follow_the_widest_simd_flags(tmp_path, flags, expected)
 
 
 def test_host_measurements_are_labelled_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(dp, "COPY_MIB", 8)                  # small arrays keep the test quick
+    monkeypatch.setattr(host_probe, "COPY_MIB", 8)                 # small arrays keep the test quick
     _fake_host(tmp_path)
     profile, _ = detect_profile(tmp_path, machine="x86_64")
     assert profile.memory_bandwidth_gbps > 0

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from edgefa.bundle import feedback_shapes, layer_names, momentum_name, param_shapes, read_bundle
-from edgefa.data import Standardizer
+from edgefa.shared.datasets import Standardizer
 from edgefa.errors import EdgefaError
 from edgefa.exporters.export import export_bundle
 from edgefa.models import NetConfig, ResMLP
@@ -133,8 +133,8 @@ def test_resmlp_bundle_verifies_and_finetunes_without_torch(tmp_path):
 
     from conftest import run_edgefa
 
-    from edgefa.data import save_npz
-    from edgefa.data.datasets import Dataset
+    from edgefa.shared.datasets import save_npz
+    from edgefa.shared.datasets import Dataset
 
     path = export_bundle(make_run("gelu", 0.9), tmp_path / "b")
     rng = np.random.default_rng(1)

@@ -74,7 +74,7 @@ def assert_close(mine, theirs, path="") -> None:
 @pytest.fixture(scope="module")
 def world_runs(tmp_path_factory):
     """Every case trained by 2 gloo processes in one world: {name: (metrics, run dir)}."""
-    from edgefa.data import load_dataset
+    from edgefa.shared.datasets import load_dataset
 
     root = tmp_path_factory.mktemp("ddp")
     names = [*CASES, "diverges"]

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import cli_in_process, run_edgefa
 from edgefa.bundle import read_bundle
-from edgefa.data.datasets import load_dataset
+from edgefa.shared.datasets import load_dataset
 from edgefa.errors import DataError
 from edgefa.link.client import ClientConfig, DeviceClient, DeviceError
 from edgefa.runtime.divergence import (DEFAULT_MAX_REFUSALS, DIVERGED, OK, REFUSED, TOO_MANY_REFUSALS, Diverged,
@@ -109,12 +109,30 @@ def test_lr_10_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_bundle, di
     assert proc.stdout == ""
     (line,) = error_lines(proc)
     assert "diverged at step 31:" in line and "rolled back to the last good checkpoint, at step 30" in line
-    assert "lower --lr (was 10)" in line
+    assert "lower --lr (was 10) and run again" in line and "check the data" not in line   # the data is fine
     assert state_files(tiny_bundle) == before_files                 # not one byte of the good state changed
     assert accuracy_of(tiny_bundle, digits_npz) == before_accuracy
     r = json.loads(report.read_text())
     assert r["stopped"]["reason"] == DIVERGED and r["stopped"]["message"] in line
     assert (r["final_step"], r["rolled_back_steps"], r["steps_run"]) == (30, 1, 1)
+
+
+@pytest.mark.parametrize("scale, stop", [(1e38, "diverged at step"), (1e30, "steps refused for NaN/Inf")],
+                         ids=["a few samples at 1e38: diverged", "every sample x 1e30: refused"])
+def test_a_stop_caused_by_the_data_says_to_check_it(tiny_bundle, digits, tmp_path, scale, stop):
+    """Issue 17 B.4: X = 1e38 stopped with "lower --lr" alone, at the bundle's own small lr."""
+    X = digits.X.astype(np.float64)
+    if scale == 1e38:
+        X[:50] = scale
+    else:
+        X *= scale
+    data = tmp_path / "huge.npz"
+    np.savez(data, X=X.astype(np.float32), y=digits.y)
+    (line,) = error_lines(cli_in_process("device", "finetune", tiny_bundle, "--data", data, "--steps", 20))
+    assert stop in line and "lower --lr" in line, line
+    assert "or check the data (its largest |x| after standardizing is " in line, line
+    largest = float(line.split("after standardizing is ")[1].split(")")[0])
+    assert largest > 1e29, line
 
 
 def test_a_run_that_ends_diverged_writes_no_checkpoint(tiny_bundle, digits):

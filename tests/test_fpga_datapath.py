@@ -84,8 +84,8 @@ def test_narrow_formats_differ_from_float_and_count_what_they_lose(tmp_path):
 def test_stochastic_rounding_keeps_learning_where_round_to_nearest_stalls(tiny_bundle):
     """The Gupta et al. effect on a real bundle fine-tuned to a shifted sensor (as in the demo):
     6-bit parameters with 4 fraction bits, lr 0.01."""
-    from edgefa.data import load_digits
-    from edgefa.data.shift import SensorShift
+    from edgefa.shared.datasets import load_digits
+    from edgefa.shared.shift import SensorShift
     from edgefa.fpga_sim.simulate import SimulateConfig, simulate
 
     data = SensorShift(dx=1, gain=0.7, noise_std=1.5, clip=(0.0, 16.0)).apply(load_digits(), seed=1)
@@ -103,7 +103,7 @@ def test_stochastic_rounding_keeps_learning_where_round_to_nearest_stalls(tiny_b
 
 
 def test_stochastic_rounding_is_seeded(tiny_bundle, digits_npz):
-    from edgefa.data.datasets import load_npz
+    from edgefa.shared.datasets import load_npz
 
     data = load_npz(digits_npz)
     bundle = read_bundle(tiny_bundle)

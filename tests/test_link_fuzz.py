@@ -39,7 +39,7 @@ from edgefa.link.frames import (CRC, FLAG_AUTH, HEADER, HEADER_BYTES, MAGIC, TAG
                                 FrameDecoder, Kind, encode_frame)
 from edgefa.link.messages import DTYPES, OPS, Message, MessageError, decode, encode
 from edgefa.link.protocol import (FRAGMENT, NONCE_BYTES, Connection, LinkLost, MessageReceived,
-                                  SessionRefused, SessionStarted)
+                                  SessionEnded, SessionRefused, SessionStarted)
 from edgefa.link.service import DeviceService, ServiceConfig
 
 KEY = b"fuzzing key, thirty-two bytes.!!"
@@ -275,7 +275,7 @@ def test_decoder_fuzz_finds_frames_at_all():
 # 2. a server-side Connection
 # =============================================================================================
 
-EVENTS = (SessionStarted, MessageReceived, SessionRefused, LinkLost)
+EVENTS = (SessionStarted, MessageReceived, SessionRefused, LinkLost, SessionEnded)
 
 
 def check_server_output(server: Connection, data: bytes) -> list[Frame]:

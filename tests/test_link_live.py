@@ -36,7 +36,7 @@ import pytest
 
 from conftest import REPO, assert_one_error_line, run_edgefa
 from edgefa.bundle import PAYLOAD_FILES, pack_archive
-from edgefa.data.datasets import load_dataset
+from edgefa.shared.datasets import load_dataset
 from edgefa.errors import EdgefaError
 from edgefa.link import client as client_module
 from edgefa.link.client import ClientConfig, DeviceClient, DeviceError, read_key
@@ -300,6 +300,8 @@ def test_server_on_a_pty_the_test_made_driven_through_the_master_fd(tmp_path, ti
             assert started is not None and started.peer["role"] == "device"
             status = _fd_request(conn, transport, {"op": "status", "id": 1})
             assert status["ok"] and status["bundle"] is None
+            conn.close_session()                  # BYE: on a serial line, the next host is served at once
+            transport.write(conn.data_to_send())
             transport.close()
 
             # The full session through the master fd: DeviceClient opens its URL with SerialTransport
@@ -328,10 +330,11 @@ def test_serial_transport_opens_a_loop_url():
 
 def noisy_config(**faults) -> ClientConfig:
     """Damage in both directions, a fresh seed for each connection (a reconnect must not meet the
-    very damage that broke the last one); short timers for loopback."""
+    very damage that broke the last one); short timers for loopback. A HELLO damaged on the way
+    gets no answer at all, so the first contact gets the patience of later ones (5 tries, not 2)."""
     seeds = itertools.count(11)
     return ClientConfig(wrap=lambda t: FaultyTransport(t, seed=next(seeds), **faults), timing=fast_timing(),
-                        connect_timeout=3.0)
+                        connect_timeout=3.0, first_contact_retries=5)
 
 
 def test_one_percent_of_bytes_flipped_ends_with_the_clean_weights(tmp_path, tiny_bundle, digits, reference_at):

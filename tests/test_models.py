@@ -11,8 +11,8 @@ from torch.nn import functional as F
 
 from edgefa.models import NETS, NetConfig, model_from_config
 from edgefa.models.layers import FeedbackConv, FeedbackLinear
-from edgefa.training.rules import RULES
-from edgefa.data import load_dataset, stratified_split
+from edgefa.models.rules import RULES
+from edgefa.shared.datasets import load_dataset, stratified_split
 from edgefa.training.trainer import TrainConfig, evaluate, load_run, make_optimizer, save_run, train
 
 from conftest import assert_one_error_line, cli_in_process

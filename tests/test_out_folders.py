@@ -203,3 +203,71 @@ def test_pull_refuses_user_files_and_device_state_and_force_keeps_them(tiny_bund
         assert_one_error_line(cli_in_process("device", "pull", srv.url, "--out", pulled), "device state/ (step 0)")
         ok(cli_in_process("device", "pull", srv.url, "--out", pulled, "--force"))
         assert len(set_aside(tmp_path, "pulled")) == 1
+
+
+# --- issue 17 B.2: what edgefa writes in state/, and the folders the demo makes -----------------------
+
+def test_state_holds_only_what_the_device_writes(tiny_bundle):
+    state = tiny_bundle / "state"
+    (state / "trt_cache").mkdir(parents=True)
+    for name in ("checkpoint.npz", "checkpoint.prev.npz", ".lock", ".checkpoint.npz.4242.tmp",
+                 "trt_cache/TensorrtExecutionProvider_cache_sm80.engine", "trt_cache/timing.cache"):
+        (state / name).write_bytes(b"edgefa's")
+    assert is_edgefa_bundle_folder(tiny_bundle)
+    (state / "my-calibration.json").write_text("{}\n")
+    assert not is_edgefa_bundle_folder(tiny_bundle)
+    with pytest.raises(BundleError, match=r"not an edgefa bundle \(state/my-calibration.json\)"):
+        check_replaceable(tiny_bundle)
+
+
+def test_export_over_a_bundle_with_a_user_file_in_state_keeps_it(tiny_run, tmp_path):
+    """It was deleted, exit 0: state/ counted as edgefa's whatever it held."""
+    out = tmp_path / "b"
+    ok(cli_in_process("export", tiny_run, "--out", out))
+    (out / "state").mkdir()
+    (out / "state" / "my-calibration.json").write_text('{"gain": 0.7}\n')
+    before = files(tmp_path)
+    assert_one_error_line(cli_in_process("export", tiny_run, "--out", out),
+                          "files edgefa did not write (state/my-calibration.json)", "--force")
+    assert files(tmp_path) == before
+    ok(cli_in_process("export", tiny_run, "--out", out, "--force"))
+    (kept,) = set_aside(tmp_path, "b")
+    assert (kept / "state" / "my-calibration.json").read_text() == '{"gain": 0.7}\n'
+    assert not (out / "state").exists() and read_bundle(out)
+
+
+def earlier_demo(out: Path, bundle: Path) -> Path:
+    """What an earlier `edgefa demo --out OUT` left (its marker and bundles), made without running it."""
+    out.mkdir(parents=True)
+    (out / "demo_report.json").write_text("{}\n")
+    for name in ("bundle", "device-bundle"):
+        shutil.copytree(bundle, out / name)
+    (out / "device-bundle" / "state").mkdir()
+    (out / "device-bundle" / "state" / "checkpoint.npz").write_bytes(b"the demo's device state")
+    return out
+
+
+@pytest.mark.parametrize("user_file", ["device-bundle/state/mynote.txt", "bundle/notes.txt", "run/x.txt"])
+def test_demo_refuses_a_user_file_in_a_folder_it_makes_before_any_work(tiny_bundle, tmp_path, user_file):
+    out = earlier_demo(tmp_path / "demo-out", tiny_bundle)
+    (out / user_file).parent.mkdir(parents=True, exist_ok=True)
+    (out / user_file).write_text("mine\n")
+    before = files(tmp_path)
+    line = assert_one_error_line(cli_in_process("demo", "--out", out), str(out), "an edgefa demo folder whose",
+                                 user_file.split("/")[0] + "/", "--force")
+    assert ("files edgefa did not write" in line) == user_file.startswith(("bundle", "device-bundle")), line
+    assert files(tmp_path) == before                          # refused before the pretraining: nothing written
+
+
+def test_demo_over_an_earlier_demo_never_touches_files_it_did_not_write(tiny_bundle, tmp_path):
+    """`edgefa demo` ran rmtree(OUT/device-store): a user's device-store/keep2.txt went with it."""
+    out = earlier_demo(tmp_path / "demo-out", tiny_bundle)
+    (out / "device-store").mkdir()
+    (out / "device-store" / "keep2.txt").write_text("kept\n")
+    (out / "my-notes.txt").write_text("kept too\n")
+    ok(cli_in_process("demo", "--out", out, "--epochs", "1", "--steps", "4"))
+    assert (out / "device-store" / "keep2.txt").read_text() == "kept\n"
+    assert (out / "my-notes.txt").read_text() == "kept too\n"
+    assert sorted(p.name for p in (out / "device-store").iterdir()) == ["keep2.txt"]   # the store lives elsewhere
+    assert read_bundle(out / "device-bundle") and (out / "device-bundle" / "state" / "checkpoint.npz").is_file()
+    assert not set_aside(tmp_path, "demo-out")

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from edgefa.bundle import momentum_name, read_bundle
-from edgefa.data import Standardizer
+from edgefa.shared.datasets import Standardizer
 from edgefa.exporters.export import _param_name, export_bundle
 from edgefa.models import MLP, MLPConfig
 from edgefa.runtime.engine import OrtEngine

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgefa.data.preference import (PAD, SEP, encode_pair_text, hidden_utility, load_preference_jsonl,
+from edgefa.shared.preference_pairs import (PAD, SEP, encode_pair_text, hidden_utility, load_preference_jsonl,
                                     synthetic_pairs)
 from edgefa.errors import DataError
 from edgefa.training.preference import (bradley_terry_loss, hinge_loss, preference_accuracy,

@@ -14,8 +14,8 @@ import torch
 
 from conftest import assert_one_error_line
 from edgefa.cli import main
-from edgefa.data import Standardizer
-from edgefa.data.preference import PAD, VOCAB_SIZE, synthetic_pairs
+from edgefa.shared.datasets import Standardizer
+from edgefa.shared.preference_pairs import PAD, VOCAB_SIZE, synthetic_pairs
 from edgefa.errors import DataError
 from edgefa.models import MLP, CausalTransformer, MLPConfig
 from edgefa.training.preference import bradley_terry_loss

@@ -196,16 +196,22 @@ def device_step(url: str) -> int:
 
 def test_profile_over_the_link_and_again(server, tiny_bundle, tmp_path):
     assert server.url.startswith("socket://127.0.0.1:")
+    # the device serves no bundle: refused in one line, unless --deploy (which deploys it first)
+    refused = run_edgefa("profile", tiny_bundle, "--device", server.url, "--steps", 2, "--out", tmp_path / "no")
+    assert_one_error_line(refused, "serves no bundle", "--deploy")
     profiles = []
     for attempt in (1, 2):
         out = tmp_path / f"out{attempt}"
-        proc = run_edgefa("profile", tiny_bundle, "--device", server.url, "--steps", LINK_STEPS, "--out", out)
+        proc = run_edgefa("profile", tiny_bundle, "--device", server.url, "--steps", LINK_STEPS, "--out", out,
+                          *(["--deploy"] if attempt == 1 else []))
         ok(proc)
         p = json.loads((out / "profile.json").read_text())
         profiles.append(p)
         assert p["schema"] == "edgefa.profile/1" and p["where"] == f"device {server.url}", p["where"]
         assert (out / "report.html").is_file()
-        assert device_step(server.url) == attempt * LINK_STEPS     # the second run continued
+        assert device_step(server.url) == 0                         # the steps ran in a scratch session
+        assert p["device_state"]["step_before"] == p["device_state"]["step_after"] == 0
+        assert p["device_state"]["restored"] and bool(p["device_state"]["deployed"]) == (attempt == 1)
 
         # the server's profile was cleared before each run: this run's steps only, never 60
         step, warmup = p["phases"]["train_step"], p["config"]["warmup"]
@@ -220,9 +226,10 @@ def test_profile_over_the_link_and_again(server, tiny_bundle, tmp_path):
         assert p["energy"]["method"] in ("estimated", "measured")
     first, second = profiles
     assert {"transfer", "load", "train_step"} <= set(first["phases"]), list(first["phases"])
-    assert first["link"]["archive_bytes"] > 0
-    # the second run continued from the first one's weights: a different first loss
-    assert second["finetune"]["loss_first"] != first["finetune"]["loss_first"]
+    assert first["link"]["archive_bytes"] > 0 and second["link"]["archive_bytes"] is None
+    # the second run started from the state the first one left alone: the same losses
+    assert (second["finetune"]["loss_first"], second["finetune"]["loss_last"]) == (
+        first["finetune"]["loss_first"], first["finetune"]["loss_last"])
     assert not (tiny_bundle / "state").exists()
     assert server.proc.poll() is None, server.stderr()                 # still serving
 

@@ -6,8 +6,9 @@ import onnxruntime as ort
 import pytest
 
 from conftest import run_edgefa
+from edgefa.device_profiles import AUTO_PROVIDERS
 from edgefa.errors import EdgefaError
-from edgefa.runtime.engine import AUTO_PROVIDERS, choose_providers, tensorrt_options
+from edgefa.runtime.engine import choose_providers, tensorrt_options
 
 
 def test_auto_choice_is_the_available_subset_in_preference_order():

@@ -88,4 +88,4 @@ def test_the_cli_trains_and_exports_usf_and_hybrid(tmp_path):
 
 def test_a_bad_hybrid_interval_is_one_line(tmp_path):
     assert_one_error_line(run_edgefa("train", "--method", "hybrid", "--hybrid-every", "0", "--out", tmp_path / "r"),
-                          "'--hybrid-every': 0 is not in the range x>=1")
+                          "'--hybrid-every': 0 is not in the range 1<=x<=1000000000")

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import assert_one_error_line, run_all, run_edgefa
 from edgefa.bundle import read_bundle
-from edgefa.data import load_npz
+from edgefa.shared.datasets import load_npz
 from edgefa.errors import CheckpointError
-from edgefa.runtime.batches import batch_indices
+from edgefa.shared.batches import batch_indices
 from edgefa.runtime.engine import OrtEngine
 from edgefa.runtime.finetune import standardize
 from edgefa.runtime.state import DeviceState, load_state, save_state

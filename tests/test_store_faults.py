@@ -20,7 +20,7 @@ import pytest
 from conftest import assert_one_error_line, run_edgefa
 from edgefa import storage
 from edgefa.bundle import pack_archive, sha256_file
-from edgefa.data import load_npz
+from edgefa.shared.datasets import load_npz
 from edgefa.link.client import ClientConfig, DeviceClient
 from edgefa.link.messages import decode, encode
 from edgefa.link.service import DeviceService, ServiceConfig
@@ -297,7 +297,9 @@ def test_a_start_with_no_usable_checkpoint_quarantines_it_and_serves_the_bundle(
     service = open_service(store, log)
     assert (service.archive_sha, service.step) == (world["sha_a"], 0)
     assert len(log) == 1 and "serving the bundle from its own weights" in log[0]
-    assert ("move both" if len(names) == 2 else "move it") in log[0]
+    # the line says what was done (moved to quarantine), not the advice to move them (issue 17 B.5)
+    assert "move" not in log[0].replace("moved", "") and f"; moved {names[0]}-" in log[0]
+    assert ("previous one is unusable too" in log[0]) == (len(names) == 2)
     assert sorted(p.name.split("-")[0] for p in (store / "quarantine").iterdir()) == list(names)
     assert train(service, world["data"], 1) is None and service.step == 1
     service.close()

@@ -153,7 +153,7 @@ def test_stale_engines_are_never_loaded(stand_in, tiny_bundle):
 
 
 def test_finetuning_through_the_backend_checkpoints_and_resumes(stand_in, tiny_bundle, tmp_path, digits_npz):
-    from edgefa.data import load_npz
+    from edgefa.shared.datasets import load_npz
     from edgefa.runtime.finetune import FinetuneConfig, Finetuner
     from edgefa.runtime.state import load_state
 

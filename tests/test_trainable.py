@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from conftest import assert_one_error_line, run_edgefa
 from edgefa.bundle import (feedback_shapes, momentum_name, param_shapes, read_bundle, trainable_layers,
                            trainable_params, trainable_units)
-from edgefa.data import Standardizer
+from edgefa.shared.datasets import Standardizer
 from edgefa.exporters.export import _param_name, export_bundle
 from edgefa.models import MLP, MLPConfig, NetConfig, ResMLP
 from edgefa.runtime.engine import OrtEngine

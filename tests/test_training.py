@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import cli_in_process, run_edgefa
-from edgefa.data import Dataset, save_npz
+from edgefa.shared.datasets import Dataset, save_npz
 from edgefa.errors import CheckpointError
 from edgefa.models import MLP, MLPConfig
 from edgefa.training.trainer import CHECKPOINT, TrainConfig, load_run, train

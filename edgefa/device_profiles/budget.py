@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from ..bundle import (LOSS_BRADLEY_TERRY, feedback_shapes, layer_shapes, model_kind, param_shapes,
                       trainable_layers, trainable_params)
-from ..runtime.engine import AUTO_PROVIDERS
+from .profile import AUTO_PROVIDERS
 
 FLOAT = 4                                  # bytes: the runtime is float32 throughout
 # edgefa's own modules (CLI, profiler and its sampler thread included) and the two onnxruntime

@@ -1,7 +1,8 @@
-"""Diagnostics of host training: how well each learning rule aligns with true backpropagation.
+"""Diagnostics of host training: can a run's result be trusted? (`edgefa diagnose`, diagnosis.py)
 
-`measure_alignment`, `bp_twin` and `cosine` live in `alignment.py` (torch) and are imported on
-first use, so `read_metrics`, which `edgefa report` needs, works without importing torch.
+This module reads what training and diagnosis wrote (metrics.json, diagnosis.json) without
+importing torch, for `edgefa report`. The alignment metrics themselves are measured during training
+(training/alignment.py), which diagnosis.py reuses.
 """
 
 from __future__ import annotations
@@ -14,17 +15,6 @@ from ..errors import CheckpointError, DiagnosisError
 
 METRICS = "metrics.json"
 DIAGNOSIS = "diagnosis.json"
-_LAZY = {"bp_twin", "cosine", "frobenius", "measure_alignment", "row_norms", "rule_stage_signals", "tensor_cosine",
-         "weight_layers"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        from . import alignment
-        return getattr(alignment, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def read_metrics(run_dir: str | Path) -> dict:
     """RUN/metrics.json as written by `edgefa train`; a missing or corrupt file is a CheckpointError
     (one line naming the file)."""

@@ -4,7 +4,7 @@ norms over training as plots, and an HTML page with all of it.
 
 Every configuration trains `resmlp` (width x depth, SGD with momentum) on the same data and split
 per seed, with alignment logged each epoch (the trajectory of ||h_L|| and ||g_L||). Each run is then
-diagnosed (diagnostics/protocol.py) against its frozen-random-blocks baseline, trained once per
+diagnosed (diagnostics/diagnosis.py) against its frozen-random-blocks baseline, trained once per
 (rule, seed) and shared by every penalty of DFA (frozen blocks make the penalty inert under DFA).
 
 Reductions over seeds, named wherever they are shown: accuracy and cosines as mean ± sample std
@@ -97,7 +97,7 @@ class AuditConfig:
     hybrid_every: int = 10
     jobs: int = 1
     device: str = "cpu"
-    settings: dict = field(default_factory=dict)     # diagnostics/protocol.py Settings, as a dict
+    settings: dict = field(default_factory=dict)     # diagnostics/diagnosis.py Settings, as a dict
 
     def check(self) -> None:
         if not (self.configs and self.seeds):
@@ -109,7 +109,7 @@ class AuditConfig:
             raise EdgefaError(f"--lr must be > 0, got {self.lr}")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
             raise EdgefaError(f"--momentum must be in [0, 1), got {self.momentum}")
-        from ..data.datasets import load_dataset
+        from ..shared.datasets import load_dataset
 
         load_dataset(self.dataset)      # a bad --dataset is one line now, not in a worker after the work began
 
@@ -146,7 +146,7 @@ def _diagnose_task(task: dict) -> dict:
     """Diagnose one saved run against its saved baseline; writes RUN/diagnosis.json."""
     import torch
 
-    from ..diagnostics.protocol import Settings, Thresholds, diagnose, write_diagnosis
+    from ..diagnostics.diagnosis import Settings, Thresholds, diagnose, write_diagnosis
     from ..training.trainer import load_run
 
     torch.set_num_threads(task["threads"])
@@ -162,8 +162,8 @@ def _diagnose_task(task: dict) -> dict:
 def run_audit(config: AuditConfig, out_dir: str | os.PathLike,
               on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Train, baseline and diagnose every (configuration, seed); returns audit.json's body."""
-    from ..data import load_dataset
-    from ..diagnostics.protocol import baseline_config
+    from ..shared.datasets import load_dataset
+    from ..diagnostics.diagnosis import baseline_config
 
     config.check()
     load_dataset(config.dataset)                     # a bad data spec fails here, once, in one line

@@ -136,7 +136,7 @@ class SweepConfig:
 
 def run_sweep(config: SweepConfig, on_run: Callable[[dict], None] | None = None) -> dict:
     """Train every (sigma, rule, seed) of the grid; the result dict is preference.json's body."""
-    from ..data.preference import synthetic_pairs
+    from ..shared.preference_pairs import synthetic_pairs
     from ..training.preference_train import train_preference
     from ..training.trainer import TrainConfig
 

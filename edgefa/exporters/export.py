@@ -26,8 +26,7 @@ from .. import __version__
 from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, REFIT_GRAPH, feedback_shapes, parse_trainable,
                       write_bundle)
 from ..errors import EdgefaError
-from ..models.mlp import MLP, dfa_feedback_std
-from ..training.rules import draw_feedback
+from ..models.rules import dfa_feedback_std, draw_feedback
 from ..training.trainer import Run
 from .onnx_graphs import OPSET, infer_graph, refittable_infer_graph, serialize_checked, train_step_graph
 from .tensorrt_ready import (DEFAULT_PROFILE, bundle_files, check_profile, load_target, manifest_section,
@@ -37,22 +36,15 @@ DEVICE_KINDS = ("mlp", "resmlp")
 LN_EPS = 1e-5
 
 
-def model_kind(model) -> str:
-    """"mlp" for the spine's MLP, otherwise the FeedbackNet's config.kind."""
-    if isinstance(model, MLP):
-        return "mlp"
-    return getattr(getattr(model, "config", None), "kind", type(model).__name__.lower())
-
-
 def check_exportable(model) -> str:
-    kind = model_kind(model)
+    kind = model.kind
     if kind not in DEVICE_KINDS:
         raise EdgefaError(f"export: {kind} models are host-only; the device trains mlp and resmlp bundles")
     return kind
 
 
 def topology(model) -> dict:
-    if model_kind(model) == "resmlp":
+    if model.kind == "resmlp":
         return _resmlp_topology(model)
     cfg = model.config
     layers = [{"name": n, "in": lin.in_features, "out": lin.out_features}
@@ -75,7 +67,7 @@ def dfa_feedback(model) -> tuple[dict[str, np.ndarray], dict]:
     """The B the device will use: the run's own when it trained with DFA; otherwise drawn once
     here from the recorded seed (and stored, so the device never draws anything). All of them,
     keyed as in bundle.feedback_shapes of the whole (all-trainable) model."""
-    if model_kind(model) == "resmlp":
+    if model.kind == "resmlp":
         return _resmlp_feedback(model)
     topo = topology(model)
     shapes = feedback_shapes(topo)
@@ -104,8 +96,7 @@ def _resmlp_feedback(model) -> tuple[dict[str, np.ndarray], dict]:
         source = f"drawn at export (host run used {cfg.rule})"
     arrays = {name: b.detach().cpu().numpy().astype(np.float32)
               for name, b in zip(net.stage_names(), net.dfa_feedback())}
-    from ..models.feedback_net import dfa_feedback_std as net_std
-    info = {"seed": cfg.feedback_seed, "distribution": "normal", "mean": 0.0, "std": net_std(cfg.n_outputs),
+    info = {"seed": cfg.feedback_seed, "distribution": "normal", "mean": 0.0, "std": dfa_feedback_std(cfg.n_outputs),
             "generator": "torch.Generator (CPU) + torch.randn, one matrix per stage in order "
                          "(FeedbackNet.finish)",
             "source": source}

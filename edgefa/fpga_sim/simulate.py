@@ -26,8 +26,8 @@ from typing import Callable
 import numpy as np
 
 from ..bundle import Bundle
-from ..data.datasets import Dataset
-from ..runtime.batches import batch_indices
+from ..shared.datasets import Dataset
+from ..shared.batches import batch_indices
 from ..runtime.engine import OrtEngine
 from ..runtime.finetune import standardize
 from .config import FxpConfig
@@ -82,18 +82,28 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float | None:
     return float((logits.argmax(axis=1) == y).mean()) if len(y) else None
 
 
+def float_reference_engine(bundle: Bundle) -> OrtEngine:
+    """The float32 run's engine. It trains the arrays it is given in place (a device holds its
+    weights once), so it gets copies: the bundle is read again by later runs (a sweep). One
+    intra-op thread: a pool would spin between steps and starve the fixed-point arithmetic of the
+    second core. A caller may build it before any work, so that a graph that does not load
+    (a BundleError naming it) is the first and only thing said."""
+    return OrtEngine(replace(bundle, weights={n: a.copy() for n, a in bundle.weights.items()}), threads=1)
+
+
 def simulate(bundle: Bundle, train: Dataset, config: SimulateConfig, fxp: FxpConfig,
              eval_data: Dataset | None = None,
-             on_step: Callable[[int, float, float | None], None] | None = None) -> dict:
+             on_step: Callable[[int, float, float | None], None] | None = None,
+             engine: OrtEngine | None = None) -> dict:
+    """`engine`: the float reference's, from float_reference_engine (built here when not given)."""
     require_full_mlp_dfa(bundle.manifest, str(bundle.path))        # before the data is looked at
     X, y = standardize(bundle, train, train.name), train.y
     X_eval, y_eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else (X, y)
     fixed = FixedPointDFA(bundle, fxp, config.lr)
-    # The engine trains the arrays it is given in place (a device holds its weights once), so it
-    # gets copies: the bundle is read again by later runs (a sweep). One intra-op thread: a pool
-    # would spin between steps and starve the fixed-point arithmetic of the second core.
-    engine = OrtEngine(replace(bundle, weights={n: a.copy() for n, a in bundle.weights.items()}),
-                       threads=1) if config.float_reference else None
+    if not config.float_reference:
+        engine = None
+    elif engine is None:
+        engine = float_reference_engine(bundle)
 
     acc_before = {"fixed": _accuracy(fixed.predict(X_eval), y_eval),
                   "float32": _accuracy(engine.predict_logits(X_eval), y_eval) if engine else None}

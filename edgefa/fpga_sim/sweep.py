@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..bundle import Bundle
-from ..data.datasets import Dataset
+from ..runtime.engine import OrtEngine
+from ..shared.datasets import Dataset
 from .config import TENSOR_CLASSES, FxpConfig
 from .fixed import FixedFormat, FixedPointError, Overflow, rounding_mode
 from .scope import require_full_mlp_dfa
@@ -25,7 +26,9 @@ DEFAULT_ROUNDINGS = ("AP_RND_CONV", "STOCHASTIC")
 
 
 @dataclass
-class SweepConfig:
+class FormatGrid:
+    """The fixed-point formats a sweep tries: every width x rounding mode, the same integer bits,
+    applied to the tensor classes named (the others keep the base configuration's formats)."""
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     roundings: tuple[str, ...] = DEFAULT_ROUNDINGS
     int_bits: int = 2
@@ -42,9 +45,10 @@ class SweepConfig:
             FixedFormat(w, self.int_bits)
 
 
-def sweep(bundle: Bundle, train: Dataset, run: SimulateConfig, grid: SweepConfig, base: FxpConfig,
+def sweep(bundle: Bundle, train: Dataset, run: SimulateConfig, grid: FormatGrid, base: FxpConfig,
           eval_data: Dataset | None = None,
-          on_run: Callable[[dict], None] | None = None) -> dict:
+          on_run: Callable[[dict], None] | None = None, engine: OrtEngine | None = None) -> dict:
+    """`engine`: the float reference's (simulate.float_reference_engine), for the first run."""
     require_full_mlp_dfa(bundle.manifest, str(bundle.path))
     rows, float_after, before = [], None, None
     for i, mode in enumerate(grid.roundings):
@@ -53,7 +57,8 @@ def sweep(bundle: Bundle, train: Dataset, run: SimulateConfig, grid: SweepConfig
             config = base.with_formats(**{c: fmt for c in grid.classes})
             first = float_after is None
             result = simulate(bundle, train, SimulateConfig(run.steps, run.batch_size, run.lr, run.seed,
-                                                            float_reference=first), config, eval_data)
+                                                            float_reference=first), config, eval_data,
+                              engine=engine if first else None)
             if first:
                 float_after = result["accuracy_after"]["float32"]
                 before = result["accuracy_before"]["float32"]

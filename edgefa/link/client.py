@@ -11,25 +11,29 @@ numpy only: the host side of the link needs no torch either.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import platform
+import secrets
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ..bundle import check_replaceable, pack_archive, replace_folder, unpack_archive
 from ..errors import EdgefaError
-from ..runtime.batches import batch_indices
+from ..shared.batches import batch_indices
 from ..runtime.divergence import DEFAULT_MAX_REFUSALS, DIVERGED, TOO_MANY_REFUSALS, Diverged, TooManyRefusals
 from ..runtime.finetune import check_samples
 from .messages import Message, MessageError, arrays_to_lists, decode, encode
-from .protocol import Connection, LinkError, LinkLost, MessageReceived, SessionRefused, SessionStarted, Timing
+from .protocol import (Connection, LinkError, LinkLost, MessageReceived, NotAnEdgefaDevice, SessionRefused,
+                       SessionStarted, Timing)
 from .transport import OpenError, SerialTransport, exchange
 
 # A chunk and its request header fit one 64 KiB fragment: a chunk of exactly 64 KiB would need a
@@ -63,11 +67,89 @@ class ClientConfig:
     key: bytes | None = None
     reply_timeout: float = 120.0        # longest wait for one reply (an upload_end loads a bundle)
     reconnects: int = 5                 # consecutive failures before giving up
-    connect_timeout: float = 10.0       # wait this long for the device to answer HELLO
+    connect_timeout: float = 10.0       # wait this long for a device that has answered before to answer HELLO
+    # A device never reached yet that stays silent is most often a wrong URL, or no server there:
+    # fail in seconds, not after a minute. A live server answers HELLO within milliseconds, and its
+    # longest pauses (a checkpoint, loading a bundle) take seconds; a serial line opened before its
+    # server starts keeps our HELLO buffered for it. So: 3 s, once more, then one line.
+    first_contact_timeout: float = 3.0
+    first_contact_retries: int = 1
     max_fragment: int = 64 * 1024
     timing: Timing = field(default_factory=Timing)
     baudrate: int = 115200
     wrap: Callable | None = None        # transport -> transport (fault injection in tests)
+
+
+class NoAnswer(LinkError):
+    """HELLO went unanswered. `silent`: not one byte came back (rather than frames too damaged to read)."""
+
+    def __init__(self, message: str, silent: bool):
+        super().__init__(message)
+        self.silent = silent
+
+
+# What the host reads from each reply, checked before anything reads it: a reply without them (a
+# device running another edgefa, bytes meant for another host) is one line, never a KeyError.
+# (path, type, when): "a.b" looks inside a.b; type None: present, of any type; when "F": only if
+# the reply's field F is truthy, "!F": only if not, "?": only if the field is there at all.
+_INT, _NUMBER, _STR_OR_NONE = int, (int, float), (str, type(None))
+REPLY_FIELDS: dict[str, tuple[tuple[str, object, str | None], ...]] = {
+    "info": (("device", dict, None), ("device.model", None, None), ("device.machine", None, None),
+             ("device.cpu_count", None, None), ("device.hostname", None, None), ("versions", dict, None),
+             ("providers", dict, None), ("providers.chosen", list, None), ("providers.available", list, None),
+             ("providers.backends", (dict, type(None)), "?"), ("bundle", _STR_OR_NONE, None), ("step", _INT, None),
+             ("model", list, "bundle"), ("checkpointed_step", _INT, "bundle"), ("checkpoint_every", _INT, "bundle"),
+             ("kept", (list, type(None)), "?"), ("keep_retired", None, "kept")),
+    "status": (("step", _INT, None), ("bundle", _STR_OR_NONE, "?"), ("in_features", _INT, "?"),
+               ("n_classes", _INT, "?")),
+    "profile": (("memory", dict, None), ("memory.peak_rss_bytes", None, None), ("phases", dict, None),
+                ("energy", None, None), ("device", dict, None), ("device_profile", None, None),
+                ("providers", list, None), ("warmup", None, None), ("sample_interval_s", None, None)),
+    "upload_begin": (("offset", _INT, None),),
+    "upload_chunk": (("offset", _INT, None),),
+    "upload_end": (("step", _INT, None),),
+    "train": (("step", _INT, None), ("step_ms", _NUMBER, "!duplicate"), ("loss", _NUMBER, "!duplicate"),
+              ("accepted", bool, "!duplicate")),
+    "evaluate": (("correct", _INT, None), ("loss_sum", _NUMBER, None), ("step", _INT, None)),
+    "fetch_begin": (("size", _INT, None), ("sha256", str, None)),
+    "scratch_begin": (("step", _INT, None),),
+    "scratch_end": (("ended", None, None),),
+}
+ERROR_FIELDS = {"step_ahead": (("step", _INT, None),), TOO_MANY_REFUSALS: (("step", _INT, None),),
+                DIVERGED: (("step", _INT, None), ("diverged_at_step", _INT, None))}
+REPLY_ARRAYS = {"fetch_chunk": ("blob",)}
+
+
+def _is_a(value, kind) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        return False                 # JSON's true is no count (bool is an int subclass in Python)
+    return isinstance(value, kinds)
+
+
+def reply_problem(op: str, reply: Message) -> str | None:
+    """What is missing from (or wrong in) a reply to `op`, for the host to read it; None if nothing."""
+    fields = reply.fields
+    checks = REPLY_FIELDS.get(op, ()) if fields.get("ok") else ERROR_FIELDS.get(fields.get("code"), ())
+    for path, kind, when in checks:
+        if when and when != "?" and bool(fields.get(when.lstrip("!"))) == when.startswith("!"):
+            continue
+        value, found = fields, True
+        for part in path.split("."):
+            found = isinstance(value, dict) and part in value
+            if not found:
+                break
+            value = value[part]
+        if not found:
+            if when == "?":
+                continue
+            return f"no '{path}'"
+        if kind is not None and not _is_a(value, kind):
+            return f"'{path}' is {type(value).__name__}"
+    for name in REPLY_ARRAYS.get(op, ()) if fields.get("ok") else ():
+        if name not in reply.arrays:
+            return f"no array '{name}'"
+    return None
 
 
 class DeviceClient:
@@ -78,6 +160,10 @@ class DeviceClient:
         self.peer: dict | None = None
         self.reconnects = 0
         self._request_id = 0
+        # who we are, in HELLO: the device tells a second host on a shared line who holds it, and
+        # lets this client (its token) back into its own session after a reconnect
+        self.hello = {"role": "host", "client": secrets.token_hex(8), "host": platform.node()[:64],
+                      "pid": os.getpid()}
 
     def __enter__(self):
         return self
@@ -87,6 +173,12 @@ class DeviceClient:
 
     def close(self) -> None:
         if self.transport is not None:
+            if self.conn is not None and self.conn.is_open:
+                self.conn.close_session()      # BYE: the device is free for another host at once
+                try:
+                    self.transport.write(self.conn.data_to_send())
+                except LinkError:
+                    pass
             self.transport.close()
         self.transport = None
 
@@ -108,24 +200,49 @@ class DeviceClient:
             raise
         self.transport = self.config.wrap(transport) if self.config.wrap else transport
         if self.conn is None:   # one Connection for the client's life: its stats add up
-            self.conn = Connection("client", key=self.config.key, hello={"role": "host"},
+            self.conn = Connection("client", key=self.config.key, hello=self.hello,
                                    max_fragment=self.config.max_fragment, timing=self.config.timing)
-        self.conn.reset_input()   # half a frame from the last connection must not eat the WELCOME
-        self.conn.connect(time.monotonic())
-        deadline = time.monotonic() + self.config.connect_timeout
+        conn = self.conn
+        conn.reset_input()   # half a frame from the last connection must not eat the WELCOME
+        conn.connect(time.monotonic())
+        wait = self.config.connect_timeout if self.peer is not None else self.config.first_contact_timeout
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            exchange(self.conn, self.transport, wait=0.2)
-            while (event := self.conn.next_event()) is not None:
+            try:
+                exchange(conn, self.transport, wait=0.2)
+            except LinkError:
+                if conn.unframed_answer is not None:     # it answered, then closed (an HTTP server)
+                    self._not_edgefa(self._describe_unframed(conn.unframed_answer))
+                raise
+            while (event := conn.next_event()) is not None:
                 if isinstance(event, SessionStarted):
                     self.peer = event.peer
                     return
                 if isinstance(event, SessionRefused):
                     self.close()
                     raise EdgefaError(f"{self.url}: the device refused the session: {event.reason}")
+                if isinstance(event, NotAnEdgefaDevice):
+                    self._not_edgefa(event.what)
                 if isinstance(event, LinkLost):
                     raise LinkError(f"{self.url}: {event.reason}")
-        raise LinkError(f"{self.url}: no answer to HELLO within {self.config.connect_timeout:.0f} s "
-                        "(is `edgefa device serve` running there?)")
+        if conn.unframed_answer is not None:
+            self._not_edgefa(self._describe_unframed(conn.unframed_answer))
+        if conn.overheard is not None:
+            self.close()
+            raise EdgefaError(f"{self.url}: device busy: another host is in a session on this line "
+                              f"({conn.overheard} seen), and the device did not answer us within {wait:g} s")
+        raise NoAnswer(f"{self.url}: no answer to HELLO within {wait:g} s (is `edgefa device serve` running there?)",
+                       silent=conn.silent)
+
+    def _not_edgefa(self, what: str):
+        """Not an edgefa device at the other end: one line, and no retry (none could help)."""
+        self.close()
+        raise EdgefaError(f"{self.url}: not an edgefa device: {what}")
+
+    @staticmethod
+    def _describe_unframed(head: bytes) -> str:
+        return (f"it answered with bytes that are not edgefa frames ({head[:24]!r}; "
+                "a serial line at another --baud, or another program?)")
 
     def call(self, op: str, arrays: dict | None = None, blob: bytes | None = None, **fields) -> Message:
         """Send one request and return its reply, reconnecting and asking again on link failure."""
@@ -136,16 +253,20 @@ class DeviceClient:
             try:
                 if self.transport is None or not self.conn.is_open:
                     self.connect()
-                return self._exchange(request)
+                return self._exchange(op, request)
             except LinkError as exc:
                 failures += 1
                 self.reconnects += 1
                 self.close()
-                if failures > self.config.reconnects:
-                    raise LinkError(f"{exc} (gave up after {failures - 1} reconnects)") from None
+                limit = self.config.reconnects
+                if isinstance(exc, NoAnswer) and exc.silent and self.peer is None:
+                    limit = min(limit, self.config.first_contact_retries)   # see ClientConfig
+                if failures > limit:
+                    tries = failures - 1
+                    raise LinkError(f"{exc} (gave up after {tries} reconnect{'' if tries == 1 else 's'})") from None
                 time.sleep(min(0.05 * 2 ** failures, 2.0))
 
-    def _exchange(self, request: bytes) -> Message:
+    def _exchange(self, op: str, request: bytes) -> Message:
         conn = self.conn
         conn.send(request, time.monotonic())
         deadline = time.monotonic() + self.config.reply_timeout
@@ -159,6 +280,9 @@ class DeviceClient:
                         reply = decode(event.data)
                     except MessageError as exc:
                         raise EdgefaError(f"{self.url}: unreadable reply ({exc})") from None
+                    if (problem := reply_problem(op, reply)) is not None:
+                        raise EdgefaError(f"{self.url}: unexpected reply to {op}: {problem} "
+                                          "(a device running another edgefa version?)")
                     if not reply.get("ok"):
                         raise DeviceError(str(reply.get("code")), str(reply.get("error")), reply.fields)
                     return reply
@@ -169,8 +293,25 @@ class DeviceClient:
     def info(self) -> dict:
         return self.call("info").fields
 
-    def status(self) -> dict:
-        return self.call("status").fields
+    def status(self, scratch: str | None = None) -> dict:
+        return self.call("status", scratch=scratch).fields
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[dict]:
+        """A scratch session on the device: steps trained inside it (pass `session["token"]` as
+        `scratch=`) are undone when it ends, and nothing is written on the device meanwhile; the
+        device's state afterwards is the one it had before, bit for bit. Yields the begin reply
+        (with `token`); at the end `session["ended"]` says whether the device put its state back
+        (False: something else ended the session first, which also put it back)."""
+        token = secrets.token_hex(8)
+        session = {**self.call("scratch_begin", scratch=token).fields, "token": token}
+        try:
+            yield session
+        except Exception:     # (not on Ctrl-C: the device ends the session at its next request anyway)
+            with contextlib.suppress(EdgefaError):
+                self.call("scratch_end", scratch=token)
+            raise
+        session["ended"] = self.call("scratch_end", scratch=token)["ended"]
 
     def profile(self, clear: bool = False, samples: bool = True, warmup: int | None = None) -> dict:
         """The device profiler's summary (windows, memory, energy); `clear` starts a fresh one after."""
@@ -200,30 +341,33 @@ class DeviceClient:
         return {**self.call("upload_end", sha256=sha).fields, "archive_bytes": size, "sha256": sha}
 
     def train_step(self, step: int, x: np.ndarray, y: np.ndarray, lr: float | None = None,
-                   max_refusals: int = DEFAULT_MAX_REFUSALS, run_start: int | None = None) -> Message:
+                   max_refusals: int = DEFAULT_MAX_REFUSALS, run_start: int | None = None,
+                   scratch: str | None = None) -> Message:
         return self.call("train", {"x": np.asarray(x, np.float32), "y": np.asarray(y, np.int64)},
-                         step=step, lr=lr, max_refusals=max_refusals, run_start=step if run_start is None else run_start)
+                         step=step, lr=lr, max_refusals=max_refusals, run_start=step if run_start is None else run_start,
+                         scratch=scratch)
 
-    def check_data(self, X: np.ndarray, y: np.ndarray, what: str = "data") -> dict:
+    def check_data(self, X: np.ndarray, y: np.ndarray, what: str = "data", scratch: str | None = None) -> dict:
         """Check labelled samples against the device's bundle (feature count, labels in
         0..n_classes-1, finite values) before any of them is sent: a problem is one DataError line
         and nothing is applied. Returns the device's status."""
-        status = self.status()
+        status = self.status(scratch)
         if "in_features" in status:          # (no bundle deployed: the device itself answers that)
             check_samples(X, y, status["in_features"], status["n_classes"], what)
         return status
 
     def finetune(self, X: np.ndarray, y: np.ndarray, steps: int, batch_size: int = 32, seed: int = 0,
                  lr: float | None = None, on_step: Callable[[int, float, float], None] | None = None,
-                 max_refusals: int = DEFAULT_MAX_REFUSALS) -> dict:
+                 max_refusals: int = DEFAULT_MAX_REFUSALS, scratch: str | None = None) -> dict:
         """Train until the device reaches `steps`, sending batch k for device step k (the same
         batches as `edgefa device finetune`). The device's step leads: after a restart from an
         older checkpoint the lost steps are sent again, and a repeated step is never applied twice.
         The device judges every step (runtime/divergence.py, as a local run does): a divergence
         rolls it back to its last good checkpoint and raises Diverged here, `max_refusals` refused
         steps in this run raise TooManyRefusals; both carry the summary so far. The run ends with a
-        checkpoint, which the device judges first, like the end of a local run."""
-        step = self.check_data(X, y, "training data")["step"]
+        checkpoint, which the device judges first, like the end of a local run. With `scratch` (a
+        token of `scratch()`) every request belongs to that session: nothing is kept."""
+        step = self.check_data(X, y, "training data", scratch)["step"]
         start, losses, step_ms, round_trip_ms, refused = step, [], [], [], []
 
         def summary(final_step: int, stopped: dict | None = None) -> dict:
@@ -254,7 +398,7 @@ class DeviceClient:
             idx = batch_indices(len(y), batch_size, seed, step)
             t0 = time.perf_counter()
             try:
-                reply = self.train_step(step, X[idx], y[idx], lr, max_refusals, start)
+                reply = self.train_step(step, X[idx], y[idx], lr, max_refusals, start, scratch)
             except DeviceError as exc:
                 if exc.code in (DIVERGED, TOO_MANY_REFUSALS):
                     stop(exc)
@@ -274,7 +418,7 @@ class DeviceClient:
             if on_step:
                 on_step(step, reply["loss"], round_trip_ms[-1])
         try:
-            self.call("checkpoint")
+            self.call("checkpoint", scratch=scratch)
         except DeviceError as exc:
             if exc.code != DIVERGED:
                 raise
@@ -293,8 +437,10 @@ class DeviceClient:
                 "samples": n, "step": step}
 
     def fetch(self, what: str, on_progress: Callable[[int, int], None] | None = None,
-              chunk_bytes: int = CHUNK_BYTES) -> bytes:
-        begin = self.call("fetch_begin", what=what)
+              chunk_bytes: int = CHUNK_BYTES, name: str | None = None) -> bytes:
+        """`what`: 'bundle' (the served one, checkpointed first), 'state', or 'kept' with `name`
+        (a bundle the device keeps: bundle.prev or retired/NAME)."""
+        begin = self.call("fetch_begin", what=what, name=name)
         size, sha = begin["size"], begin["sha256"]
         data = bytearray()
         while len(data) < size:
@@ -305,7 +451,7 @@ class DeviceClient:
             except DeviceError as exc:
                 if exc.code != "no_fetch":
                     raise
-                return self.fetch(what, on_progress, chunk_bytes)     # the device lost its snapshot
+                return self.fetch(what, on_progress, chunk_bytes, name)     # the device lost its snapshot
             data += r.arrays["blob"].tobytes()
         if hashlib.sha256(data).hexdigest() != sha:
             raise EdgefaError(f"{self.url}: fetched {what} does not match its sha256")
@@ -318,14 +464,16 @@ class DeviceClient:
         with np.load(io.BytesIO(self.fetch("state")), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
-    def pull(self, out: str | os.PathLike, on_progress: Callable[[int, int], None] | None = None) -> Path:
-        """The device's bundle with its current state (a checkpoint is taken first), verified and
-        written to `out` atomically; an existing bundle at `out` is replaced only once the new one
-        is whole (bundle.replace_folder), and any other non-empty `out` is refused before the
-        transfer."""
+    def pull(self, out: str | os.PathLike, on_progress: Callable[[int, int], None] | None = None,
+             kept: str | None = None) -> Path:
+        """The device's bundle with its current state (a checkpoint is taken first), or with `kept`
+        one it keeps (bundle.prev or retired/NAME, as a deploy's reply and `info` name them),
+        verified and written to `out` atomically; an existing bundle at `out` is replaced only once
+        the new one is whole (bundle.replace_folder), and any other non-empty `out` is refused
+        before the transfer."""
         out = Path(out).resolve()
         check_replaceable(out)
-        archive = self.fetch("bundle", on_progress)
+        archive = self.fetch("kept", on_progress, name=kept) if kept else self.fetch("bundle", on_progress)
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:

@@ -32,10 +32,12 @@ FLAG_AUTH = 0x01
 class Kind(IntEnum):
     HELLO = 1      # client -> server: start a session (nonce, versions)
     WELCOME = 2    # server -> client: session accepted (both nonces, versions)
-    REFUSE = 3     # server -> client: session refused (reason); never authenticated
+    REFUSE = 3     # server -> client: session refused (reason); never authenticated. seq: 0, or
+                   # the hello_id of the HELLO it answers (a line two hosts share: only that one reads it)
     DATA = 4       # a fragment of a message, delivered reliably and in order
     ACK = 5        # seq = the DATA frame received
     NACK = 6       # seq = the DATA frame the receiver expects: send it again now
+    BYE = 7        # client -> server: this host is done; the session ends (authenticated like DATA)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ DTYPES = {"float32", "float64", "int64", "int32", "uint8"}
 # Requests the device server answers. Each is idempotent, so the client may repeat any of them
 # after a reconnect: uploads name their offset, training names the step it expects to apply.
 OPS = ("info", "status", "upload_begin", "upload_chunk", "upload_end", "train", "infer", "evaluate",
-       "checkpoint", "fetch_begin", "fetch_chunk", "profile", "reset")
+       "checkpoint", "fetch_begin", "fetch_chunk", "profile", "reset", "scratch_begin", "scratch_end")
 
 
 class MessageError(ValueError):

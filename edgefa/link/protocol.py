@@ -15,6 +15,15 @@ fragment, ACKs a repeated one again without delivering it twice, and NACKs when 
 so the sender repeats at once instead of after a timeout. On a noisy line the sender halves the
 fragment size at each repeat and doubles it again after a run of clean ACKs; fragments carry their
 offset, so a repeat may be shorter than the original and the receiver still reassembles exactly.
+
+A line two hosts share (a serial port or pseudo-terminal opened twice). Every host reads what the
+device writes, and each byte goes to whichever reads first. So the server refuses a second host's
+HELLO while a session is live (`session_hold`) with a REFUSE addressed to that HELLO (its seq is
+the HELLO's hello_id: the host in session ignores it), a host ends its session with BYE so the next
+one need not wait, and a connecting host that overhears another session's frames says "busy".
+
+Not an edgefa device. A first contact whose answer is text (an SSH banner, an HTTP reply), or our
+own HELLO echoed back (loop://), is reported at once (NotAnEdgefaDevice): no retry can fix it.
 """
 
 from __future__ import annotations
@@ -28,11 +37,14 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from ..errors import EdgefaError
-from .frames import FLAG_AUTH, MAX_PAYLOAD, VERSION, Corrupt, Frame, FrameDecoder, Kind, encode_frame
+from .frames import FLAG_AUTH, MAGIC, MAX_PAYLOAD, VERSION, Corrupt, Frame, FrameDecoder, Kind, encode_frame
 
 NONCE_BYTES = 16
 FRAGMENT = struct.Struct(">III")        # message id, message size, offset of this fragment
 MAX_MESSAGE = 16 << 20                  # bound on a reassembled message (bundles travel in chunks)
+ANSWER_HEAD = 64                        # client: the first bytes of an answer to HELLO kept, to name them
+TEXT_BYTES = frozenset(range(0x20, 0x7F)) | {0x09, 0x0A, 0x0D}   # printable ASCII, tab, CR, LF
+OVERHEARD_HELLO_GAP = 0.25              # client: HELLO again at most this often while overhearing another session
 
 
 class LinkError(EdgefaError):
@@ -61,6 +73,18 @@ class LinkLost:
     reason: str
 
 
+@dataclass(frozen=True)
+class NotAnEdgefaDevice:
+    """Client: what answered our HELLO is not an edgefa device (`what` it did); no retry helps."""
+    what: str
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """Server: the host ended its session (BYE)."""
+    reason: str
+
+
 @dataclass
 class LinkStats:
     frames_sent: int = 0
@@ -78,6 +102,8 @@ class LinkStats:
     dropped_idle: int = 0                # TCP peers dropped for silence (server.PeerTimeouts)
     refused_busy: int = 0                # TCP peers told "device busy" (written by the server's
                                          # accepting thread only: one writer, no lost counts)
+    busy_hellos: int = 0                 # HELLOs of a second host on a shared line, refused "busy"
+    sessions_ended: int = 0              # sessions the host ended with BYE
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +137,9 @@ class Connection:
     max_fragment: int = 64 * 1024
     min_fragment: int = 64
     timing: Timing = field(default_factory=Timing)
+    # server: a HELLO from another host (another hello "client" token) does not take over an open
+    # session active within this many seconds, but gets a "device busy" REFUSE. None: it always does.
+    session_hold: float | None = None
 
     def __post_init__(self):
         if self.role not in ("client", "server"):
@@ -125,6 +154,7 @@ class Connection:
         self._hello_nonce = b""          # client: the nonce of the HELLO we are waiting on
         self._hello_sent_at = 0.0
         self._last_rx = 0.0
+        self._start_answer()
 
     # --- the caller's side ------------------------------------------------------------------
 
@@ -144,7 +174,44 @@ class Connection:
         self._state = "connecting"
         self._hello_nonce = os.urandom(NONCE_BYTES)
         self._last_progress = now
+        self._start_answer()
         self._send_hello(now)
+
+    def close_session(self) -> None:
+        """Client: end the session with BYE (queued; send it before closing the transport), so the
+        device need not wait out its idle time before it serves another host."""
+        if self.role == "client" and self._state == "open":
+            self._emit(Kind.BYE, 0)
+            self._reset_session()
+
+    @property
+    def silent(self) -> bool:
+        """Client, connecting: not one byte has come since our HELLO."""
+        return self._answer_bytes == 0
+
+    @property
+    def unframed_answer(self) -> bytes | None:
+        """Client, first contact: the first bytes of an answer to HELLO in which no frame could
+        start (no magic anywhere), or None. A damaged WELCOME still holds its magic; this is another
+        program, or a serial line at the wrong baud rate."""
+        if self.stats.sessions or not self._answer_bytes or self._answer_magic or self._answer_frames:
+            return None
+        return bytes(self._answer_head)
+
+    @property
+    def overheard(self) -> str | None:
+        """Client, first contact: what of another host's session we saw while connecting, or None."""
+        return self._overheard
+
+    def _start_answer(self) -> None:
+        """Client: forget what answered the last HELLO."""
+        self._answer_head = bytearray()     # its first ANSWER_HEAD bytes
+        self._answer_bytes = 0
+        self._answer_text = True            # every byte so far printable text
+        self._answer_magic = False          # the frame magic seen (a frame, or a damaged one)
+        self._answer_frames = 0             # intact frames of this protocol version
+        self._answer_last = b""             # the last byte: a magic may straddle two reads
+        self._overheard: str | None = None
 
     def send(self, message: bytes, now: float) -> None:
         """Queue one message for reliable, in-order, exactly-once delivery in this session."""
@@ -152,11 +219,18 @@ class Connection:
             raise ValueError(f"message of {len(message)} bytes exceeds {MAX_MESSAGE}")
         self._next_msg_id += 1
         self._queue.append((self._next_msg_id, bytes(message)))
+        self._active_at = now       # a reply after a long request: the host is still in session
         self._pump(now)
 
     def receive_data(self, data: bytes, now: float) -> None:
         self.stats.bytes_received += len(data)
         self._last_rx = now
+        if self.role == "client" and self._state == "connecting" and data:
+            self._answer_head += data[:ANSWER_HEAD - len(self._answer_head)]
+            self._answer_bytes += len(data)
+            self._answer_text = self._answer_text and TEXT_BYTES.issuperset(data)
+            self._answer_magic = self._answer_magic or MAGIC in self._answer_last + data
+            self._answer_last = data[-1:]
         self._consume(self._decoder.feed(data), now)
 
     def reset_input(self) -> None:
@@ -183,7 +257,13 @@ class Connection:
                     self._other_version(item.version)
             else:
                 self.stats.frames_received += 1
+                if self._state == "connecting":
+                    self._answer_frames += 1
                 self._on_frame(item, now)
+        if self._state == "connecting" and self._answers_in_text():
+            text = " ".join(self._answer_head.decode("ascii").split())
+            self._not_edgefa(f"it answered in text: {text[:60]!r}")
+            return
         if damaged and self._state == "connecting":
             self._send_hello(now)             # the WELCOME may have been the damage: ask again now
         if damaged and self._state == "open":
@@ -251,6 +331,9 @@ class Connection:
         self._srtt: float | None = None
         self._rttvar = 0.0
         self._last_progress = 0.0
+        self._peer_hello: dict = {}          # server: the HELLO of the host in session
+        self._opened_at = 0.0
+        self._active_at = 0.0                # server: the session's last frame in, or message out
 
     def _other_version(self, version: int) -> None:
         """An intact frame of another protocol version: a peer running another edgefa, which no
@@ -265,39 +348,86 @@ class Connection:
         self._state = "refused"
         self._events.append(SessionRefused(reason[:200]))
 
+    def _not_edgefa(self, what: str) -> None:
+        self._state = "refused"
+        self._events.append(NotAnEdgefaDevice(what))
+
+    def _answers_in_text(self) -> bool:
+        """First contact: the answer so far is text, and no frame (a server's banner or error page)."""
+        return (not self.stats.sessions and self._answer_text and self._answer_bytes >= 4
+                and not self._answer_frames)
+
+    def _overhear(self, what: str, now: float) -> None:
+        """Client, connecting on first contact: a frame of another host's session. The device's
+        answer to our HELLO may go to that host instead of us (both read the line): ask again soon."""
+        if self.stats.sessions:
+            return                        # a reconnecting host's old session may still send frames
+        self._overheard = what
+        if now - self._hello_sent_at >= OVERHEARD_HELLO_GAP:
+            self._send_hello(now)
+
+    def _refuse_hello(self, nonce: bytes, why: str) -> None:
+        """Server: a REFUSE addressed to the HELLO with this nonce."""
+        self._emit(Kind.REFUSE, hello_id(nonce), why.encode()[:200])
+
+    def _holds_session(self, peer: dict, now: float) -> bool:
+        """Server: does the open session keep this HELLO's host out? Not when it is the same host
+        coming back (its token), nor once the session has been idle for `session_hold`."""
+        if self.session_hold is None or self._state != "open":
+            return False
+        token = peer.get("client")
+        if token is not None and token == self._peer_hello.get("client"):
+            return False
+        return now - self._active_at < self.session_hold
+
+    def _busy_reason(self, now: float) -> str:
+        p = self._peer_hello
+        who = f"host {str(p.get('host'))[:40]!r} (pid {str(p.get('pid'))[:10]})" if "host" in p else "another host"
+        return (f"device busy: in a session with {who} for {now - self._opened_at:.0f} s, active "
+                f"{now - self._active_at:.1f} s ago (a session idle {self.session_hold:g} s is released)")
+
     def _send_hello(self, now: float) -> None:
         self._hello_sent_at = now
-        self._emit(Kind.HELLO, 0, self._hello_nonce + json.dumps(self.hello).encode(), key=self.key)
+        self._emit(Kind.HELLO, 0, self._hello_nonce + json.dumps(self.hello, separators=(",", ":")).encode(),
+                   key=self.key)
 
     def _on_hello(self, frame: Frame, now: float) -> None:
         if self.role != "server" or len(frame.payload) < NONCE_BYTES:
             return
+        nonce = frame.payload[:NONCE_BYTES]
         if (self.key is not None) != bool(frame.flags & FLAG_AUTH):
             why = ("this device requires a shared key" if self.key is not None
                    else "this device has no shared key; connect without one")
             if self.key is not None:
                 self.stats.forged += 1
-            self._emit(Kind.REFUSE, 0, why.encode())
+            self._refuse_hello(nonce, why)
             return
         if not self._authentic(frame, self.key):
             # Say so, rather than leave an honest host with the wrong key waiting: a forger learns
             # nothing from it that the silence would not tell.
-            self._emit(Kind.REFUSE, 0, b"frame authentication failed (wrong shared key?)")
+            self._refuse_hello(nonce, "frame authentication failed (wrong shared key?)")
             return
-        nonce = frame.payload[:NONCE_BYTES]
         if self._state == "open" and nonce == self._peer_nonce:
             self._emit(Kind.WELCOME, 0, self._welcome, key=self.key)    # our WELCOME was lost
             return
         peer = _parse_hello(frame.payload[NONCE_BYTES:])
         if peer is None:
-            self._emit(Kind.REFUSE, 0, b"malformed HELLO")
+            self._refuse_hello(nonce, "malformed HELLO")
+            return
+        if self._holds_session(peer, now):
+            # A second host on a shared line. Taking the session over would leave the first host's
+            # frames landing in the second's session (replies crossed, both stalled); it gets its
+            # turn when this host says BYE, closes a pty, or stays idle for session_hold.
+            self.stats.busy_hellos += 1
+            self._refuse_hello(nonce, self._busy_reason(now))
             return
         self._reset_session()
         own_nonce = os.urandom(NONCE_BYTES)
         self._peer_nonce, self._state = nonce, "open"
         self._recv_key, self._send_key = _session_keys(self.key, nonce, own_nonce)
         self._welcome = nonce + own_nonce + json.dumps(self.hello).encode()
-        self._last_progress = now
+        self._last_progress = self._opened_at = self._active_at = now
+        self._peer_hello = peer
         self.stats.sessions += 1
         self._emit(Kind.WELCOME, 0, self._welcome, key=self.key)
         self._events.append(SessionStarted(peer))
@@ -330,33 +460,50 @@ class Connection:
 
     def _on_frame(self, frame: Frame, now: float) -> None:
         if frame.kind == Kind.HELLO:
-            self._on_hello(frame, now)
+            if self.role == "server":
+                self._on_hello(frame, now)
+            elif self._state == "connecting" and frame.payload[:NONCE_BYTES] == self._hello_nonce:
+                self._not_edgefa("it sends back what this host sends (an echo: loop://, or a line looped back)")
         elif frame.kind == Kind.WELCOME:
             self._on_welcome(frame, now)
         elif frame.kind == Kind.REFUSE:
+            addressed = frame.seq != 0            # the answer to one HELLO, maybe another host's
             if self.role == "client" and self._state == "connecting":
-                self._refused(frame.payload.decode("utf-8", "replace"))
-            elif self.role == "client" and self._state == "open" and self.key is None:
+                if not addressed or frame.seq == hello_id(self._hello_nonce):
+                    self._refused(frame.payload.decode("utf-8", "replace"))
+                else:
+                    self._overhear("the device's answer to another host's HELLO", now)
+            elif self.role == "client" and self._state == "open" and self.key is None and not addressed:
                 # Reconnect at once. Not on a keyed link: REFUSE carries no tag, and 21 forged bytes
                 # must not end an authenticated session (there, the give-up timer notices instead).
                 self._lose("the device has no session for us (it restarted?)")
         elif self._state != "open":
             if self.role == "server" and frame.kind == Kind.DATA:
                 self._emit(Kind.REFUSE, 0, b"no session: send HELLO")  # rather than 30 s of silence
+            elif self.role == "client" and self._state == "connecting" and frame.kind in (Kind.DATA, Kind.ACK):
+                # (not NACK: a server whose WELCOME we missed NACKs our damaged repeat of HELLO)
+                self._overhear("frames of another host's session", now)
             return
         elif (self._recv_key is not None) != bool(frame.flags & FLAG_AUTH):
             self.stats.forged += 1
         elif not self._authentic(frame, self._recv_key):
             return
-        elif frame.kind == Kind.DATA:
-            self._on_data(frame, now)
-        elif frame.kind == Kind.ACK:
-            self._on_ack(frame.seq, now)
-        elif frame.kind == Kind.NACK and self._inflight:
-            if frame.seq == self._inflight.seq:
-                self._retransmit(now)
-            elif frame.seq == self._inflight.seq + 1:    # it expects the next one: ours arrived
-                self._on_ack(self._inflight.seq, now)
+        elif frame.kind == Kind.BYE:
+            if self.role == "server":
+                self._reset_session()
+                self.stats.sessions_ended += 1
+                self._events.append(SessionEnded("the host ended its session"))
+        else:
+            self._active_at = now
+            if frame.kind == Kind.DATA:
+                self._on_data(frame, now)
+            elif frame.kind == Kind.ACK:
+                self._on_ack(frame.seq, now)
+            elif frame.kind == Kind.NACK and self._inflight:
+                if frame.seq == self._inflight.seq:
+                    self._retransmit(now)
+                elif frame.seq == self._inflight.seq + 1:    # it expects the next one: ours arrived
+                    self._on_ack(self._inflight.seq, now)
 
     def _authentic(self, frame: Frame, key: bytes | None) -> bool:
         if key is None:
@@ -450,7 +597,7 @@ class Connection:
         self._emit(Kind.DATA, f.seq, payload)
 
     def _emit(self, kind: int, seq: int, payload: bytes = b"", key: bytes | None = None) -> None:
-        if kind in (Kind.DATA, Kind.ACK, Kind.NACK):
+        if kind in (Kind.DATA, Kind.ACK, Kind.NACK, Kind.BYE):
             key = self._send_key
         tag = None
         if key is not None:
@@ -464,6 +611,11 @@ class Connection:
         self._reset_session()
         self._state = "lost"
         self._events.append(LinkLost(reason))
+
+
+def hello_id(nonce: bytes) -> int:
+    """The nonzero 32-bit id of a HELLO (from its nonce) that a REFUSE answering it carries as seq."""
+    return int.from_bytes(nonce[:4], "big") | 1
 
 
 def _session_keys(key: bytes | None, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes | None, bytes | None]:

@@ -6,7 +6,9 @@ since TIME" and closed at once (never left waiting in the listen backlog). A TCP
 silent is dropped (PeerTimeouts: before HELLO, between requests, or stalled mid-frame), so one
 forgotten or hostile connection cannot hold the device. On a serial port or a pseudo-terminal the
 server keeps reading the same line, and a host that comes back simply starts a new session with
-HELLO.
+HELLO. A line has no "busy" socket, and a second host may open it while the first is in session:
+the protocol refuses that host's HELLO ("device busy") until the first says BYE, closes its side of
+a pseudo-terminal, or stays silent for the idle timeout (`session_hold`; see protocol.py).
 
 `clock` (time.monotonic unless injected) times the peer timeouts; the soak benchmark injects one
 that advances days per second. The protocol's retransmission timers keep the real clock: they
@@ -24,7 +26,7 @@ from typing import Callable
 
 from ..errors import EdgefaError
 from .frames import Kind, encode_frame
-from .protocol import Connection, LinkError, LinkLost, MessageReceived, SessionStarted
+from .protocol import Connection, LinkError, LinkLost, MessageReceived, SessionEnded, SessionStarted
 from .service import DeviceService
 from .transport import FdTransport, SerialTransport, accept, exchange, listen, open_pty
 
@@ -116,6 +118,8 @@ def serve_connection(transport, service: DeviceService, conn: Connection, log: C
                         watch.in_session = True
                 elif isinstance(event, LinkLost):
                     log(f"session lost: {event.reason}")
+                elif isinstance(event, SessionEnded):
+                    log(f"session {conn.stats.sessions} ended: {event.reason}")
             if watch and (why := watch.overdue(clock())):
                 conn.stats.dropped_idle += 1
                 conn.refuse(f"closed: {why}")
@@ -210,7 +214,7 @@ def _reopen(port: str, baudrate: int) -> SerialTransport:
 def stop_on_sigterm() -> None:
     """Make SIGTERM end `serve` the way Ctrl-C does (with a last checkpoint). Main thread only."""
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("SIGTERM")     # named in `serve`'s last log line
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -221,8 +225,13 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
     """Serve until interrupted. `port` is a pyserial URL or 'pty' (make a pseudo-terminal and
     print the path the host should open); `listen_address` is ADDR:PORT for TCP, where `timeouts`
     drop silent peers (timed by `clock`)."""
-    conn = Connection("server", key=key, hello=service.hello(), max_fragment=max_fragment)
+    # session_hold: on a serial line two hosts may share, a second host waits while the first is
+    # active. Not over TCP: its gate answers a second connection "busy" before any HELLO, and a
+    # HELLO on the connection being served is that connection's own host starting again.
+    conn = Connection("server", key=key, hello=service.hello(), max_fragment=max_fragment,
+                      session_hold=None if listen_address is not None else timeouts.idle)
     service.link_stats = conn.stats      # reported by `info`: forged and replayed frames among them
+    stopped_by = None
     try:
         if listen_address is not None:
             server = listen(listen_address)
@@ -248,7 +257,10 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
                 try:
                     serve_connection(transport, service, conn, log)
                 except LinkError:
-                    time.sleep(0.2)      # the host closed its side (EIO); it may open it again
+                    # EIO: no host has the pty open any more (closed or killed), so its session is
+                    # over and the next host need not wait out the idle timeout; one may open it again
+                    conn.end_session()
+                    time.sleep(0.2)
         else:
             transport = SerialTransport(port, baudrate)
             ready(f"serving on {port}")
@@ -259,9 +271,16 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
                     log(f"{exc}; reopening {port}")
                     transport.close()
                     transport = _reopen(port, baudrate)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as exc:
+        stopped_by = str(exc) or "SIGINT"       # SIGTERM: stop_on_sigterm's; Ctrl-C: SIGINT
     finally:
-        if service.engine is not None and service.step != service.checkpointed_step:
+        saved = service.engine is not None and service.step != service.checkpointed_step
+        if saved:
             service.checkpoint()
+        if stopped_by:                         # a stop the operator asked for: one line, what it kept
+            kept = (f"checkpointed at step {service.step}" if saved else
+                    f"the checkpoint at step {service.checkpointed_step} is current" if service.engine is not None
+                    else "no bundle deployed")
+            log(f"stopped ({stopped_by}); {kept}")
+        elif saved:
             log(f"checkpointed at step {service.step}")

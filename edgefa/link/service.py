@@ -5,6 +5,8 @@ The device keeps everything under one store directory:
     STORE/bundle/            the deployed bundle (verified and loaded), its state/ holds the checkpoints;
                              bundle/.archive.sha256: the sha256 of the archive it came from
     STORE/bundle.prev/       the bundle it replaced, with its state (the fallback if bundle/ fails)
+    STORE/retired/TIME-SHA-stepN/  a bundle.prev that held device state (checkpoints) when a deploy
+                             pushed it out: kept whole, the newest `keep_retired` of them (oldest removed)
     STORE/incoming/SHA.part  an upload in progress (its size is the resume offset), SHA.json
     STORE/quarantine/        what a start could not load, moved aside (never deleted) with the time
     STORE/.lock              held by the one server using this store
@@ -13,7 +15,18 @@ A deploy unpacks the new bundle beside the current one (incoming/unpacked), veri
 (sessions built, one forward pass) and only then swaps it in by renames (bundle -> bundle.prev,
 unpacked -> bundle); on any failure the current bundle and its state keep serving. A start
 undoes a swap a crash cut short and quarantines what it cannot load (see `_start`), so a store
-left in any state by a crash serves its last good bundle.
+left in any state by a crash serves its last good bundle. No deploy loses device-only training:
+the replaced bundle keeps its state in bundle.prev, and the bundle.prev it pushes out goes to
+retired/ when it holds checkpoints; both can be fetched back (`fetch_begin what=kept`). A deployed
+bundle whose state/ holds a checkpoint that loads for it resumes from it (pull -> deploy restores
+or moves a device); one that does not load is refused.
+
+A scratch session (`scratch_begin` .. `scratch_end`, what `edgefa profile --device` runs in) leaves
+the device as it found it: the state is checkpointed and copied in memory at its start, automatic
+checkpoints are suspended, and its end puts the copy and the step back. Only requests that carry
+the session's token and cannot persist anything continue it (SCRATCH_OPS); any other request ends
+it first, so a host that died mid-profile costs nothing, and a server killed mid-session restarts
+from the checkpoint taken at its start.
 
 Every request is idempotent, so a host that lost a reply may simply ask again: chunks name their
 offset, and `train` names the step it means to apply. A train request for a step the device has
@@ -25,10 +38,13 @@ and a killed device process.
 
 from __future__ import annotations
 
+import copy
+import datetime
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -38,8 +54,8 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__, storage
-from ..bundle import (LOSS_CROSS_ENTROPY, STATE_DIR, Bundle, describe_model, layer_shapes, model_kind,
-                      pack_archive, read_bundle, unpack_archive)
+from ..bundle import (CHECKPOINT_NAMES, LOSS_CROSS_ENTROPY, STATE_DIR, Bundle, describe_model, layer_shapes, model_kind,
+                      pack_archive, read_bundle, sha256_file, unpack_archive)
 from ..device_profiles.budget import step_cost
 from ..errors import BundleError, CheckpointError, DataError, EdgefaError
 from ..profiling.machine import device_description
@@ -50,7 +66,7 @@ from ..runtime.engine import DeviceEngine, choose_providers
 from ..runtime.divergence import (DEFAULT_MAX_REFUSALS, DIVERGED, TOO_MANY_REFUSALS, DivergenceGuard, chance_loss,
                                   diverged_message, refusals_message)
 from ..runtime.finetune import bundle_standardizer, mean_loss
-from ..runtime.state import CHECKPOINT_NAMES, DeviceState, clear_state, load_state, lock_state, save_state
+from ..runtime.state import DeviceState, clear_state, load_state, lock_state, save_state
 from ..runtime.state import LOCK as STATE_LOCK
 from .frames import VERSION as PROTOCOL_VERSION
 from .messages import OPS, Message, MessageError, decode, encode, error_reply, lists_to_arrays
@@ -61,6 +77,11 @@ BUNDLE_DIR, PREVIOUS_DIR, QUARANTINE_DIR, STORE_LOCK = "bundle", "bundle.prev", 
 STAGING_DIR, TRASH_DIR = "unpacked", "trash"                   # under incoming/
 ARCHIVE_SHA = ".archive.sha256"          # in the bundle folder; a dot file: never packed or unpacked
 LEGACY_ARCHIVE_SHA = "bundle.sha256"     # where stores before bundle.prev kept it
+RETIRED_DIR = "retired"
+RETIRED_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-z-]+")   # retired/TIME-SHA-stepN: edgefa's own names only
+DEFAULT_KEEP_RETIRED = 3
+# what a scratch session's token may come with: requests that read or train, never ones that persist
+SCRATCH_OPS = frozenset({"info", "status", "train", "checkpoint", "infer", "evaluate"})
 
 
 @dataclass
@@ -71,6 +92,7 @@ class ServiceConfig:
     threads: int | None = None
     max_bundle_bytes: int = 256 << 20
     max_chunk_bytes: int = 1 << 20
+    keep_retired: int = DEFAULT_KEEP_RETIRED   # retired bundles (with device state) kept; the oldest go
 
 
 class RequestError(EdgefaError):
@@ -82,6 +104,45 @@ class RequestError(EdgefaError):
 def _warn(line: str) -> None:
     """A service's log when its owner gives none: a warning (the CLI prints one line)."""
     warnings.warn(line, stacklevel=3)
+
+
+def _saved_step(bundle_dir: Path) -> int | None:
+    """The step of the newest readable checkpoint in BUNDLE/state/ (only its `step` entry is read),
+    or None when it holds none that reads."""
+    for name in CHECKPOINT_NAMES:
+        try:
+            with np.load(bundle_dir / STATE_DIR / name, allow_pickle=False) as z:
+                return int(z["step"])
+        except Exception:        # missing, torn or foreign: try the previous one
+            continue
+    return None
+
+
+def _holds_state(bundle_dir: Path) -> bool:
+    """Whether a bundle folder holds device state: any checkpoint file, readable or not."""
+    return any((bundle_dir / STATE_DIR / name).exists() for name in CHECKPOINT_NAMES)
+
+
+def _archive_sha_of(bundle_dir: Path) -> str | None:
+    try:
+        return (bundle_dir / ARCHIVE_SHA).read_text().strip() or None
+    except OSError:
+        return None
+
+
+@dataclass
+class _Scratch:
+    """A scratch session: its token, and everything the device served when it began (put back
+    at its end, bit for bit)."""
+    token: str
+    step: int
+    refused: list[int]
+    checkpointed_step: int
+    tensors: dict[str, np.ndarray]
+    guard: DivergenceGuard | None
+    last_train: tuple | None
+    unjudged: tuple | None
+    diverged: bytes | None
 
 
 def _declared_size(meta: Path) -> int | None:
@@ -114,6 +175,8 @@ class DeviceService:
         self.step, self.refused, self.checkpointed_step = 0, [], 0
         self._last_train: tuple[int, bytes] | None = None   # (step, reply): a repeated request gets this
         self._fetches: dict[str, bytes] = {}
+        self._scratch: _Scratch | None = None                 # a scratch session in progress
+        self.manifest_sha = None                              # sha256 of the served bundle's manifest.json
         self.link_stats = None                                # set by the server: the link's counters
         self._start()
 
@@ -133,6 +196,7 @@ class DeviceService:
             op = msg.get("op")
             if op not in OPS:
                 raise RequestError("unknown_op", f"unknown request {str(op)[:40]!r}")
+            self._scratch_gate(op, msg)
             reply = getattr(self, f"_op_{op}")(msg)
             return reply if isinstance(reply, bytes) else encode({"ok": True, **reply[0]}, reply[1])
         except MessageError as exc:
@@ -177,7 +241,9 @@ class DeviceService:
             except CheckpointError as exc:       # the bundle loads; neither of its checkpoints does
                 moved = [storage.quarantine(current / STATE_DIR / name, self.store / QUARANTINE_DIR)
                          for name in CHECKPOINT_NAMES if (current / STATE_DIR / name).exists()]
-                self.log(f"{exc}; moved {' and '.join(p.name for p in moved)} to "
+                # what is wrong (state.NoUsableCheckpoint.problem), not its advice to move them: done here
+                problem = getattr(exc, "problem", str(exc))
+                self.log(f"{problem}; moved {' and '.join(p.name for p in moved)} to "
                          f"{self.store / QUARANTINE_DIR}; serving the bundle from its own weights (step 0)")
             except BundleError as exc:
                 where = storage.quarantine(current, self.store / QUARANTINE_DIR)
@@ -240,6 +306,7 @@ class DeviceService:
             sha_file = self.store / LEGACY_ARCHIVE_SHA
         self.bundle, self.engine = bundle, engine
         self.archive_sha = sha_file.read_text().strip() if sha_file.exists() else None
+        self.manifest_sha = sha256_file(bundle.path / "manifest.json")
         self.step, self.refused = (saved.step, list(saved.refused_steps)) if saved else (0, [])
         self.checkpointed_step, self._last_train, self._fetches = self.step, None, {}
         self._diverged = None        # a stop's cached reply belongs to the weights it rolled back
@@ -261,14 +328,23 @@ class DeviceService:
         """Work that need not delay a reply: the periodic checkpoint (about 3 ms here). A device
         killed before it lands loses one more interval at most, which the host sends again."""
         every = self.config.checkpoint_every
-        if self.engine is not None and every and self.step - self.checkpointed_step >= every:
+        if self.engine is not None and every and self.step - self.checkpointed_step >= every \
+                and self.step >= self._checkpoint_retry_step and self._scratch is None:   # (a scratch writes nothing)
             try:
                 self.checkpoint()
-            except RequestError as exc:          # e.g. a full disk: say so, keep serving, retry next time
+            except RequestError as exc:
+                # e.g. a full disk: say so once, keep serving, try again an interval later (not
+                # every step: a disk that stays full would fill the log one line per step)
+                self._checkpoint_retry_step = self.step + every
                 self.log(str(exc))
+
+    _checkpoint_retry_step = 0     # the periodic checkpoint waits until this step after a failed one
 
     def checkpoint(self) -> int:
         bundle, engine = self._need_bundle()
+        if self._scratch is not None:   # (the server's stop) a scratch session writes nothing: it ends, and
+            self._end_scratch()         # the state it began from is on disk already (scratch_begin saved it)
+            return self.step
         self._judge_state()           # a diverged state is rolled back (RequestError "diverged"), never written
         try:
             with self.profiler.window("checkpoint"):
@@ -292,7 +368,9 @@ class DeviceService:
                 "model": [m["in_features"]] + [w[0] for w, _ in layer_shapes(m).values() if len(w) == 2],
                 "kind": model_kind(m), "description": describe_model(m),
                 "trainable": m.get("trainable", "all"), "loss": manifest.get("loss", LOSS_CROSS_ENTROPY),
-                "lr": manifest["optimizer"]["lr"]}
+                "lr": manifest["optimizer"]["lr"],
+                # which bundle it is, whatever its state (`edgefa profile --device` compares it with its own)
+                "manifest_sha256": self.manifest_sha, "scratch": self._scratch is not None}
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -309,6 +387,7 @@ class DeviceService:
                            "max_chunk_bytes": self.config.max_chunk_bytes},
                 "checkpoint_every": self.config.checkpoint_every,
                 "link": self.link_stats.as_dict() if self.link_stats else None,
+                "kept": self._kept(), "keep_retired": self.config.keep_retired,
                 **self._status()}, None
 
     def _op_status(self, msg: Message):
@@ -363,8 +442,8 @@ class DeviceService:
     def _op_upload_end(self, msg: Message):
         sha = msg.get("sha256")
         part, meta = self._upload_paths(sha)
-        if sha == self.archive_sha and self.engine is not None:
-            return self._status(), None                           # a repeated upload_end
+        if sha == self.archive_sha and self.engine is not None:   # a repeated upload_end: the same answer
+            return {**self._status(), **(self._last_deploy[1] if self._last_deploy[0] == sha else {})}, None
         size = _declared_size(meta)
         if size is None or not part.exists():
             raise RequestError("no_upload", "no upload of this bundle in progress")
@@ -381,10 +460,11 @@ class DeviceService:
         try:
             storage.remove_tree(staging)                          # what an earlier failed deploy left
             unpack_archive(part, staging, self.config.max_bundle_bytes)      # hashes and shapes verified
-            storage.remove_tree(staging / STATE_DIR)              # a deploy starts fresh
             candidate = read_bundle(staging)
             with self.profiler.window("deploy_check"):
-                self._open_engine(candidate)                      # loaded beside the current bundle
+                engine = self._open_engine(candidate)             # loaded beside the current bundle
+                resumed_step = self._check_deployed_state(candidate, engine)
+            del engine
             storage.write_file(staging / ARCHIVE_SHA, (sha + "\n").encode())
             new_lock = lock_state(candidate)       # state/ made and locked now: after the swap nothing is written
             if self.engine is not None and self.step != self.checkpointed_step:
@@ -393,7 +473,9 @@ class DeviceService:
                 except RequestError as exc:
                     if exc.code != DIVERGED:                      # a runaway state is rolled back, not kept;
                         raise                                     # the deploy goes on
-            self._swap_in(staging)
+            replaced = ({"bundle": self.archive_sha, "step": self.step, "kept_as": PREVIOUS_DIR}
+                        if self.engine is not None else None)
+            pushed_out = self._swap_in(staging)
         except (EdgefaError, OSError) as exc:
             if new_lock is not None:
                 new_lock.release()
@@ -408,21 +490,65 @@ class DeviceService:
         except (BundleError, CheckpointError) as exc:             # loaded in staging, yet not here
             self._start()                                         # quarantines it, serves bundle.prev
             raise self._deploy_refused(exc) from None
-        return self._status(), None
+        evicted = self._evict_retired()                           # (only once the deploy has succeeded)
+        # what became of the state the device held: the host's deploy line says it
+        report = {"resumed_step": resumed_step, "replaced": replaced, "pushed_out": pushed_out,
+                  "evicted": evicted, "keep_retired": self.config.keep_retired}
+        self._last_deploy = (sha, report)
+        return {**self._status(), **report}, None
 
-    def _swap_in(self, staging: Path) -> None:
-        """bundle.prev <- bundle <- staging, by renames (the bundle before bundle.prev goes). On an
-        error the renames done are undone; a crash between them is undone by the next `_start`."""
+    _last_deploy: tuple[str | None, dict] = (None, {})   # (archive sha, report) of the last deploy
+
+    def _check_deployed_state(self, candidate: Bundle, engine: DeviceEngine) -> int | None:
+        """A deployed bundle's own state/: its checkpoints are kept when one loads for it (feedback
+        equal, shapes right, finite), and the device resumes from it (pull -> deploy backs up,
+        restores or moves a device); the step it resumes at, or None without a checkpoint. One
+        that does not load refuses the deploy in one line. Everything else in state/ (engine caches
+        built for another device, a lock) is dropped: it belongs to the machine that wrote it."""
+        state_dir = candidate.state_dir
+        if not state_dir.is_dir():
+            return None
+        for entry in state_dir.iterdir():
+            if entry.name not in CHECKPOINT_NAMES:
+                (storage.remove_tree if entry.is_dir() else storage.remove)(entry)
+        if not any((state_dir / name).exists() for name in CHECKPOINT_NAMES):
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")       # a fallback to checkpoint.prev.npz is still a state
+                saved = load_state(candidate, engine.state_names)
+            engine.load_state(saved.tensors)          # NaN/Inf refused here
+        except EdgefaError as exc:
+            problem = str(exc).split("; move ")[0].replace(f"{candidate.path}{os.sep}", "")
+            raise BundleError(f"the bundle's state/ does not load for it ({problem}); remove state/ from "
+                              "the bundle to deploy it from its own weights") from None
+        return saved.step
+
+    def _swap_in(self, staging: Path) -> dict | None:
+        """bundle.prev <- bundle <- staging, by renames. The bundle that was bundle.prev goes to
+        retired/ when it holds device state (checkpoints) and `keep_retired` allows, else to the
+        trash; what became of it is returned (None: there was none). On an error the renames done
+        are undone; a crash between them is undone by the next `_start` (a retired bundle stays
+        retired: it is whole, and the swap's other renames are)."""
         current, previous = self.store / BUNDLE_DIR, self.store / PREVIOUS_DIR
         trash = self.store / "incoming" / TRASH_DIR
+        pushed_out, retire_to = None, None
+        if previous.is_dir():
+            pushed_out = {"bundle": _archive_sha_of(previous), "step": _saved_step(previous), "kept_as": None}
+            if _holds_state(previous) and self.config.keep_retired > 0:
+                retire_to = self._retired_path(pushed_out["bundle"], pushed_out["step"])
+                storage.make_dir(retire_to.parent)
+                pushed_out["kept_as"] = f"{RETIRED_DIR}/{retire_to.name}"
         done: list[tuple[Path, Path]] = []
         try:
-            for src, dst in ((previous, trash), (current, previous), (staging, current)):
+            for src, dst in ((previous, retire_to or trash), (current, previous), (staging, current)):
                 if src.exists():
                     storage.rename(src, dst)
                     done.append((src, dst))
             storage.fsync_dir(self.store)
             storage.fsync_dir(staging.parent)
+            if retire_to is not None:
+                storage.fsync_dir(retire_to.parent)
         except Exception:
             for src, dst in reversed(done):
                 storage.rename(dst, src)
@@ -431,6 +557,52 @@ class DeviceService:
             storage.remove_tree(trash)
         except OSError as exc:                                     # the next start removes it
             self.log(f"could not remove {trash} ({exc.strerror})")
+        return pushed_out
+
+    def _retired_path(self, sha: str | None, step: int | None) -> Path:
+        """retired/TIME-SHA-stepN (UTC time to the microsecond first: the names sort oldest first)."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        name = f"{stamp}-{(sha or 'unknown')[:12]}-step{'unknown' if step is None else step}"
+        target, n = self.store / RETIRED_DIR / name, 1
+        while os.path.lexists(target):
+            n += 1
+            target = self.store / RETIRED_DIR / f"{name}-{n}"
+        return target
+
+    def _retired(self) -> list[Path]:
+        """The retired bundles, oldest first (only edgefa's own names: anything else is left alone)."""
+        folder = self.store / RETIRED_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.is_dir() and RETIRED_NAME.fullmatch(p.name))
+
+    def _evict_retired(self) -> list[str]:
+        """Remove the oldest retired bundles beyond `keep_retired` (edgefa moved them there); their
+        names. A removal that fails is logged and tried again at the next deploy."""
+        retired = self._retired()
+        evicted = []
+        for old in retired[:max(len(retired) - self.config.keep_retired, 0)]:
+            try:
+                storage.remove_tree(old)
+                evicted.append(f"{RETIRED_DIR}/{old.name}")
+            except OSError as exc:
+                self.log(f"could not remove {old} ({exc.strerror})")
+        return evicted
+
+    def _kept(self) -> list[dict]:
+        """The bundles the device keeps besides the one it serves, newest first, each with the
+        step of its state (None: none that reads): what `fetch_begin what=kept name=...` sends."""
+        kept = [(PREVIOUS_DIR, self.store / PREVIOUS_DIR)] if (self.store / PREVIOUS_DIR).is_dir() else []
+        kept += [(f"{RETIRED_DIR}/{p.name}", p) for p in reversed(self._retired())]
+        return [{"name": name, "step": _saved_step(path), "bundle": _archive_sha_of(path)}
+                for name, path in kept[:64]]      # bounded by keep_retired; the cap bounds the reply anyway
+
+    def _kept_path(self, name) -> Path:
+        for entry in self._kept():
+            if entry["name"] == name:
+                return self.store / name
+        names = ", ".join(e["name"] for e in self._kept()) or "none"
+        raise RequestError("no_such_bundle", f"this device keeps no bundle {str(name)[:80]!r} (it keeps: {names})")
 
     def _deploy_refused(self, exc: Exception) -> EdgefaError:
         """The one line the host gets for a deploy that did not happen."""
@@ -536,7 +708,8 @@ class DeviceService:
             self._judge_state()            # after_reply checkpoints this state: judge it now, in this reply
         outcome = {"ok": True}
         if verdict == TOO_MANY_REFUSALS:   # the weights are the judged ones: keep them with the refusals
-            self.checkpoint()
+            if self._scratch is None:      # (a scratch session writes nothing)
+                self.checkpoint()
             outcome = {"ok": False, "code": TOO_MANY_REFUSALS,
                        "error": refusals_message(step, [s for s in self.refused if s >= run_start], self.step)}
         reply = encode({**outcome, "step": self.step, "loss": result.loss, "accepted": result.accepted,
@@ -563,6 +736,9 @@ class DeviceService:
                 "loss_sum": float(-log_probs[np.arange(len(y)), y].sum()), "step": self.step}, None
 
     def _op_checkpoint(self, msg: Message):
+        if self._scratch is not None:   # (the gate let it through: it is the session's) judged, not written
+            self._judge_state()
+            return {"step": self.step, "scratch": True}, None
         return {"step": self.checkpoint()}, None
 
     def _op_fetch_begin(self, msg: Message):
@@ -575,8 +751,14 @@ class DeviceService:
             buf = io.BytesIO()
             np.savez(buf, **engine.state(), step=np.array(self.step, dtype=np.int64))
             blob = buf.getvalue()
+        elif what == "kept":           # a bundle a deploy replaced, with its state: bundle.prev or retired/NAME
+            path = self._kept_path(msg.get("name"))
+            blob = pack_archive(path)
+            self._fetches[what] = blob
+            return {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), "step": _saved_step(path),
+                    "name": msg.get("name")}, None
         else:
-            raise RequestError("bad_request", "fetch what: 'bundle' or 'state'")
+            raise RequestError("bad_request", "fetch what: 'bundle', 'state' or 'kept' (with its name)")
         self._fetches[what] = blob
         return {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), "step": self.step}, None
 
@@ -615,3 +797,57 @@ class DeviceService:
         clear_state(bundle)             # the checkpoints go; the lock and engine caches stay
         self._load()
         return self._status(), None
+
+    # --- scratch sessions (what `edgefa profile --device` runs in; see the module docstring) ------
+
+    def _scratch_gate(self, op: str, msg: Message) -> None:
+        """Before every request: one that is not its scratch session's (its token, an op of
+        SCRATCH_OPS) ends the session first, the steps undone. One that names a session the device
+        does not have (it restarted, or another request ended it) is refused: its steps must never
+        land on the state the session was meant to leave alone."""
+        if op in ("scratch_begin", "scratch_end"):
+            return
+        token = msg.get("scratch")
+        if self._scratch is not None and not (token == self._scratch.token and op in SCRATCH_OPS):
+            self._end_scratch()
+        if token is not None and self._scratch is None:
+            raise RequestError("no_scratch", "the device has ended that scratch session (it restarted, or "
+                               f"another request ended it); its steps were undone and it is at step {self.step}",
+                               step=self.step)
+
+    def _op_scratch_begin(self, msg: Message):
+        """Start a scratch session named by the host's token: checkpoint the state (a server killed
+        mid-session restarts from exactly it) and copy it in memory (weights, momentum, step,
+        refused steps, the divergence rule's history). A repeated begin is answered again."""
+        token = msg.get("scratch")
+        if not (isinstance(token, str) and 8 <= len(token) <= 64):
+            raise RequestError("bad_request", "scratch_begin needs a 'scratch' token of 8 to 64 characters")
+        if self._scratch is not None:
+            if self._scratch.token == token:
+                return {**self._status(), "began_at_step": self._scratch.step}, None
+            self._end_scratch()
+        bundle, engine = self._need_bundle()
+        if self.step != self.checkpointed_step:
+            self.checkpoint()
+        guard = copy.deepcopy(self._guard[1]) if self._guard is not None and self._guard[0] is engine else None
+        self._scratch = _Scratch(token, self.step, list(self.refused), self.checkpointed_step, engine.state(),
+                                 guard, self._last_train, self._unjudged, self._diverged)
+        return {**self._status(), "began_at_step": self.step}, None
+
+    def _op_scratch_end(self, msg: Message):
+        """End the scratch session (whichever is open; none: nothing to do, as for a repeat)."""
+        ended = self._end_scratch()
+        return {**self._status(), "ended": ended}, None
+
+    def _end_scratch(self) -> bool:
+        """Put back what the device served when the session began; False when none was open."""
+        scratch, self._scratch = self._scratch, None
+        if scratch is None:
+            return False
+        if self.engine is not None:      # (a rollback inside the session may have reopened it: same bundle)
+            self.engine.load_state(scratch.tensors)
+            self._guard = (self.engine, scratch.guard) if scratch.guard is not None else None
+        self.step, self.refused, self.checkpointed_step = scratch.step, scratch.refused, scratch.checkpointed_step
+        self._last_train, self._unjudged, self._diverged = scratch.last_train, scratch.unjudged, scratch.diverged
+        self._fetches.clear()
+        return True

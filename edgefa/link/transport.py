@@ -25,6 +25,7 @@ from ..errors import EdgefaError
 from .protocol import LinkError
 
 READ_MAX = 256 * 1024
+GONE_AFTER_S = 0.5       # a tty "ready" with nothing to read for this long, without a pause: gone
 
 # Why a port may open on a later try: a device restarting refuses connections for a moment, a
 # network or a USB port comes back, another process lets go of a serial port.
@@ -92,19 +93,40 @@ class SerialTransport:
             self._fd = self.port.fileno()
         except (AttributeError, NotImplementedError, io.UnsupportedOperation, serial.SerialException):
             self._fd = None                   # loop:// and friends: poll in_waiting instead
+        self._tty = self._fd is not None and os.isatty(self._fd)
+        self._empty_since: float | None = None
 
     def read(self, timeout: float) -> bytes:
         try:
             if self._fd is not None:
                 if not select.select([self._fd], [], [], max(timeout, 0))[0]:
+                    self._empty_since = None
                     return b""
-                return self.port.read(READ_MAX)
+                return self._read_tty() if self._tty else self.port.read(READ_MAX)
             deadline = time.monotonic() + timeout
             while not self.port.in_waiting and time.monotonic() < deadline:
                 time.sleep(0.0005)
             return self.port.read(self.port.in_waiting)
         except (serial.SerialException, OSError, ValueError) as exc:
             raise LinkError(f"{self.url}: {exc}") from None
+
+    def _read_tty(self) -> bytes:
+        """A tty said it was ready. Nothing to read then means another process on the same line
+        read it first (two hosts on one port; pyserial's read calls that a disconnect), or a device
+        that is gone (a hung-up tty stays ready with nothing to read): only the second lasts."""
+        try:
+            data = os.read(self._fd, READ_MAX)
+        except BlockingIOError:
+            data = b""
+        if data:
+            self._empty_since = None
+            return data
+        now = time.monotonic()
+        if self._empty_since is None:
+            self._empty_since = now
+        elif now - self._empty_since > GONE_AFTER_S:
+            raise LinkError(f"{self.url}: ready to read, yet nothing came for {GONE_AFTER_S:g} s (disconnected?)")
+        return b""
 
     def write(self, data: bytes) -> None:
         if not data:

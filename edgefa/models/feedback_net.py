@@ -20,12 +20,12 @@ trainer adds as lambda * penalty. `freeze_blocks` keeps the blocks at their rand
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..training.rules import RULES, dfa_output
+from .rules import RULES, dfa_feedback_std, dfa_output
 from .layers import fa_feedback_std
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -70,11 +70,6 @@ class NetConfig:
         return self.rule if self.rule in ("fa", "usf") else "bp"
 
 
-def dfa_feedback_std(n_outputs: int) -> float:
-    """B ~ N(0, 1/outputs): e @ B has the scale of e's norm, whatever the output count."""
-    return 1.0 / math.sqrt(n_outputs)
-
-
 class FeedbackNet(nn.Module):
     """Subclasses build their layers, then call `self.finish()`; they define `stages`, `readout`
     and optionally `prepare` (reshape the flat input)."""
@@ -84,6 +79,11 @@ class FeedbackNet(nn.Module):
         self.config = config
         self.bp_step = False
         self.penalty = torch.zeros(())
+
+    @property
+    def kind(self) -> str:
+        """resmlp | cnn | vit | transformer, as a bundle's manifest names it (bundle.model_kind)."""
+        return self.config.kind
 
     # --- what a subclass defines ------------------------------------------------------------
     def stages(self) -> list[tuple[str, nn.Module]]:

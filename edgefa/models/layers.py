@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..training.rules import fa_linear, sign_feedback
+from .rules import fa_linear, sign_feedback
 
 LAYER_RULES = ("bp", "fa", "usf")
 

@@ -1,4 +1,4 @@
-"""A multilayer perceptron trainable with bp, fa or dfa (see training/rules.py)."""
+"""A multilayer perceptron trainable with bp, fa or dfa (see rules.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ..training.rules import RULES, dfa_output, draw_feedback, fa_linear, sign_feedback
+from .rules import RULES, dfa_feedback_std, dfa_output, draw_feedback, fa_linear, sign_feedback
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 
@@ -37,11 +37,6 @@ class MLPConfig:
         return asdict(self)
 
 
-def dfa_feedback_std(n_classes: int) -> float:
-    """B_l ~ N(0, 1/classes): e @ B_l then has the scale of e's norm, whatever the class count."""
-    return 1.0 / math.sqrt(n_classes)
-
-
 class MLP(nn.Module):
     """Hidden layers `fc0..fc{L-1}` (Linear + activation) and a linear `head`.
 
@@ -51,6 +46,8 @@ class MLP(nn.Module):
       usf: none; sign(W) * mean|W| of the current weights
     Under `hybrid`, `bp_step` (set by the trainer before each step) makes the forward pass plain BP.
     """
+
+    kind = "mlp"            # as a bundle's manifest names it (bundle.model_kind)
 
     def __init__(self, config: MLPConfig):
         super().__init__()

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import onnxruntime as ort
 
 from ..bundle import Bundle, read_bundle
-from ..errors import EdgefaError
+from ..errors import BundleError, EdgefaError
 from .cuda_memory import cuda_missing
 from .engine import DeviceEngine, OrtEngine, choose_providers, on_gpu
 from .tensorrt_build import build_bundle_engines, engines_problem, tensorrt_missing
@@ -53,3 +54,21 @@ def open_engine(bundle: Bundle, provider: str | None = None, threads: int | None
     if provider is None and bundle.manifest.get("engines") and engines_problem(bundle) is None:
         return TensorRTEngine(bundle)
     return OrtEngine(bundle, choose_providers(provider), threads)
+
+
+def open_checked_engine(bundle: Bundle, provider: str | None = None, threads: int | None = None) -> DeviceEngine:
+    """`open_engine`, then one forward pass on a zero batch: a bundle that passes its hashes but
+    cannot run (a truncated graph re-hashed, an operator this onnxruntime lacks, graphs that do not
+    take the bundle's tensors) fails here as one BundleError line, before anything uses it."""
+    try:
+        engine = open_engine(bundle, provider, threads)
+        logits = engine.predict_logits(np.zeros((1, bundle.model["in_features"]), np.float32))
+    except EdgefaError:
+        raise
+    except Exception as exc:     # onnxruntime's own errors: the bundle's graphs do not bind or run
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{bundle.path}: cannot be loaded ({text})") from None
+    if logits.shape != (1, bundle.model["n_classes"]) or not np.isfinite(logits).all():
+        raise BundleError(f"{bundle.path}: a forward pass on a zero batch gave logits of shape "
+                          f"{list(logits.shape)}, finite: {bool(np.isfinite(logits).all())}")
+    return engine

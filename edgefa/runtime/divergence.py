@@ -122,14 +122,32 @@ class DivergenceGuard:
         return self.rule.runaway(loss, self.recent, self.chance)
 
 
-def diverged_message(step: int, reason: str, back_to_step: int, lr: float) -> str:
-    """The one line a diverged run ends with."""
+# Inputs the graphs see are standardized with the bundle's mean and std, so well-scaled data lies
+# within a few tens of 0. Beyond this, the data alone can blow a step up whatever the learning rate
+# (X = 1e38 overflows float32 in the first matmul), and the stop says to check it.
+SUSPECT_INPUT = 1e3
+
+
+def _data_advice(largest_input: float | None) -> str:
+    """', or check the data (...)' where the data may be the cause (largest |x| the graphs see,
+    after standardizing, above SUSPECT_INPUT or not finite); '' otherwise or when not known."""
+    if largest_input is None or largest_input <= SUSPECT_INPUT:
+        return ""
+    return f", or check the data (its largest |x| after standardizing is {largest_input:.3g})"
+
+
+def diverged_message(step: int, reason: str, back_to_step: int, lr: float,
+                     largest_input: float | None = None) -> str:
+    """The one line a diverged run ends with. `largest_input`: the largest |x| of the (standardized)
+    training data, where the caller knows it."""
+    data = _data_advice(largest_input)
     return (f"diverged at step {step}: {reason}; rolled back to the last good checkpoint, at step "
-            f"{back_to_step} (the next step to run); lower --lr (was {lr:g}) and run again")
+            f"{back_to_step} (the next step to run); lower --lr (was {lr:g}){data}{',' if data else ''} "
+            "and run again")
 
 
-def refusals_message(step: int, refused: list[int], next_step: int) -> str:
-    """The one line a run stopped by refused steps ends with."""
+def refusals_message(step: int, refused: list[int], next_step: int, largest_input: float | None = None) -> str:
+    """The one line a run stopped by refused steps ends with (`largest_input`: as for diverged_message)."""
     return (f"stopped after step {step}: {len(refused)} steps refused for NaN/Inf (steps {refused}); "
-            f"the last good weights are saved at step {next_step} (the next step to run); lower --lr "
-            f"or raise --max-refusals")
+            f"the last good weights are saved at step {next_step} (the next step to run); lower --lr"
+            f"{_data_advice(largest_input)}, or raise --max-refusals")

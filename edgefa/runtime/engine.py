@@ -13,18 +13,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from ..errors import EdgefaError
-from .tensorrt_build import DEFAULT_PROFILE
 from ..bundle import (LOSS_BRADLEY_TERRY, Bundle, feedback_input_name, momentum_name, next_name, param_shapes,
                       trainable_layers, trainable_params)
+from ..device_profiles.profile import AUTO_PROVIDERS
+from ..errors import BundleError, EdgefaError
+from ..bundle import TRT_CACHE
 from .step_bounds import StepBounds
+from .tensorrt_build import DEFAULT_PROFILE
 
-# Chosen automatically in this order, the first one the installed onnxruntime offers; the ones
-# after it stay in the list as fallbacks for nodes it cannot take. TensorRT builds an engine per
-# graph on first use: it gets the bundle's batch profile and a persistent engine cache
-# (BUNDLE/state/trt_cache), so that happens once per device, not once per run.
-AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Providers are chosen automatically in AUTO_PROVIDERS' order (a device fact the budget predicts
+# from too), the first one the installed onnxruntime offers; the ones after it stay in the list as
+# fallbacks for nodes it cannot take. TensorRT builds an engine per graph on first use: it gets the
+# bundle's batch profile and a persistent engine cache (BUNDLE/state/trt_cache), so that happens
+# once per device, not once per run.
 TENSORRT = "TensorrtExecutionProvider"
 
 
@@ -48,7 +51,7 @@ def tensorrt_options(bundle: Bundle, graph: str, inputs: dict[str, list]) -> dic
     the batch (`inputs`: name -> shape as onnxruntime reports it, the batch as a string)."""
     trt = bundle.manifest.get("tensorrt") or {}
     profile = trt.get("profile") or DEFAULT_PROFILE
-    cache = bundle.state_dir / "trt_cache"
+    cache = bundle.state_dir / TRT_CACHE
     options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache),
                "trt_fp16_enable": "True" if graph == "infer" and trt.get("fp16_infer") else "False"}
@@ -80,6 +83,26 @@ class PairStepResult:
     score_rejected: np.ndarray
 
 
+# What onnxruntime raises when a graph file itself cannot be loaded: not protobuf, not a valid
+# graph, an operator or opset this onnxruntime lacks, or gone. (Provider failures, e.g. EPFail or a
+# CUDA error, are not the bundle's fault and stay as they are.)
+_GRAPH_LOAD_ERRORS = tuple(getattr(ort_errors, name) for name in
+                           ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NotImplemented", "Fail"))
+
+
+def load_session(path, *args, **kwargs) -> ort.InferenceSession:
+    """ort.InferenceSession(path, ...), except that a graph file onnxruntime cannot load (hashes can
+    match a truncated or garbled file that a manifest was rewritten for) is one BundleError line
+    naming the file, for every caller."""
+    try:
+        return ort.InferenceSession(str(path), *args, **kwargs)
+    except _GRAPH_LOAD_ERRORS as exc:
+        text = str(exc).strip()
+        reason = text.partition("failed:")[2].strip() or text   # drop "[ONNXRuntimeError] : 7 : ... from PATH failed:"
+        raise BundleError(f"{path}: onnxruntime {ort.__version__} cannot load this graph "
+                          f"({reason.splitlines()[0] if reason else type(exc).__name__})") from None
+
+
 def _session(bundle: Bundle, graph: str, providers, threads: int | None) -> ort.InferenceSession:
     path = bundle.graph_path(graph)
     opts = ort.SessionOptions()
@@ -89,11 +112,11 @@ def _session(bundle: Bundle, graph: str, providers, threads: int | None) -> ort.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     chosen: list = list(providers)
     if TENSORRT in chosen:          # its profile needs the input shapes: read them from a CPU session
-        probe = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        probe = load_session(path, providers=["CPUExecutionProvider"])
         inputs = {i.name: list(i.shape) for i in probe.get_inputs()}
-        (bundle.state_dir / "trt_cache").mkdir(parents=True, exist_ok=True)
+        (bundle.state_dir / TRT_CACHE).mkdir(parents=True, exist_ok=True)
         chosen[chosen.index(TENSORRT)] = (TENSORRT, tensorrt_options(bundle, graph, inputs))
-    return ort.InferenceSession(str(path), opts, providers=chosen)
+    return load_session(path, opts, providers=chosen)
 
 
 class DeviceEngine:

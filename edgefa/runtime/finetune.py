@@ -17,13 +17,13 @@ import numpy as np
 from pathlib import Path
 
 from ..bundle import LOSS_BRADLEY_TERRY, Bundle, momentum_name, read_bundle
-from ..data.datasets import Dataset, Standardizer
-from ..data.preference import PreferencePairs
+from ..shared.datasets import Dataset, Standardizer
+from ..shared.preference_pairs import PreferencePairs
 from ..errors import DataError, EdgefaError
 from ..device_profiles.budget import step_cost
 from ..profiling.memory import peak_rss_bytes, rss_bytes
 from ..profiling.profiler import Profiler
-from .batches import batch_indices
+from ..shared.batches import batch_indices
 from .backends import open_engine
 from .divergence import (DEFAULT_MAX_REFUSALS, DIVERGED, TOO_MANY_REFUSALS, Diverged, DivergenceGuard,
                          DivergenceRule, TooManyRefusals, chance_loss, diverged_message, refusals_message)
@@ -203,8 +203,13 @@ class Finetuner:
         back_to = self.roll_back()
         self.stopped = {"reason": DIVERGED, "at_step": step, "rolled_back_to_step": back_to,
                         "rolled_back_steps": step - back_to}
-        message = diverged_message(step, reason, back_to, self.lr)
+        message = diverged_message(step, reason, back_to, self.lr, self.largest_input())
         raise Diverged(message, self.summary(back_to, message))
+
+    def largest_input(self) -> float:
+        """The largest |x| the graphs are fed (the standardized training data), for a stop's advice:
+        read only when a run stops, not on every run."""
+        return max(float(np.abs(a).max(initial=0.0)) for a in ((self.X, self.R) if self.pairs else (self.X,)))
 
     def eval_accuracy(self) -> float | None:
         if not self.eval:
@@ -252,7 +257,7 @@ class Finetuner:
                 if verdict == TOO_MANY_REFUSALS:
                     self.checkpoint(step + 1)
                     self.stopped = {"reason": TOO_MANY_REFUSALS, "at_step": step}
-                    message = refusals_message(step, self.refused[-refused_now:], step + 1)
+                    message = refusals_message(step, self.refused[-refused_now:], step + 1, self.largest_input())
                     raise TooManyRefusals(message, self.summary(step + 1, message))
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:

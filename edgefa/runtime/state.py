@@ -3,6 +3,10 @@
     state/checkpoint.npz        the newest checkpoint (weights, momentum, step, refused steps, feedback)
     state/checkpoint.prev.npz   the one before it
     state/.lock                 held (flock) by the process that trains this bundle: one at a time
+    state/trt_cache/            TensorRT's engine and timing caches (onnxruntime's TensorRT provider)
+
+Nothing else in state/ is edgefa's: a bundle whose state/ holds another file is not replaced
+(bundle.is_state_file, bundle.check_replaceable: the layout's names live in bundle.py).
 
 A save goes through storage.replace_file: a temporary `.checkpoint.npz.PID.tmp`, fsynced, the newest
 moved to `checkpoint.prev.npz`, the temporary renamed to `checkpoint.npz`, the folder fsynced. A
@@ -24,18 +28,23 @@ from pathlib import Path
 import numpy as np
 
 from .. import storage
-from ..bundle import Bundle
+from ..bundle import CHECKPOINT, LOCK, PREVIOUS, TEMPORARY_PATTERN, Bundle
 from ..errors import CheckpointError
 
-CHECKPOINT = "checkpoint.npz"
-PREVIOUS = "checkpoint.prev.npz"
-LOCK = ".lock"
-CHECKPOINT_NAMES = (CHECKPOINT, PREVIOUS)     # newest first
 FEEDBACK_PREFIX = "feedback/"
 
 
 class CheckpointFallback(UserWarning):
     """The newest checkpoint could not be used; the previous one was (one line: which and why)."""
+
+
+class NoUsableCheckpoint(CheckpointError):
+    """Neither checkpoint can be used. The line says what to do; `problem` is what is wrong without
+    that advice, for a caller that does something about it itself (a server quarantines them)."""
+
+    def __init__(self, problem: str, advice: str):
+        super().__init__(f"{problem}; {advice}")
+        self.problem = problem
 
 
 @dataclass
@@ -57,7 +66,7 @@ def stray_temp_files(bundle: Bundle) -> list[Path]:
     """Temporary checkpoint files a killed save left behind (`.checkpoint.npz.PID.tmp`)."""
     if not bundle.state_dir.is_dir():
         return []
-    return sorted(bundle.state_dir.glob(f".{CHECKPOINT}.*.tmp"))
+    return sorted(bundle.state_dir.glob(TEMPORARY_PATTERN))
 
 
 def lock_state(bundle: Bundle) -> storage.HeldLock:
@@ -139,8 +148,8 @@ def load_state(bundle: Bundle, names: list[str]) -> DeviceState | None:
         try:
             return _read_checkpoint(bundle, newest, names)
         except CheckpointError as exc:
-            raise CheckpointError(f"{exc}; move it out of {bundle.state_dir} to start again from the "
-                                  "bundle's weights") from None
+            raise NoUsableCheckpoint(str(exc), f"move it out of {bundle.state_dir} to start again from the "
+                                     "bundle's weights") from None
     if newest.exists():
         try:
             return _read_checkpoint(bundle, newest, names)
@@ -151,8 +160,36 @@ def load_state(bundle: Bundle, names: list[str]) -> DeviceState | None:
     try:
         state = _read_checkpoint(bundle, previous, names)
     except CheckpointError as exc:
-        raise CheckpointError(f"{newest_problem}; the previous one is unusable too ({exc}); move both "
-                              f"out of {bundle.state_dir} to start again from the bundle's weights") from None
+        raise NoUsableCheckpoint(f"{newest_problem}; the previous one is unusable too ({exc})", f"move both "
+                                 f"out of {bundle.state_dir} to start again from the bundle's weights") from None
     warnings.warn(CheckpointFallback(f"{newest_problem}; resumed from {previous.name} "
                                      f"(step {state.step}) instead"), stacklevel=2)
     return state
+
+
+def describe_state(bundle: Bundle, names: list[str]) -> str:
+    """What state/ holds, in one line (`edgefa device verify`): each checkpoint's step or why it is
+    damaged, and which one a fine-tune resumes from. NoUsableCheckpoint (load_state's line) when
+    neither can be used."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointFallback)
+        resumed = load_state(bundle, names)
+    if resumed is None:
+        return "no checkpoint (a fine-tune starts from the bundle's weights)"
+    parts, resumes = [], " (a fine-tune resumes from it)"
+    for path in (checkpoint_path(bundle), previous_checkpoint_path(bundle)):
+        if not path.exists():
+            if path.name == CHECKPOINT:         # the previous one exists (load_state found a state)
+                parts.append(f"{path.name} missing (a save was interrupted)")
+            continue
+        try:
+            step = _read_checkpoint(bundle, path, names).step
+        except CheckpointError as exc:
+            parts.append(f"{path.name} damaged ({str(exc).removeprefix(f'{path}: ')})")
+            continue
+        parts.append(f"{path.name} at step {step}{resumes}")
+        resumes = ""                            # only the first usable one, as load_state takes it
+    strays = stray_temp_files(bundle)
+    if strays:
+        parts.append(f"{len(strays)} temporary files of an interrupted save (removed by the next fine-tune)")
+    return "; ".join(parts)

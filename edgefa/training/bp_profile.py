@@ -15,13 +15,14 @@ import torch
 from torch.nn import functional as F
 
 from ..bundle import read_bundle
-from ..data.datasets import Dataset
 from ..models import MLP, MLPConfig
+from ..profile_runs.session import (ProfileConfig, device_profile_summary, main, model_line, profile_header,
+                                   synthetic_data)
 from ..profiling.machine import device_description, open_profiler
 from ..profiling.memory import rss_bytes
-from ..profiling.session import ProfileConfig, _header, _machine_dict, _model_line, main, synthetic_data
-from ..runtime.batches import batch_indices
 from ..runtime.finetune import standardize
+from ..shared.batches import batch_indices
+from ..shared.datasets import Dataset
 from .trainer import make_optimizer
 
 
@@ -82,13 +83,13 @@ def profile_bp(bundle_path, cfg: ProfileConfig, data: Dataset | None = None) -> 
                 sync()                       # the window ends when the GPU has finished the step
             losses.append(loss.item())
         profiler.extra["runtime_growth_bytes"] = rss_bytes() - rss_before if rss_before else None
-    return {**_header(f"edgefa profile: BP in torch on {Path(bundle_path).name}", "local (torch)", cfg,
-                      _machine_dict(machine), device_description()),
+    return {**profile_header(f"edgefa profile: BP in torch on {Path(bundle_path).name}", "local (torch)", cfg,
+                             device_profile_summary(machine), device_description()),
             **profiler.summary(), "link": None,
             "finetune": {"providers": [f"torch {torch.__version__} {device.type}"], "steps_run": len(losses),
                          "batch_size": cfg.batch_size, "loss_first": losses[0] if losses else None,
                          "loss_last": losses[-1] if losses else None, "refused_steps": []},
-            "model": _model_line(bundle.manifest), "energy_line": machine.energy_line}
+            "model": model_line(bundle.manifest), "energy_line": machine.energy_line}
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data import Dataset, load_dataset, stratified_split
+from ..shared.datasets import Dataset, load_dataset, stratified_split
 from ..errors import EdgefaError
 from .trainer import Run, TrainConfig, pick_device, save_run, train
 

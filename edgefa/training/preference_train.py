@@ -30,12 +30,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data import Standardizer
-from ..data.preference import PAD, VOCAB_SIZE, PreferencePairs, load_preference_jsonl, synthetic_pairs
+from ..shared.datasets import Standardizer
+from ..shared.preference_pairs import PAD, VOCAB_SIZE, PreferencePairs, load_preference_jsonl, synthetic_pairs
 from ..errors import DataError
-from ..runtime.batches import batch_indices
+from ..shared.batches import batch_indices
 from .preference import LOSSES, preference_accuracy, preference_loss
-from .rules import is_bp_step
+from ..models.rules import is_bp_step
 from .trainer import Run, TrainConfig, build_model, make_optimizer, pick_device, seed_everything
 
 PAIRS_SPEC_HELP = "synthetic[:N] (N pairs from a hidden utility, default 2000) | jsonl:FILE (prompt/chosen/rejected)"

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..data import Dataset, Standardizer, load_dataset, stratified_split
 from ..errors import CheckpointError
 from ..models import MLP, MLPConfig, NETS, NetConfig, model_from_config
-from ..runtime.batches import batch_indices
-from .rules import is_bp_step
+from ..models.rules import is_bp_step
+from ..shared.batches import batch_indices
+from ..shared.datasets import Dataset, Standardizer, load_dataset, stratified_split
+from .alignment import measure_alignment
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -52,7 +53,7 @@ class TrainConfig:
     penalty: float = 0.0             # lambda of the residual-stream penalty lambda * sum_l ||f_l(h_l)||^2
     freeze_blocks: bool = False      # the frozen-random-blocks baseline
     loss: str = "cross_entropy"      # cross_entropy | bradley-terry | hinge (a preference scorer's run)
-    alignment: bool = True           # log alignment with true BP per epoch (diagnostics/alignment.py)
+    alignment: bool = True           # log alignment with true BP per epoch (training/alignment.py)
     nproc: int = 1                   # data-parallel processes (training/distributed.py); batch_size is global
 
 
@@ -226,7 +227,6 @@ def train(config: TrainConfig, on_epoch: Callable[[int, dict], None] | None = No
                "n_train": len(ytr), "n_test": len(yte), **replicas.describe(), "epochs": []}
     alignment = config.alignment and rank == 0
     if alignment:               # a fixed probe: the first (up to) 256 standardized training samples
-        from ..diagnostics.alignment import measure_alignment
         probe_X, probe_y = Xtr[:min(256, len(ytr))], ytr[:min(256, len(ytr))]
     last_finite = None          # (epoch, weights, optimizer state) at the end of the last finite epoch
     for epoch in range(config.epochs):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..models import model_from_config
-from ..training.rules import sign_feedback
+from ..models.rules import sign_feedback
 
 SCHEMA = "edgefa.alignment/1"
 DTYPE = torch.float64

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefa.data.datasets import Dataset
-from edgefa.errors import DataError
+from ..errors import DataError
+from .datasets import Dataset
 
 
 def _spans(d: int, size: int) -> tuple[slice, slice]:

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -86,6 +88,12 @@ def sign_feedback(weight: Tensor) -> Tensor:
     """uSF's feedback: the sign of W at W's mean magnitude, detached (it is a backward path only)."""
     w = weight.detach()
     return torch.sign(w) * w.abs().mean()
+
+
+def dfa_feedback_std(n_outputs: int) -> float:
+    """DFA's B_l ~ N(0, 1/outputs): e @ B_l then has the scale of e's norm, whatever the number of
+    classes (or outputs) e has."""
+    return 1.0 / math.sqrt(n_outputs)
 
 
 def draw_feedback(shapes: list[tuple[int, int]], seed: int, std: list[float]) -> list[Tensor]:

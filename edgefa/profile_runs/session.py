@@ -1,8 +1,13 @@
 """`edgefa profile`: run fine-tuning steps under the profiler and gather profile.json.
 
 Locally, the bundle is copied to a scratch directory first, so profiling never moves the user's
-bundle state. Over the link, the host deploys the bundle, clears the device's profiler, drives
-the steps and asks the device for its summary; the host adds the round trips it timed itself.
+bundle state. Over the link, profiling never changes what the device serves or its state: the
+steps run in a scratch session on the device (link/service.py: its state is checkpointed and
+copied at the start, nothing is written during it, and the copy and the step are put back at the
+end), on the bundle the device serves, which must be BUNDLE (the same manifest). Another BUNDLE is
+refused in one line unless `deploy` is asked for: then BUNDLE is deployed first, as `edgefa deploy`
+does (the replaced bundle keeps its state on the device as bundle.prev). The host clears the
+device's profiler, drives the steps, asks for the summary, and adds the round trips it timed.
 
 Without a data file the steps run on seeded Gaussian samples shaped like the bundle's input (the
 cost of a step does not depend on the values). numpy + onnxruntime only: this runs on devices.
@@ -19,13 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, Bundle, describe_model, layer_shapes, model_kind,
-                      read_bundle)
-from ..data.datasets import Dataset
+                      read_bundle, sha256_file)
 from ..device_profiles import detect_profile
 from ..device_profiles.budget import budget
-from ..errors import EdgefaError
-from .machine import device_description, open_profiler
-from .profiler import latency_stats
+from ..errors import BundleError, EdgefaError
+from ..profiling.machine import device_description, open_profiler
+from ..profiling.profiler import latency_stats
+from ..runtime.backends import runs_on_gpu
+from ..runtime.finetune import FinetuneConfig, Finetuner
+from ..shared.datasets import Dataset, load_dataset
 
 SCHEMA = "edgefa.profile/1"
 
@@ -53,7 +60,9 @@ def synthetic_data(bundle: Bundle, samples: int, seed: int) -> Dataset:
     return Dataset(X, rng.integers(0, model["n_classes"], samples), model["n_classes"], "synthetic")
 
 
-def _header(title: str, where: str, cfg: ProfileConfig, machine, device: dict) -> dict:
+def profile_header(title: str, where: str, cfg: ProfileConfig, machine, device: dict) -> dict:
+    """The head of every profile.json: `machine` the device profile's summary, `device` the
+    machine's description (this one's, or the device's over the link)."""
     return {"schema": SCHEMA, "title": title, "where": where,
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": device, "device_profile": machine, "config": asdict(cfg)}
@@ -62,12 +71,8 @@ def _header(title: str, where: str, cfg: ProfileConfig, machine, device: dict) -
 def profile_local(bundle_path: str | Path, cfg: ProfileConfig, data: Dataset | None = None,
                   on_step=None) -> dict:
     """Fine-tune a scratch copy of the bundle for `cfg.steps` steps under the profiler."""
-    from ..runtime.finetune import FinetuneConfig, Finetuner
-
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise EdgefaError("steps and batch size must be at least 1")
-    from ..runtime.backends import runs_on_gpu
-
     profiler, machine = open_profiler(cfg.profile, work_on_gpu=runs_on_gpu(cfg.provider),
                                       warmup=cfg.warmup, sample_interval_s=cfg.sample_interval_s)
     _refuse_pairs(read_bundle(bundle_path), str(bundle_path))    # a bad bundle: reported by its own path
@@ -75,50 +80,73 @@ def profile_local(bundle_path: str | Path, cfg: ProfileConfig, data: Dataset | N
         with profiler.window("load"):
             bundle = read_bundle(_scratch_copy(bundle_path, Path(scratch)))
         data = data or synthetic_data(bundle, max(16 * cfg.batch_size, 256), cfg.seed)
-        run = Finetuner(bundle, data, FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size,
-                                                     checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
-                                                     threads=cfg.threads, provider=cfg.provider),
-                        profiler=profiler)
+        try:
+            run = Finetuner(bundle, data, FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size,
+                                                         checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
+                                                         threads=cfg.threads, provider=cfg.provider),
+                            profiler=profiler)
+        except BundleError as exc:       # a graph that does not load: named in the user's bundle, not the copy
+            raise BundleError(str(exc).replace(str(bundle.path), str(bundle_path))) from None
         result = run.run(on_step)
         manifest = bundle.manifest
     summary = profiler.summary()
     # the budget beside the measurement, with this host's measured bandwidth when it was detected
     device = machine.profile if cfg.profile else detect_profile()[0]
     prediction = budget(manifest, device, cfg.batch_size, result["providers"][0], samples=len(data.y))
-    return {**_header(f"edgefa profile: {Path(bundle_path).name} on this machine", "local", cfg,
-                      _machine_dict(machine), device_description()),
+    return {**profile_header(f"edgefa profile: {Path(bundle_path).name} on this machine", "local", cfg,
+                             device_profile_summary(machine), device_description()),
             **summary, "link": None,
             "finetune": {k: result[k] for k in ("providers", "steps_run", "batch_size", "lr", "loss_first",
                                                 "loss_last", "refused_steps")},
-            "model": _model_line(manifest), "budget": prediction.as_dict(), "energy_line": machine.energy_line}
+            "model": model_line(manifest), "budget": prediction.as_dict(), "energy_line": machine.energy_line}
 
 
 def profile_over_link(client, bundle_path: str | Path, cfg: ProfileConfig, data: Dataset | None = None,
-                      on_step=None, on_upload=None) -> dict:
-    """Deploy the bundle to `client`'s device, run `cfg.steps` more steps there, and gather the
-    device's profile with the host's round trips beside it."""
+                      on_step=None, on_upload=None, deploy: bool = False) -> dict:
+    """Run `cfg.steps` steps on `client`'s device in a scratch session (undone at its end) and
+    gather the device's profile with the host's round trips beside it. The device must serve
+    `bundle_path` (the same manifest); with `deploy`, another bundle is deployed first (the
+    module docstring says what that does). `device_state` in the result says what the device held
+    before and after: the same step and, bit for bit, the same state."""
     bundle = read_bundle(bundle_path)
     _refuse_pairs(bundle, str(bundle_path))
+    status = client.status()
+    serves_it = status.get("bundle") is not None and status.get("manifest_sha256") == sha256_file(
+        bundle.path / "manifest.json")
+    if not serves_it and not deploy:
+        serving = (f"another bundle ({status['bundle'][:16]}…, at step {status['step']})" if status.get("bundle")
+                   else "no bundle")
+        raise EdgefaError(f"{bundle_path}: the device at {client.url} serves {serving}; profiling runs on the "
+                          "bundle the device serves and leaves its state alone. Deploy BUNDLE first, or pass "
+                          "--deploy (it replaces the device's bundle; the replaced one keeps its state there "
+                          "as bundle.prev)")
     data = data or synthetic_data(bundle, max(16 * cfg.batch_size, 256), cfg.seed)
     client.profile(clear=True, samples=False, warmup=cfg.warmup)      # measure this session only
-    deployed = client.deploy(bundle_path, on_progress=on_upload)
-    start = client.status()["step"]
-    tuned = client.finetune(data.X, data.y, start + cfg.steps, cfg.batch_size, cfg.seed, on_step=on_step)
+    deployed = None if serves_it else client.deploy(bundle_path, on_progress=on_upload)
+    with client.scratch() as session:
+        start = session["step"]
+        tuned = client.finetune(data.X, data.y, start + cfg.steps, cfg.batch_size, cfg.seed, on_step=on_step,
+                                scratch=session["token"])
+    after = client.status()
     device = client.profile()
     rtt, step_ms = np.array(tuned["round_trip_ms"]), np.array(tuned["device_step_ms"])
     skip = cfg.warmup if len(rtt) > 2 * cfg.warmup else 0
     link = {"round_trip_ms": latency_stats(rtt[skip:]), "overhead_ms_p50": float(np.median(rtt - step_ms)) if len(rtt) else None,
-            "archive_bytes": deployed["archive_bytes"], **(client.stats.as_dict() if client.stats else {})}
+            "archive_bytes": deployed["archive_bytes"] if deployed else None,
+            **(client.stats.as_dict() if client.stats else {})}
     remote_cfg = ProfileConfig(**{**asdict(cfg), "warmup": device["warmup"],
                                   "sample_interval_s": device["sample_interval_s"],
                                   "provider": ",".join(device["providers"])})
-    return {**_header(f"edgefa profile: {Path(bundle_path).name} on {client.url}", f"device {client.url}",
-                      remote_cfg, device["device_profile"], device["device"]),
+    return {**profile_header(f"edgefa profile: {Path(bundle_path).name} on {client.url}", f"device {client.url}",
+                             remote_cfg, device["device_profile"], device["device"]),
             "phases": device["phases"], "memory": device["memory"], "energy": device["energy"], "link": link,
             "finetune": {"steps_run": tuned["steps_run"], "batch_size": cfg.batch_size,
                          "loss_first": tuned["loss_first"], "loss_last": tuned["loss_last"],
                          "refused_steps": tuned["refused_steps"], "reconnects": tuned["reconnects"]},
-            "model": _model_line(bundle.manifest)}
+            # the steps ran in a scratch session: the device is back at the step it had before them
+            "device_state": {"scratch": True, "step_before": start, "step_after": after["step"],
+                             "restored": bool(session["ended"]), "deployed": deployed},
+            "model": model_line(bundle.manifest)}
 
 
 def _scratch_copy(bundle_path, scratch: Path) -> Path:
@@ -130,12 +158,13 @@ def _scratch_copy(bundle_path, scratch: Path) -> Path:
     return dst
 
 
-def _machine_dict(machine) -> dict:
+def device_profile_summary(machine) -> dict:
+    """The `device_profile` of profile.json: which profile `machine` (profiling.machine.Machine) has, and how."""
     p = machine.profile
     return {"name": p.name, "display_name": p.display_name, "detected": bool(p.detected), "how": machine.how_recognized}
 
 
-def _model_line(manifest: dict) -> dict:
+def model_line(manifest: dict) -> dict:
     """The model in profile.json, any kind: `layers` is the widths along the matmul path (an mlp's
     layer widths; a resmlp's embed, fc1, fc2, ..., head), `description` the `describe_model` line."""
     m = manifest["model"]
@@ -154,13 +183,11 @@ def _refuse_pairs(bundle: Bundle, where: str) -> None:
 
 
 def main(argv: list[str] | None = None, run=profile_local) -> None:
-    """`python -m edgefa.profiling.session --bundle B --config JSON [--data SPEC] --out FILE`: one
+    """`python -m edgefa.profile_runs.session --bundle B --config JSON [--data SPEC] --out FILE`: one
     profile in a process of its own, so that its peak RSS is the fine-tuning's and nothing else's
     (`edgefa profile compare` runs it beside the torch BP side)."""
     import argparse
     import json
-
-    from ..data.datasets import load_dataset
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", required=True)

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import EdgefaError
-from .machine import device_description
+from ..profiling.machine import device_description
 from .session import ProfileConfig
 
 RATIO_DEFINITION = "dfa / bp: below 1 means DFA on the device runtime costs less"

@@ -44,11 +44,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..bundle import write_atomically
-from ..data import Dataset, load_dataset, stratified_split
+from ..shared.datasets import Dataset, load_dataset, stratified_split
 from ..errors import CheckpointError, DiagnosisError
 from ..models import model_from_config
 from . import DIAGNOSIS, measure_dtype_name
-from .alignment import bp_gradients, bp_twin, cosine, frobenius, measure_alignment, row_norms, rule_stage_signals, weight_layers
+from ..training.alignment import bp_gradients, bp_twin, cosine, frobenius, measure_alignment, row_norms, rule_stage_signals, weight_layers
 
 SCHEMA = "edgefa.diagnosis/1"
 BASELINE_DIR = "frozen_baseline"
@@ -62,7 +62,7 @@ AGGREGATION = {
     "growth": "max over consecutive stages of the ratio of their h_norm",
     "stability": "mean over all pairs of disjoint batches of cos(mean_n dL/dh_L over batch i, the same over "
                  "batch j), flattened per batch (dim 0)",
-    "gamma": "signal_cosine of diagnostics/alignment.py (mean over samples of the per-sample cosine, dim 1) "
+    "gamma": "signal_cosine of training/alignment.py (mean over samples of the per-sample cosine, dim 1) "
              "per stage; weight_grad_cosine per weight tensor; never averaged over layers. On the task loss "
              "(cross-entropy) alone: a residual-stream penalty's own local gradient, which the rule and BP share "
              "exactly, is left out of both sides",
