@@ -4,8 +4,9 @@ an injected clock and the set-up the soak's disk-full phase needs. Runs without 
     python benchmarks/_soak_server.py --store DIR [--listen 127.0.0.1:0] [--clock-rate R]
                                       [--checkpoint-every N] [--threads N]
 
-It builds the server the way edgefa/cli.py's `device serve` does (open_profiler, DeviceService,
-serve) and prints the same ready line on stdout ("edgefa device server: listening on H:P").
+It builds the server the way `edgefa device serve` does (link/server.py serve_device: open_profiler,
+DeviceService, serve; here with the injected clock) and prints the same ready line on stdout
+("edgefa device server: listening on H:P").
 
 * Clock. With --clock-rate R the clock the profiler and the server read advances R times faster
   than real time (86400: a day per second), so whatever grows with uptime (timelines, idle

@@ -67,7 +67,7 @@ QUICK_TIER = {
     "fpga_sim": ["test_fpga_datapath.py", "test_fpga_cost.py",
                  "test_fpga_cli.py::test_simulate_reports_both_runs_sqnr_overflow_and_zeroed_updates",
                  "test_bundle_kinds.py::test_one_check_guards_the_datapath_the_simulator_the_sweep_and_the_cost_model"],
-    "report": ["test_report_html.py"],
+    "report": ["test_report_html.py", "test_report_format.py"],
 }
 # The checks of the package's structure, in the quick tier whatever changes.
 STRUCTURE = ["test_import_graph.py", "test_quick_tier.py"]

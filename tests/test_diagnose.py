@@ -202,6 +202,28 @@ def test_bp_run_gamma_is_one_and_rho_bp_near_one(runs, digits):
         assert stage["rho_rule"] == pytest.approx(stage["rho_bp"], abs=1e-9), name   # bp's signal is the gradient
     for name, layer in result["layers"].items():
         assert layer["gamma"] == pytest.approx(1.0, abs=1e-6), name
+    assert result["warnings"] == []                   # the positive control holds at every stage
+
+
+def test_a_weak_positive_control_is_a_warning_of_the_diagnosis(first_diagnosis):
+    """rho(bp) under 0.9 (or unmeasured) at a stage that is not degenerate: the diagnosis itself
+    carries the warning (diagnosis.json), and `edgefa diagnose` prints it from there."""
+    from rich.console import Console
+
+    from edgefa.report.terminal import print_diagnosis
+
+    saved = first_diagnosis["saved"]
+    assert saved["warnings"] == diagnosis.positive_control_warnings(saved["stages"])
+    weak = copy.deepcopy(saved)
+    first, second, *_ = weak["stages"]
+    weak["stages"][first].update(rho_bp=0.5, degenerate=False)
+    weak["stages"][second].update(rho_bp=None, degenerate=True)      # degenerate: rho means nothing there
+    weak["warnings"] = diagnosis.positive_control_warnings(weak["stages"])
+    assert len(weak["warnings"]) == 1
+    assert f"rho(bp) is under 0.9 at {first}:" in weak["warnings"][0] and second not in weak["warnings"][0]
+    console = Console(record=True, width=400)
+    print_diagnosis(console, weak, "RUN")
+    assert f"warning: {weak['warnings'][0]}" in console.export_text()
 
 
 def test_perturbation_correlation_controls(runs, digits):

@@ -8,7 +8,6 @@ importing torch, for `edgefa report`. The alignment metrics themselves are measu
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from ..errors import CheckpointError, DiagnosisError
@@ -74,15 +73,6 @@ def epoch_alignment(row: dict) -> dict | None:
     return found if isinstance(found, dict) and isinstance(found.get("layers"), dict) else None
 
 
-def fmt_cosine(value) -> str:
-    """A cosine for tables: 4 decimals with sign; None is "degenerate" (a norm was exactly 0)."""
-    if value is None:
-        return "degenerate"
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-        return "n/a"
-    return f"{value:+.4f}"
-
-
-__all__ = ["DIAGNOSIS", "METRICS", "measure_dtype_name", "bp_twin", "cosine", "epoch_alignment", "fmt_cosine", "measure_alignment",
+__all__ = ["DIAGNOSIS", "METRICS", "measure_dtype_name", "bp_twin", "cosine", "epoch_alignment", "measure_alignment",
            "read_diagnosis", "read_metrics",
            "tensor_cosine", "weight_layers"]

@@ -423,7 +423,7 @@ def diagnose(run, settings: Settings | None = None, baseline=None, data: Dataset
     fired = [key for key, d in diagnostics.items() if d["fired"]]
     verdict = "walk back" if fired else "trustworthy"
 
-    return _jsonable({
+    result = _jsonable({
         "schema": SCHEMA,
         "run": {"method": config.method, "model": getattr(model.config, "kind", "mlp"), "dataset": config.dataset,
                 "penalty": config.penalty, "epochs_trained": len(run.metrics.get("epochs", [])) or None,
@@ -440,6 +440,19 @@ def diagnose(run, settings: Settings | None = None, baseline=None, data: Dataset
         "settings": {**asdict(settings), "device": str(device), "eval_samples": n},
         "aggregation": AGGREGATION,
     })
+    result["warnings"] = positive_control_warnings(result["stages"])
+    return result
+
+
+def positive_control_warnings(stages: dict) -> list[str]:
+    """rho(bp) is the positive control of the perturbation check: under 0.9 at a stage (or not
+    measured), finite differences do not confirm the BP gradient there and rho means little."""
+    weak = [name for name, row in stages.items()
+            if not row["degenerate"] and (row["rho_bp"] is None or row["rho_bp"] < 0.9)]
+    if not weak:
+        return []
+    return [f"the positive control rho(bp) is under 0.9 at {', '.join(weak)}: finite differences do not "
+            "confirm the BP gradient there (try a smaller --eps)"]
 
 
 def _jsonable(value):

@@ -25,8 +25,11 @@ from typing import Callable
 import numpy as np
 
 from ..errors import EdgefaError
-from ..report.html import (PALETTE, esc, figure, grid_table, kv_table, lines_chart, page, standalone_svg,
-                           write_report)
+from ..report.format import fmt_cosine_spread, fmt_pct, fmt_sci
+from ..report.markdown import markdown_table_lines
+from ..report.outputs import write_files
+from ..report.page import figure, heading, note, page, section, standalone_svg, subtitle, text_kv_table, text_table
+from ..report.svg import PALETTE, lines_chart
 from .grid import comma_items, mean_std, pool_map
 
 SCHEMA = "edgefa.audit/1"
@@ -268,27 +271,9 @@ def summarize(rows: list[dict], specs: list[AuditSpec]) -> list[dict]:
     return out
 
 
-# --- the table, the plots, the page ---------------------------------------------------------------
+# --- the table, the plots, the page (from report/: page, svg, markdown, format) ---------------------
 
 LETTERS = {"growth": "a", "gradient_floor": "b", "stability": "c", "baseline": "d"}
-
-
-def _pct(ms) -> str:
-    mean, std = ms
-    if mean is None:
-        return "-"
-    return f"{mean * 100:.1f}" + (f" ± {std * 100:.1f}" if std is not None else "")
-
-
-def _cos(ms) -> str:
-    mean, std = ms
-    if mean is None:
-        return "-"
-    return f"{mean:+.3f}" + (f" ± {std:.3f}" if std is not None else "")
-
-
-def _sci(v) -> str:
-    return "-" if v is None else f"{v:.3g}"
 
 
 def _verdict(s: dict) -> str:
@@ -305,7 +290,7 @@ def _gamma_deep(s: dict) -> str:
     deep = stages[-1]
     if s["degenerate"][deep] == s["seeds"]:
         return "degenerate"
-    cell = _cos(s["gamma"][deep])
+    cell = fmt_cosine_spread(*s["gamma"][deep])
     return cell + (f" ({s['degenerate'][deep]} degenerate)" if s["degenerate"][deep] else "")
 
 
@@ -318,10 +303,10 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
         null = s["null_mean"].get(deep) if deep else None
         rho = " / ".join(f"{ms[0]:+.2f}" if ms[0] is not None else "-" for ms in (s["rho_rule"], s["rho_bp"],
                                                                                   s["rho_random"]))
-        rows.append([s["config"], _pct(s["accuracy"]), _pct(s["baseline_accuracy"]),
-                     f"{s['growth']:.3g}x" if s["growth"] is not None else "-", _sci(s["h_L"]), _sci(s["g_L"]),
-                     _cos(s["stability"]), _gamma_deep(s), f"{null:+.3f}" if null is not None else "n/a",
-                     rho, f"{s['diverged']}/{s['seeds']}", _verdict(s)])
+        rows.append([s["config"], fmt_pct(*s["accuracy"], unit=""), fmt_pct(*s["baseline_accuracy"], unit=""),
+                     f"{fmt_sci(s['growth'])}x" if s["growth"] is not None else "-", fmt_sci(s["h_L"]),
+                     fmt_sci(s["g_L"]), fmt_cosine_spread(*s["stability"]), _gamma_deep(s),
+                     f"{null:+.3f}" if null is not None else "n/a", rho, f"{s['diverged']}/{s['seeds']}", _verdict(s)])
     return header, rows
 
 
@@ -329,8 +314,9 @@ def reference_rows() -> tuple[list[str], list[list[str]]]:
     header = ["config", "test acc %", "frozen-blocks acc %", "growth", "||h_L||", "||g_L||", "Gamma deepest"]
     rows = []
     for label, ref in REFERENCE.items():
-        rows.append([label, _pct((ref.get("accuracy"), None)), _pct((ref.get("baseline_accuracy"), None)),
-                     f"{ref['growth']:g}x" if "growth" in ref else "-", _sci(ref.get("h_L")), _sci(ref.get("g_L")),
+        rows.append([label, fmt_pct(ref.get("accuracy"), unit=""), fmt_pct(ref.get("baseline_accuracy"), unit=""),
+                     f"{ref['growth']:g}x" if "growth" in ref else "-", fmt_sci(ref.get("h_L")),
+                     fmt_sci(ref.get("g_L")),
                      f"{ref['gamma_deep']:+.3f}" if "gamma_deep" in ref else "-"])
     return header, rows
 
@@ -351,18 +337,14 @@ def caption(result: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    def md(header, rows):
-        cell = lambda text: str(text).replace("|", "\\|")       # noqa: E731  (norm bars are not columns)
-        return ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)] + \
-               ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
-
-    lines = ["# edgefa audit", "", *md(*table(result)), "", caption(result), "",
-             f"Reference ({REFERENCE_SOURCE}):", "", *md(*reference_rows()), "",
+    """audit.md: the table, its caption, the reference figures, Gamma per stage."""
+    lines = ["# edgefa audit", "", *markdown_table_lines(*table(result)), "", caption(result), "",
+             f"Reference ({REFERENCE_SOURCE}):", "", *markdown_table_lines(*reference_rows()), "",
              "Gamma per stage (mean ± std over seeds):", ""]
     stages = list(result["summary"][0]["gamma"]) if result["summary"] else []
-    lines += md(["config", *stages], [[s["config"], *(("degenerate" if s["degenerate"][st] == s["seeds"] else
-                                                       _cos(s["gamma"][st])) for st in stages)]
-                                      for s in result["summary"]])
+    gamma_rows = [[s["config"], *("degenerate" if s["degenerate"][st] == s["seeds"] else
+                                  fmt_cosine_spread(*s["gamma"][st]) for st in stages)] for s in result["summary"]]
+    lines += markdown_table_lines(["config", *stages], gamma_rows)
     return "\n".join(lines) + "\n"
 
 
@@ -393,38 +375,34 @@ def render_report(result: dict) -> str:
     if not isinstance(result, dict) or result.get("schema") != SCHEMA:
         raise EdgefaError(f"not an {SCHEMA} document")
     header, rows = table(result)
-    every = [[esc(r["config"]), esc(r["seed"]), esc(_pct((r["accuracy"], None))),
-              esc(_pct((r["baseline_accuracy"], None))), esc(_sci(r["growth"])), esc(_sci(r["g_L"])),
-              esc(r["verdict"] + (" (" + ", ".join(LETTERS[k] for k in r["fired"]) + ")" if r["fired"] else "")),
-              esc(r["run_dir"])] for r in result["runs"]]
+    every = [[r["config"], r["seed"], fmt_pct(r["accuracy"], unit=""), fmt_pct(r["baseline_accuracy"], unit=""),
+              fmt_sci(r["growth"]), fmt_sci(r["g_L"]),
+              r["verdict"] + (" (" + ", ".join(LETTERS[k] for k in r["fired"]) + ")" if r["fired"] else ""),
+              r["run_dir"]] for r in result["runs"]]
     trajectory_note = ("During training: the alignment probe logged each epoch (the first 256 training samples, "
                        "float64), at the deepest stage.")
-    body = ["<h1>edgefa audit</h1>",
-            f'<p class="sub">{len(result["runs"])} runs \u00b7 {esc(round(result.get("seconds", 0)))} s</p>',
-            grid_table(header, [[esc(c) for c in r] for r in rows]),
-            f'<p class="note">{esc(caption(result))}</p>',
-            f"<h2>Reference: {esc(REFERENCE_SOURCE)}</h2>",
-            grid_table(*(lambda h, rs: (h, [[esc(c) for c in r] for r in rs]))(*reference_rows())),
+    body = [heading("edgefa audit"),
+            subtitle(f'{len(result["runs"])} runs \u00b7 {round(result.get("seconds", 0))} s'),
+            text_table(header, rows),
+            note(caption(result)),
+            section(f"Reference: {REFERENCE_SOURCE}"),
+            text_table(*reference_rows()),
             figure("Gamma per stage", gamma_chart(result),
                    caption="Per-sample cosine of the rule's signal with the true BP gradient at each stage output "
                            "(mean over samples, then over seeds); degenerate stages are left out."),
             figure("||h_L|| over training", norms_chart(result, "h_L", "||h_L||"), caption=trajectory_note),
             figure("||g_L|| over training", norms_chart(result, "g_L", "||g_L||"), caption=trajectory_note),
-            "<h2>Every run</h2>",
-            grid_table(["config", "seed", "test acc %", "frozen acc %", "growth", "||g_L||", "verdict", "run"],
+            section("Every run"),
+            text_table(["config", "seed", "test acc %", "frozen acc %", "growth", "||g_L||", "verdict", "run"],
                        every, numeric_from=2),
-            "<h2>Configuration</h2>",
-            kv_table([(k, esc(v)) for k, v in result["config"].items()])]
+            section("Configuration"),
+            text_kv_table(result["config"].items())]
     return page("edgefa audit", body)
 
 
 def write_outputs(result: dict, out_dir) -> list[Path]:
-    out = Path(out_dir)
-    paths = [out / name for name in FILES]
-    write_report(paths[0], json.dumps(result, indent=2) + "\n")
-    write_report(paths[1], markdown(result))
-    for path, chart in ((paths[2], gamma_chart(result)), (paths[3], norms_chart(result, "h_L", "||h_L||")),
-                        (paths[4], norms_chart(result, "g_L", "||g_L||"))):
-        write_report(path, standalone_svg(chart) if chart else "")
-    write_report(paths[5], render_report(result))
-    return paths
+    """The FILES in `out_dir`: the paths, in that order."""
+    charts = (gamma_chart(result), norms_chart(result, "h_L", "||h_L||"), norms_chart(result, "g_L", "||g_L||"))
+    texts = [json.dumps(result, indent=2) + "\n", markdown(result),
+             *(standalone_svg(chart) if chart else "" for chart in charts), render_report(result)]
+    return write_files(out_dir, dict(zip(FILES, texts, strict=True)))

@@ -31,8 +31,11 @@ from typing import Callable
 
 from ..errors import EdgefaError
 from .grid import comma_items, mean_std
-from ..report.html import (PALETTE, esc, figure, grid_table, kv_table, lines_chart, page, standalone_svg,
-                           write_report)
+from ..report.format import fmt_pct
+from ..report.markdown import markdown_table_lines
+from ..report.outputs import write_files
+from ..report.page import figure, heading, note, page, section, standalone_svg, subtitle, text_kv_table, text_table
+from ..report.svg import PALETTE, lines_chart
 
 SCHEMA = "edgefa.preference-sweep/1"
 PLAIN_RULES = ("bp", "fa", "dfa", "usf")
@@ -188,17 +191,11 @@ def summary(result: dict) -> dict:
     return {"accuracy": per_rule("heldout_accuracy"), "true_accuracy": per_rule("true_accuracy"), "ceiling": ceiling}
 
 
-def pct_cell(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "-"
-    return f"{100 * mean:.1f}%" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}%"
-
-
 def table_rows(result: dict, key: str = "accuracy") -> tuple[list[str], list[list[str]]]:
     """The header and rows of the table: sigma, one column per rule (`key` of `summary`), the ceiling."""
     s = summary(result)
     header = ["sigma", *result["rules"], "ceiling (Bayes)"]
-    rows = [[f"{sigma:g}", *(pct_cell(*s[key][rule][i]) for rule in result["rules"]), pct_cell(*s["ceiling"][i])]
+    rows = [[f"{sigma:g}", *(fmt_pct(*s[key][rule][i]) for rule in result["rules"]), fmt_pct(*s["ceiling"][i])]
             for i, sigma in enumerate(result["sigmas"])]
     return header, rows
 
@@ -221,17 +218,12 @@ TRUE_NOTE = ("Agreement with the noise-free utility: the share of held-out pairs
              "from noisy labels); the ceiling column is the labels' own agreement.")
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def markdown_table(result: dict) -> str:
     """The table (held-out accuracy), its caption, then the agreement with the noise-free utility."""
-    lines = [*_markdown(*table_rows(result)), "", caption(result), ""]
+    lines = [*markdown_table_lines(*table_rows(result), right_aligned=True), "", caption(result), ""]
     if any(r.get("true_accuracy") is not None for r in result["runs"]):
         lines += ["Agreement with the noise-free utility (same runs):", "",
-                  *_markdown(*table_rows(result, "true_accuracy")), "", TRUE_NOTE, ""]
+                  *markdown_table_lines(*table_rows(result, "true_accuracy"), right_aligned=True), "", TRUE_NOTE, ""]
     return "\n".join(lines)
 
 
@@ -251,48 +243,37 @@ def accuracy_chart(result: dict) -> str | None:
                        "held-out preference accuracy (%)", markers=True)
 
 
-def _escaped(table: tuple[list[str], list[list[str]]]) -> tuple[list[str], list[list[str]]]:
-    header, rows = table
-    return header, [[esc(c) for c in row] for row in rows]
-
-
 def render_report(result: dict) -> str:
     """preference.html: the plot, the table, every run, the configuration."""
     if not isinstance(result, dict) or result.get("schema") != SCHEMA:
         raise EdgefaError(f"not an {SCHEMA} document")
-    runs = [[esc(f"{r['sigma']:g}"), esc(r["rule"]), esc(r["seed"]), esc(pct_cell(r["heldout_accuracy"], None)),
-             esc(pct_cell(r["ceiling"], None)), esc(pct_cell(r["true_accuracy"], None)), esc(f"{r['seconds']:.1f} s")]
-            for r in result["runs"]]
+    runs = [[f"{r['sigma']:g}", r["rule"], r["seed"], fmt_pct(r["heldout_accuracy"]), fmt_pct(r["ceiling"]),
+             fmt_pct(r["true_accuracy"]), f"{r['seconds']:.1f} s"] for r in result["runs"]]
     title = "edgefa experiment preference"
-    body = [f"<h1>{esc(title)}</h1>",
-            f'<p class="sub">{len(result["runs"])} runs: sigma {esc(", ".join(f"{s:g}" for s in result["sigmas"]))}'
-            f' \u00b7 rules {esc(", ".join(result["rules"]))} \u00b7 seeds {esc(", ".join(map(str, result["seeds"])))}'
-            f' \u00b7 {esc(round(result.get("seconds", 0)))} s</p>',
+    body = [heading(title),
+            subtitle(f'{len(result["runs"])} runs: sigma {", ".join(f"{s:g}" for s in result["sigmas"])}'
+                     f' \u00b7 rules {", ".join(result["rules"])} \u00b7 seeds {", ".join(map(str, result["seeds"]))}'
+                     f' \u00b7 {round(result.get("seconds", 0))} s'),
             figure("Held-out preference accuracy against label noise", accuracy_chart(result),
                    caption="Lines: the mean over seeds. The grey line is the ceiling: the accuracy of the "
                            "noise-free utility itself on the same held-out labels."),
-            "<h2>Held-out preference accuracy</h2>",
-            grid_table(*_escaped(table_rows(result))),
-            f'<p class="note">{esc(caption(result))}</p>',
-            "<h2>Agreement with the noise-free utility</h2>",
-            grid_table(*_escaped(table_rows(result, "true_accuracy"))),
-            f'<p class="note">{esc(TRUE_NOTE)}</p>',
-            "<h2>Every run</h2>",
-            grid_table(["sigma", "rule", "seed", "held-out accuracy", "ceiling", "agrees with the true utility",
+            section("Held-out preference accuracy"),
+            text_table(*table_rows(result)),
+            note(caption(result)),
+            section("Agreement with the noise-free utility"),
+            text_table(*table_rows(result, "true_accuracy")),
+            note(TRUE_NOTE),
+            section("Every run"),
+            text_table(["sigma", "rule", "seed", "held-out accuracy", "ceiling", "agrees with the true utility",
                         "time"], runs, numeric_from=2),
-            "<h2>Configuration</h2>",
-            kv_table([(k, esc(v)) for k, v in result["config"].items()])]
+            section("Configuration"),
+            text_kv_table(result["config"].items())]
     return page(title, body)
 
 
 def write_outputs(result: dict, out_dir) -> list[Path]:
     """preference.json, .md, .svg and .html in `out_dir`; the paths, in that order."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / name for name in FILES]
-    write_report(paths[0], json.dumps(result, indent=2) + "\n")
-    write_report(paths[1], markdown_table(result))
     chart = accuracy_chart(result)
-    write_report(paths[2], standalone_svg(chart) if chart else "")
-    write_report(paths[3], render_report(result))
-    return paths
+    texts = [json.dumps(result, indent=2) + "\n", markdown_table(result), standalone_svg(chart) if chart else "",
+             render_report(result)]
+    return write_files(out_dir, dict(zip(FILES, texts, strict=True)))

@@ -91,6 +91,34 @@ def float_reference_engine(bundle: Bundle) -> OrtEngine:
     return OrtEngine(replace(bundle, weights={n: a.copy() for n, a in bundle.weights.items()}), threads=1)
 
 
+@dataclass
+class SimulationInputs:
+    """What `fpga simulate` and `fpga sweep` run on, every part checked (load_inputs)."""
+    bundle: Bundle
+    train: Dataset
+    eval: Dataset | None
+    fxp: FxpConfig
+    engine: OrtEngine             # the float32 reference
+
+
+def load_inputs(bundle_path, data_spec: str, eval_spec: str | None, config_path=None,
+                lr: float | None = None) -> SimulationInputs:
+    """Read and check, in the order that refuses each mistake before the work it would spoil: the
+    fixed-point config, the bundle (one the datapath models), the learning rate in the config's
+    format, the data, then the bundle's graphs for the float32 reference. One line (EdgefaError)."""
+    from ..bundle import read_bundle
+    from ..shared.datasets import load_dataset
+    from .config import load_config
+
+    fxp = load_config(config_path)       # a bad config is refused before anything is read or run
+    bundle = read_bundle(bundle_path)
+    require_full_mlp_dfa(bundle.manifest, bundle_path)     # a bundle the datapath does not model: before the data
+    fxp.learning_rate(bundle.manifest["optimizer"]["lr"] if lr is None else lr)   # one it cannot hold, too
+    train, evaluation = load_dataset(data_spec), load_dataset(eval_spec) if eval_spec else None
+    engine = float_reference_engine(bundle)           # graphs that do not load: one line, before any output
+    return SimulationInputs(bundle, train, evaluation, fxp, engine)
+
+
 def simulate(bundle: Bundle, train: Dataset, config: SimulateConfig, fxp: FxpConfig,
              eval_data: Dataset | None = None,
              on_step: Callable[[int, float, float | None], None] | None = None,

@@ -6,6 +6,8 @@ rounded into) get `ap_fixed<W, int_bits, mode, AP_SAT>` for every W and mode; ev
 class keeps the base config's format. The expected picture (Gupta et al., ICML 2015): with few
 fraction bits an update smaller than half an LSB is lost by round-to-nearest every time, so
 learning stalls at the starting accuracy, while stochastic rounding keeps it in expectation.
+
+Its table, plot and page: report/fpga_sweep_page.py.
 """
 
 from __future__ import annotations
@@ -78,23 +80,3 @@ def sweep(bundle: Bundle, train: Dataset, run: SimulateConfig, grid: FormatGrid,
             "widths": list(grid.widths), "roundings": list(grid.roundings),
             "base_config": base.describe(), "float32_accuracy_before": before,
             "float32_accuracy_after": float_after, "rows": rows}
-
-
-def accuracy_grid(result: dict) -> dict[str, list[float | None]]:
-    """Accuracy per rounding mode, in width order."""
-    table = {(r["rounding"], r["width"]): r["accuracy"] for r in result["rows"]}
-    return {mode: [table.get((mode, w)) for w in result["widths"]] for mode in result["roundings"]}
-
-
-def markdown_table(result: dict) -> str:
-    grid = accuracy_grid(result)
-    head = "| W (I = %d) | " % result["int_bits"] + " | ".join(grid) + " |"
-    rule = "|---:|" + "---:|" * len(grid)
-    lines = [head, rule]
-    for i, w in enumerate(result["widths"]):
-        cells = [f"{100 * grid[m][i]:.1f}%" if grid[m][i] is not None else "-" for m in grid]
-        lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    if result["float32_accuracy_after"] is not None:
-        lines.append(f"\nfloat32 runtime after the same steps: {100 * result['float32_accuracy_after']:.1f}% "
-                     f"(before: {100 * result['float32_accuracy_before']:.1f}%)")
-    return "\n".join(lines) + "\n"

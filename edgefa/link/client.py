@@ -32,8 +32,8 @@ from ..shared.batches import batch_indices
 from ..runtime.divergence import DEFAULT_MAX_REFUSALS, DIVERGED, TOO_MANY_REFUSALS, Diverged, TooManyRefusals
 from ..runtime.finetune import check_samples
 from .messages import Message, MessageError, arrays_to_lists, decode, encode
-from .protocol import (Connection, LinkError, LinkLost, MessageReceived, NotAnEdgefaDevice, SessionRefused,
-                       SessionStarted, Timing)
+from .protocol import (Connection, LineBusy, LinkError, LinkLost, MessageReceived, NotAnEdgefaDevice,
+                       SessionRefused, SessionStarted, Timing)
 from .transport import OpenError, SerialTransport, exchange
 
 # A chunk and its request header fit one 64 KiB fragment: a chunk of exactly 64 KiB would need a
@@ -223,6 +223,9 @@ class DeviceClient:
                     raise EdgefaError(f"{self.url}: the device refused the session: {event.reason}")
                 if isinstance(event, NotAnEdgefaDevice):
                     self._not_edgefa(event.what)
+                if isinstance(event, LineBusy):
+                    self.close()
+                    raise EdgefaError(f"{self.url}: device busy: {event.what}")
                 if isinstance(event, LinkLost):
                     raise LinkError(f"{self.url}: {event.reason}")
         if conn.unframed_answer is not None:
@@ -483,3 +486,34 @@ class DeviceClient:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return out
+
+
+# --- fine-tuning over the link: what `edgefa finetune --device` and `edgefa fleet finetune` run -------
+
+def finetune_remote(dev: DeviceClient, train, steps: int, batch_size: int = 32, seed: int = 0,
+                    lr: float | None = None, eval_data=None, *, train_spec: str = "training data",
+                    eval_spec: str = "evaluation data", max_refusals: int = DEFAULT_MAX_REFUSALS,
+                    on_start: Callable[[int], None] | None = None,
+                    on_step: Callable[[int, float, float], None] | None = None,
+                    stop_if_reached: bool = False, device_memory: bool = False) -> dict | None:
+    """Evaluate, fine-tune to `steps`, evaluate again: DeviceClient.finetune's summary with
+    `accuracy_before` and `accuracy_after` (None without `eval_data`; `train` and `eval_data` have
+    X and y) and `link` (the client's frame counts). The device checks all the data first, before
+    any is sent; `on_start(step)` then hears the step it is at. With `stop_if_reached`, a device
+    already at `steps` or beyond is left alone and the answer is None. With `device_memory`, the
+    device's peak RSS is asked for at the end (`device_peak_rss_bytes`)."""
+    start = dev.check_data(train.X, train.y, train_spec)["step"]
+    if on_start:
+        on_start(start)
+    if stop_if_reached and start >= steps:     # --steps is the total to reach, not a count to add
+        return None
+    if eval_data is not None:
+        dev.check_data(eval_data.X, eval_data.y, eval_spec)
+    before = dev.evaluate(eval_data.X, eval_data.y)["accuracy"] if eval_data is not None else None
+    result = dev.finetune(train.X, train.y, steps, batch_size, seed, lr, on_step=on_step, max_refusals=max_refusals)
+    after = dev.evaluate(eval_data.X, eval_data.y)["accuracy"] if eval_data is not None else None
+    result.update(accuracy_before=before, accuracy_after=after)
+    if device_memory:
+        result["device_peak_rss_bytes"] = dev.profile(samples=False)["memory"]["peak_rss_bytes"]
+    result["link"] = dev.stats.as_dict()
+    return result

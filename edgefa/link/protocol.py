@@ -20,7 +20,8 @@ A line two hosts share (a serial port or pseudo-terminal opened twice). Every ho
 device writes, and each byte goes to whichever reads first. So the server refuses a second host's
 HELLO while a session is live (`session_hold`) with a REFUSE addressed to that HELLO (its seq is
 the HELLO's hello_id: the host in session ignores it), a host ends its session with BYE so the next
-one need not wait, and a connecting host that overhears another session's frames says "busy".
+one need not wait, and a host connecting for the first time that reads another session's frames
+stops at once (LineBusy): each frame it reads is one the host in session loses.
 
 Not an edgefa device. A first contact whose answer is text (an SSH banner, an HTTP reply), or our
 own HELLO echoed back (loop://), is reported at once (NotAnEdgefaDevice): no retry can fix it.
@@ -76,6 +77,12 @@ class LinkLost:
 @dataclass(frozen=True)
 class NotAnEdgefaDevice:
     """Client: what answered our HELLO is not an edgefa device (`what` it did); no retry helps."""
+    what: str
+
+
+@dataclass(frozen=True)
+class LineBusy:
+    """Client, first contact: another host's session is running on this line (`what` showed it)."""
     what: str
 
 
@@ -480,9 +487,15 @@ class Connection:
         elif self._state != "open":
             if self.role == "server" and frame.kind == Kind.DATA:
                 self._emit(Kind.REFUSE, 0, b"no session: send HELLO")  # rather than 30 s of silence
-            elif self.role == "client" and self._state == "connecting" and frame.kind in (Kind.DATA, Kind.ACK):
-                # (not NACK: a server whose WELCOME we missed NACKs our damaged repeat of HELLO)
-                self._overhear("frames of another host's session", now)
+            elif (self.role == "client" and self._state == "connecting" and not self.stats.sessions
+                  and frame.kind in (Kind.DATA, Kind.ACK)):
+                # Never ours before our first session (and bytes from before we opened the line were
+                # flushed): a session of another host is live. Stop reading at once, since every
+                # frame we read is one that host loses. (Not NACK: a server whose WELCOME we missed
+                # NACKs our damaged repeat of HELLO.)
+                self._state = "refused"
+                self._events.append(LineBusy(f"another host is in a session on this line "
+                                             f"({Kind(frame.kind).name} frames of its session seen)"))
             return
         elif (self._recv_key is not None) != bool(frame.flags & FLAG_AUTH):
             self.stats.forged += 1

@@ -27,7 +27,7 @@ from typing import Callable
 from ..errors import EdgefaError
 from .frames import Kind, encode_frame
 from .protocol import Connection, LinkError, LinkLost, MessageReceived, SessionEnded, SessionStarted
-from .service import DeviceService
+from .service import DeviceService, ServiceConfig
 from .transport import FdTransport, SerialTransport, accept, exchange, listen, open_pty
 
 POLL_S = 0.5             # longest wait for bytes before the loop looks at its timers again
@@ -284,3 +284,29 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
             log(f"stopped ({stopped_by}); {kept}")
         elif saved:
             log(f"checkpointed at step {service.step}")
+
+
+def serve_device(config: ServiceConfig, *, port: str | None = None, listen_address: str | None = None,
+                 key: bytes | None = None, baudrate: int = 115200, profile_name: str | None = None,
+                 idle_timeout: float = 60.0, ready: Callable[[str], None] = print,
+                 log: Callable[[str], None] = print) -> None:
+    """`edgefa device serve`: serve this device from the store `config.store` until SIGTERM or
+    Ctrl-C, with this machine's profiler (`profile_name`: a device profile, default detected).
+    Every refusal comes before anything is created: a bundle given as the store, an address that
+    cannot be bound (in use, not this machine's: a probe binds it and closes it at once; `serve`
+    binds it again), and then a store another process serves (DeviceService takes its lock first)."""
+    from ..out_folders import check_store_folder
+    from ..profiling.machine import open_profiler
+    from ..runtime.backends import runs_on_gpu
+
+    check_store_folder(config.store)
+    if listen_address is not None:
+        listen(listen_address).close()
+    profiler, machine = open_profiler(profile_name, work_on_gpu=runs_on_gpu(config.provider))
+    service = DeviceService(config, profiler.start(), log=log)
+    log(f"device profile {machine.profile.name} ({machine.how_recognized}); {machine.energy_line}")
+    service.machine = {"name": machine.profile.name, "display_name": machine.profile.display_name,
+                       "detected": bool(machine.profile.detected), "how": machine.how_recognized}
+    stop_on_sigterm()
+    serve(service, port=port, listen_address=listen_address, key=key, baudrate=baudrate,
+          ready=ready, log=log, timeouts=PeerTimeouts.from_idle(idle_timeout))

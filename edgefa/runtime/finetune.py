@@ -17,7 +17,7 @@ import numpy as np
 from pathlib import Path
 
 from ..bundle import LOSS_BRADLEY_TERRY, Bundle, momentum_name, read_bundle
-from ..shared.datasets import Dataset, Standardizer
+from ..shared.datasets import Dataset, Standardizer, load_dataset
 from ..shared.preference_pairs import PreferencePairs
 from ..errors import DataError, EdgefaError
 from ..device_profiles.budget import step_cost
@@ -80,6 +80,14 @@ def mean_loss(engine: DeviceEngine, pairs: bool, a: np.ndarray, b: np.ndarray) -
 
 def is_preference(bundle: Bundle) -> bool:
     return bundle.manifest.get("loss") == LOSS_BRADLEY_TERRY
+
+
+def load_finetune_data(bundle: Bundle, spec: str) -> Dataset | PreferencePairs:
+    """The data `spec` names, as `bundle` trains on it: pairs (an npz of chosen and rejected) for a
+    bradley-terry scorer, else samples and labels (shared.datasets.load_dataset)."""
+    if is_preference(bundle):
+        return load_pairs(spec)
+    return load_dataset(spec)
 
 
 def load_pairs(path: str | Path) -> PreferencePairs:

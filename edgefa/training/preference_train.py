@@ -32,7 +32,7 @@ import torch
 
 from ..shared.datasets import Standardizer
 from ..shared.preference_pairs import PAD, VOCAB_SIZE, PreferencePairs, load_preference_jsonl, synthetic_pairs
-from ..errors import DataError
+from ..errors import DataError, EdgefaError
 from ..shared.batches import batch_indices
 from .preference import LOSSES, preference_accuracy, preference_loss
 from ..models.rules import is_bp_step
@@ -69,6 +69,16 @@ def load_pairs_spec(spec: str, sigma: float = 0.0, dim: int = 16, seed: int = 0,
 
 def is_token_pairs(pairs: PreferencePairs) -> bool:
     return np.issubdtype(pairs.chosen.dtype, np.integer)
+
+
+def scorer_model(pairs: PreferencePairs, model: str | None, data_spec: str) -> str:
+    """The scorer's model kind: `model`, by default the mlp for feature pairs and the transformer
+    for token pairs (which only a transformer reads)."""
+    tokens = is_token_pairs(pairs)
+    kind = model or ("transformer" if tokens else "mlp")
+    if tokens and kind != "transformer":
+        raise EdgefaError(f"--data {data_spec}: token pairs need --model transformer, not {kind}")
+    return kind
 
 
 def split_pairs(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,39 +23,11 @@ from ..models.rules import is_bp_step
 from ..shared.batches import batch_indices
 from ..shared.datasets import Dataset, Standardizer, load_dataset, stratified_split
 from .alignment import measure_alignment
+from .config import TrainConfig  # its home is training/config.py (no torch); imported from here too
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 CHECKPOINT_FORMAT = "edgefa-checkpoint"
-
-
-@dataclass
-class TrainConfig:
-    method: str = "dfa"
-    dataset: str = "digits"
-    hidden: list[int] = field(default_factory=lambda: [256, 256])
-    activation: str = "relu"
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 0.003
-    momentum: float = 0.9
-    seed: int = 0
-    feedback_seed: int = 1
-    test_fraction: float = 0.25
-    hybrid_every: int = 10           # method "hybrid": a true BP step every k-th step
-    device: str = "auto"
-    model: str = "mlp"               # mlp | resmlp | cnn | vit | transformer
-    width: int | None = None         # None: the model's default (MODEL_DEFAULTS)
-    depth: int | None = None
-    expansion: int = 1
-    heads: int = 4
-    patch: int | None = None         # vit; None: 4 when it divides every spatial dim >= 16, else 2
-    penalty: float = 0.0             # lambda of the residual-stream penalty lambda * sum_l ||f_l(h_l)||^2
-    freeze_blocks: bool = False      # the frozen-random-blocks baseline
-    loss: str = "cross_entropy"      # cross_entropy | bradley-terry | hinge (a preference scorer's run)
-    alignment: bool = True           # log alignment with true BP per epoch (training/alignment.py)
-    nproc: int = 1                   # data-parallel processes (training/distributed.py); batch_size is global
-
 
 MODEL_DEFAULTS = {"resmlp": {"width": 256, "depth": 4}, "cnn": {"width": 16, "depth": 2},
                   "vit": {"width": 64, "depth": 2}, "transformer": {"width": 64, "depth": 2}}
