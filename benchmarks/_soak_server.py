@@ -26,7 +26,6 @@ import sys
 sys.modules["torch"] = None  # type: ignore[assignment]  # the device side never imports torch
 
 import argparse  # noqa: E402
-import inspect  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,10 +33,8 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's edgefa first
 
 from edgefa.errors import EdgefaError  # noqa: E402
-from edgefa.link.server import serve, stop_on_sigterm  # noqa: E402
-from edgefa.link.service import DeviceService, ServiceConfig  # noqa: E402
-from edgefa.profiling.machine import open_profiler  # noqa: E402
-from edgefa.profiling.profiler import Profiler  # noqa: E402
+from edgefa.link.server import serve_device  # noqa: E402
+from edgefa.link.service import ServiceConfig  # noqa: E402
 
 
 class ScaledClock:
@@ -54,10 +51,6 @@ class ScaledClock:
     def seconds(self) -> float:
         """In the units of time.monotonic (what the server reads)."""
         return self._s0 + (time.monotonic() - self._s0) * self.rate
-
-
-def accepts(func, keyword: str) -> bool:
-    return keyword in inspect.signature(func).parameters
 
 
 def main() -> None:
@@ -77,30 +70,14 @@ def main() -> None:
         print(f"edgefa device server: {line}", file=sys.stderr, flush=True)
 
     clock = ScaledClock(args.clock_rate)
-    profiler_options, serve_options, applied = {}, {}, []
-    if args.clock_rate != 1.0:
-        if accepts(Profiler.__init__, "clock_ns"):
-            profiler_options["clock_ns"] = clock.ns
-            applied.append("Profiler(clock_ns)")
-        if accepts(serve, "clock"):
-            serve_options["clock"] = clock.seconds
-            applied.append("serve(clock)")
-    say(f"clock rate {args.clock_rate:g}: " + (f"applied to {', '.join(applied)}" if applied else
-        "real clock (rate 1)" if args.clock_rate == 1.0 else
-        "NOT applied: this edgefa's Profiler and serve take no clock keyword; real clock"))
-
-    profiler, machine = open_profiler(None, **profiler_options)
-    say(f"device profile {machine.profile.name} ({machine.how_recognized}); {machine.energy_line}")
-    service = DeviceService(ServiceConfig(args.store, args.checkpoint_every, None, args.threads), profiler.start(),
-                            log=say)
-    service.machine = {"name": machine.profile.name, "display_name": machine.profile.display_name,
-                       "detected": bool(machine.profile.detected), "how": machine.how_recognized}
-    stop_on_sigterm()
+    say(f"clock rate {args.clock_rate:g}: " + ("real clock" if args.clock_rate == 1.0 else
+        "applied to the profiler (clock_ns) and the server's timeouts (clock)"))
 
     def ready(line: str) -> None:
         print(f"edgefa device server: {line}", flush=True)   # stdout, one line: what soak.py waits for
 
-    serve(service, listen_address=args.listen, ready=ready, log=say, **serve_options)
+    serve_device(ServiceConfig(args.store, args.checkpoint_every, None, args.threads),
+                 listen_address=args.listen, ready=ready, log=say, clock=clock.seconds, clock_ns=clock.ns)
 
 
 if __name__ == "__main__":

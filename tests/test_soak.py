@@ -29,7 +29,7 @@ def test_compressed_soak_meets_its_targets(tmp_path, tiny_bundle_master):
     payload = json.loads(out.read_text())
     r, log = payload["results"], done.stdout
 
-    assert "applied to Profiler(clock_ns), serve(clock)" in payload["clock"], payload["clock"]
+    assert "applied to the profiler (clock_ns) and the server's timeouts (clock)" in payload["clock"], payload["clock"]
     assert r["unexpected_failures"] == [], log
     assert r["targets"]["unexpected_failures"]["met"] is True
 

@@ -289,12 +289,15 @@ def serve(service: DeviceService, *, port: str | None = None, listen_address: st
 def serve_device(config: ServiceConfig, *, port: str | None = None, listen_address: str | None = None,
                  key: bytes | None = None, baudrate: int = 115200, profile_name: str | None = None,
                  idle_timeout: float = 60.0, ready: Callable[[str], None] = print,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+                 clock_ns: Callable[[], int] = time.perf_counter_ns) -> None:
     """`edgefa device serve`: serve this device from the store `config.store` until SIGTERM or
     Ctrl-C, with this machine's profiler (`profile_name`: a device profile, default detected).
     Every refusal comes before anything is created: a bundle given as the store, an address that
     cannot be bound (in use, not this machine's: a probe binds it and closes it at once; `serve`
-    binds it again), and then a store another process serves (DeviceService takes its lock first)."""
+    binds it again), and then a store another process serves (DeviceService takes its lock first).
+    `clock` (the server's timeouts) and `clock_ns` (the profiler's timestamps) are injected by the
+    soak benchmark to run the server's time days per second; the defaults are the real clocks."""
     from ..out_folders import check_store_folder
     from ..profiling.machine import open_profiler
     from ..runtime.backends import runs_on_gpu
@@ -302,11 +305,11 @@ def serve_device(config: ServiceConfig, *, port: str | None = None, listen_addre
     check_store_folder(config.store)
     if listen_address is not None:
         listen(listen_address).close()
-    profiler, machine = open_profiler(profile_name, work_on_gpu=runs_on_gpu(config.provider))
+    profiler, machine = open_profiler(profile_name, work_on_gpu=runs_on_gpu(config.provider), clock_ns=clock_ns)
     service = DeviceService(config, profiler.start(), log=log)
     log(f"device profile {machine.profile.name} ({machine.how_recognized}); {machine.energy_line}")
     service.machine = {"name": machine.profile.name, "display_name": machine.profile.display_name,
                        "detected": bool(machine.profile.detected), "how": machine.how_recognized}
     stop_on_sigterm()
     serve(service, port=port, listen_address=listen_address, key=key, baudrate=baudrate,
-          ready=ready, log=log, timeouts=PeerTimeouts.from_idle(idle_timeout))
+          ready=ready, log=log, timeouts=PeerTimeouts.from_idle(idle_timeout), clock=clock)

@@ -61,7 +61,7 @@ from ..errors import BundleError, CheckpointError, DataError, EdgefaError
 from ..profiling.machine import device_description
 from ..profiling.memory import rss_bytes
 from ..profiling.profiler import Profiler
-from ..runtime.backends import TENSORRT_BACKEND, available_backends, check_provider, open_engine
+from ..runtime.backends import TENSORRT_BACKEND, available_backends, check_provider, open_checked_engine
 from ..runtime.engine import DeviceEngine, choose_providers
 from ..runtime.divergence import (DEFAULT_MAX_REFUSALS, DIVERGED, TOO_MANY_REFUSALS, DivergenceGuard, chance_loss,
                                   diverged_message, refusals_message)
@@ -258,21 +258,9 @@ class DeviceService:
             self.log("no bundle to serve: deploy one (edgefa deploy BUNDLE --device URL)")
 
     def _open_engine(self, bundle: Bundle) -> DeviceEngine:
-        """The bundle's engine, with its sessions built and one forward pass run on a zero batch:
-        a bundle that passes its hashes but cannot run (a truncated graph re-hashed, an operator
-        this onnxruntime lacks) fails here, as one BundleError line, before anything serves it."""
-        try:
-            engine = open_engine(bundle, self.config.provider, self.config.threads)
-            logits = engine.predict_logits(np.zeros((1, bundle.model["in_features"]), np.float32))
-        except EdgefaError:
-            raise
-        except Exception as exc:     # onnxruntime's own errors: the bundle's graphs do not load or run
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{bundle.path}: cannot be loaded ({text})") from None
-        if logits.shape != (1, bundle.model["n_classes"]) or not np.isfinite(logits).all():
-            raise BundleError(f"{bundle.path}: a forward pass on a zero batch gave logits of shape "
-                              f"{list(logits.shape)}, finite: {bool(np.isfinite(logits).all())}")
-        return engine
+        """The bundle's engine, checked by a forward pass (backends.open_checked_engine): a bundle
+        that passes its hashes but cannot run fails as one BundleError line before anything serves it."""
+        return open_checked_engine(bundle, self.config.provider, self.config.threads)
 
     def _load(self, lock: storage.HeldLock | None = None) -> None:
         """Serve STORE/bundle: hold its state lock (`lock`, when the caller took it already), open
