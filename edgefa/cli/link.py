@@ -171,7 +171,7 @@ def fleet_deploy_command(bundle, inventory):
     """Send one bundle to every device."""
     from ..bundle import read_bundle
     from ..link.fleet import load_inventory, run_fleet
-    from ..report.terminal import fleet_deploy_cells
+    from ..report.terminal import FLEET_DEPLOY_COLUMNS, fleet_deploy_cells
 
     read_bundle(bundle)
     entries = load_inventory(inventory)
@@ -184,7 +184,7 @@ def fleet_deploy_command(bundle, inventory):
             return {**result, "retransmits": dev.stats.retransmits, "reconnects": dev.reconnects}
 
         results = run_fleet(entries, action)
-    print_fleet(f"fleet deploy {escape(str(bundle))}", results, ["archive", "step", "repeats"], fleet_deploy_cells)
+    print_fleet(f"fleet deploy {escape(str(bundle))}", results, FLEET_DEPLOY_COLUMNS, fleet_deploy_cells)
 
 
 @fleet_group.command("finetune")

@@ -287,7 +287,19 @@ def fleet_info_cells(a: dict) -> list[str]:
 
 
 def fleet_deploy_cells(a: dict) -> list[str]:
-    return [human_bytes(a["archive_bytes"]), str(a["step"]), str(a["retransmits"])]
+    return [human_bytes(a["archive_bytes"]), str(a["step"]), str(a["retransmits"]), replaced_state_cell(a)]
+
+
+def replaced_state_cell(a: dict) -> str:
+    """What became of the device state a deploy replaced (deploy_lines says it in full)."""
+    kept = [f"step {r['step']} kept as {r['kept_as']}" for r in (a.get("replaced"), a.get("pushed_out"))
+            if r and r.get("kept_as")]
+    if a.get("pushed_out") and not a["pushed_out"].get("kept_as") and a["pushed_out"].get("step") is not None:
+        kept.append(f"step {a['pushed_out']['step']} removed (--keep-retired 0)")
+    return "; ".join(kept) or "-"
+
+
+FLEET_DEPLOY_COLUMNS = ["archive", "step", "repeats", "replaced state"]
 
 
 def fleet_finetune_cells(a: dict, evaluated: bool) -> list[str]:
