@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_edgefa
+from test_store_faults import variant
 
 
 def start_server(store: Path) -> tuple[subprocess.Popen, str]:
@@ -65,6 +66,12 @@ def test_fleet_deploys_finetunes_and_reports_three_devices(three_servers, tiny_b
     assert all(int(s["step"]) == 12 for s in states)
     for name in states[0]:
         assert np.array_equal(states[0][name], states[1][name]) and np.array_equal(states[0][name], states[2][name])
+
+    # Another bundle over the fine-tuned ones: every device keeps what it trained and the table says where.
+    other = variant(tiny_bundle, tmp_path / "other", lr=0.02)
+    again = run_edgefa("fleet", "deploy", other, "--inventory", inventory)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("step 12 kept as bundle.prev") == 3, again.stdout
 
 
 def test_fleet_reports_a_dead_device_and_still_serves_the_others(three_servers, tmp_path):
