@@ -29,6 +29,7 @@ import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -48,6 +49,9 @@ LOCK = ".lock"
 CHECKPOINT_NAMES = (CHECKPOINT, PREVIOUS)     # newest first
 TEMPORARY_PATTERN = f".{CHECKPOINT}.*.tmp"    # storage.replace_file's `.NAME.PID.tmp`
 TRT_CACHE = "trt_cache"                       # TensorRT's caches (runtime/engine.py, tensorrt_build.py)
+# trunk features cached per sample (runtime/feature_cache.py): `.features-<bundle>-<data>.f32` and its
+# temporary `.NAME.PID.tmp`; dot files, so a pulled or packed bundle never carries them
+FEATURE_CACHE_PATTERNS = (".features-*.f32", "..features-*.f32.*.tmp")
 # The forward pass with the weights as initializers, from which TensorRT builds a refittable
 # inference engine (exporters.onnx_graphs.refittable_infer_graph; runtime.tensorrt_build).
 REFIT_GRAPH = "tensorrt/infer_refit.onnx"
@@ -62,20 +66,55 @@ REFIT_GRAPH = "tensorrt/infer_refit.onnx"
 #
 #   mlp     fc0 .. fc{L-1}, head                                   (model["layers"])
 #   resmlp  embed, blocks.{i}.norm, blocks.{i}.fc1, blocks.{i}.fc2 (i < depth), norm, head
+#   cnn     conv{i} .. (the names in model["convs"]; a part cut above conv0 starts later), fc, head
 #
 # Trainable *units*, counted from the head (`--trainable last:K` trains the last K of them):
 #   mlp     [head], [fc{L-1}], ..., [fc0]
 #   resmlp  [norm, head], [block depth-1: its norm, fc1, fc2], ..., [block 0], [embed]
+#   cnn     [head], [fc], [conv{last}], ..., [conv{first}]
 
-MODEL_KINDS = ("mlp", "resmlp")
+MODEL_KINDS = ("mlp", "resmlp", "cnn")
 LOSS_CROSS_ENTROPY = "cross_entropy (mean over the batch)"
 LOSS_BRADLEY_TERRY = "bradley-terry"
 LOSSES = (LOSS_CROSS_ENTROPY, LOSS_BRADLEY_TERRY)
-ACTIVATIONS = {"mlp": ("relu", "tanh"), "resmlp": ("relu", "tanh", "gelu")}
+ACTIVATIONS = {"mlp": ("relu", "tanh", "gelu"), "resmlp": ("relu", "tanh", "gelu"), "cnn": ("relu", "tanh", "gelu")}
+NEW_HEAD_ACTIVATIONS = ("relu", "tanh")     # a new head on a trunk (exporters/own_model.py) is edgefa's MLP
 
 
 def model_kind(model: dict) -> str:
+    """The kind of the part the device trains (a frozen trunk under it does not change it)."""
     return model.get("kind", "mlp")
+
+
+# --- the frozen trunk ------------------------------------------------------------------------
+#
+# A bundle may carry a frozen *trunk* under the part the device trains: any forward graph (exported
+# by torch's own ONNX exporter, or cut from the user's ONNX model) from the bundle's input x
+# [batch, in_features] to flat features [batch, features]. manifest["model"]["trunk"] says what it
+# is and where the cut is; its tensors are frozen weights (weights.npz, names "trunk.*", bound
+# once like every frozen weight); the trainable part's own topology is the rest of
+# manifest["model"], whose input is the trunk's features (part_topology). infer.onnx and
+# train_step.onnx are the whole model, trunk included; trunk.onnx (x -> features) and
+# head_step.onnx (the part's step on features) let the device cache trunk features per sample.
+
+TRUNK_GRAPH = "trunk.onnx"
+HEAD_STEP_GRAPH = "head_step.onnx"
+TRUNK_PREFIX = "trunk."
+
+
+def trunk_of(model: dict) -> dict | None:
+    """manifest["model"]["trunk"], or None for a bundle the device trains from its input up."""
+    return model.get("trunk")
+
+
+def part_topology(model: dict) -> dict:
+    """The trainable part alone: the model without its trunk, its input the trunk's features."""
+    trunk = trunk_of(model)
+    if trunk is None:
+        return model
+    part = {k: v for k, v in model.items() if k != "trunk"}
+    part["in_features"] = trunk["features"]
+    return part
 
 
 def _block_layers(i: int) -> list[str]:
@@ -86,13 +125,22 @@ def layer_names(model: dict) -> list[str]:
     """Every parameter layer, in graph order."""
     if model_kind(model) == "resmlp":
         return ["embed", *[n for i in range(model["depth"]) for n in _block_layers(i)], "norm", "head"]
-    return [layer["name"] for layer in model["layers"]]
+    return [conv["name"] for conv in model.get("convs", [])] + [layer["name"] for layer in model["layers"]]
+
+
+def conv_spatial(conv: dict) -> list[int]:
+    """A cnn conv stage's spatial size after the convolution, before its pool (torch's arithmetic;
+    the pool then floors: out_spatial = conv_spatial // pool)."""
+    return [(s + 2 * conv["padding"] - conv["kernel"]) // conv["stride"] + 1 for s in conv["in_spatial"]]
 
 
 def layer_shapes(model: dict) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """layer -> (weight shape, bias shape), in graph order."""
-    if model_kind(model) != "resmlp":
-        return {layer["name"]: ((layer["out"], layer["in"]), (layer["out"],)) for layer in model["layers"]}
+    model = part_topology(model)
+    if model_kind(model) != "resmlp":   # a cnn's convs [O, C, k] or [O, C, k, k], then its Linear layers
+        convs = {c["name"]: ((c["out_channels"], c["in_channels"], *[c["kernel"]] * len(c["in_spatial"])),
+                             (c["out_channels"],)) for c in model.get("convs", [])}
+        return convs | {layer["name"]: ((layer["out"], layer["in"]), (layer["out"],)) for layer in model["layers"]}
     d, hidden, classes = model["width"], model["width"] * model["expansion"], model["n_classes"]
     shapes = {"embed": ((d, model["in_features"]), (d,))}
     for i in range(model["depth"]):
@@ -105,8 +153,10 @@ def layer_shapes(model: dict) -> dict[str, tuple[tuple[int, ...], tuple[int, ...
 
 
 def param_shapes(model: dict) -> dict[str, tuple[int, ...]]:
-    """Every weight tensor in graph order: `<layer>.weight` and `<layer>.bias` (weights.npz)."""
-    shapes = {}
+    """Every weight tensor in graph order: the trunk's (frozen), then `<layer>.weight` and
+    `<layer>.bias` of the part's layers (weights.npz)."""
+    trunk = trunk_of(model)
+    shapes = {name: tuple(shape) for name, shape in trunk["params"].items()} if trunk else {}
     for layer, (w, b) in layer_shapes(model).items():
         shapes[f"{layer}.weight"] = w
         shapes[f"{layer}.bias"] = b
@@ -121,13 +171,16 @@ def trainable_units(model: dict) -> list[list[str]]:
 
 
 def check_trainable_syntax(spec) -> int | None:
-    """`all` -> None; `last:K` -> K (an integer; its range depends on the model). Else BundleError."""
+    """`all` -> None; `last:K` -> K (an integer; its range depends on the model); `head` -> 1.
+    Else BundleError."""
     if spec is None or spec == "all":
         return None
+    if spec == "head":
+        return 1
     text = str(spec)
     kind, sep, count = text.partition(":")
     if kind != "last" or not sep:
-        raise BundleError(f"trainable {text!r}: expected 'all' or 'last:K'")
+        raise BundleError(f"trainable {text!r}: expected 'all', 'head' or 'last:K'")
     try:
         return int(count)
     except ValueError:
@@ -168,25 +221,36 @@ def layer_params(layer: str) -> list[str]:
 
 def feedback_shapes(model: dict) -> dict[str, tuple[int, int]]:
     """DFA feedback B [classes, width] for every trainable stage that is not the readout:
-    mlp: every hidden layer fc{l}; resmlp: `embed` and `block{i}` (the residual stream, width d)."""
+    mlp: every hidden layer fc{l}; resmlp: `embed` and `block{i}` (the residual stream, width d);
+    cnn: every conv{i} (width: its output after the pool, flattened C-major) and fc."""
     classes, trained = model["n_classes"], set(trainable_layers(model))
     if model_kind(model) == "resmlp":
         stages = {"embed": ["embed"]}
         stages.update({f"block{i}": _block_layers(i) for i in range(model["depth"])})
         return {s: (classes, model["width"]) for s, layers in stages.items() if trained & set(layers)}
-    return {layer["name"]: (classes, layer["out"]) for layer in model["layers"][:-1] if layer["name"] in trained}
+    convs = {c["name"]: (classes, c["out_channels"] * prod(c["out_spatial"])) for c in model.get("convs", [])}
+    return {name: shape for name, shape in convs.items() if name in trained} | {
+        layer["name"]: (classes, layer["out"]) for layer in model["layers"][:-1] if layer["name"] in trained}
 
 
 def describe_model(model: dict) -> str:
-    """One line for tables: `64 -> 32 -> 10 (relu)`, or the residual MLP's shape."""
+    """One line for tables: `64 -> 32 -> 10 (relu)`, or the residual MLP's shape; a trunk first."""
+    trunk, model = trunk_of(model), dict(part_topology(model), in_features=model["in_features"])
+    part_in = trunk["features"] if trunk else model["in_features"]
     if model_kind(model) == "resmlp":
         text = (f"resmlp {model['in_features']} -> {model['depth']} x [{model['width']} -> "
                 f"{model['width'] * model['expansion']} -> {model['width']}] -> {model['n_classes']} "
                 f"({model['activation']}, pre-LN)")
+    elif model_kind(model) == "cnn":     # cnn 1x8x8 -> conv0 8x4x4 -> conv1 16x2x2 -> 64 -> 10  (relu)
+        stages = [f"{c['name']} {'x'.join(map(str, [c['out_channels'], *c['out_spatial']]))}" for c in model["convs"]]
+        text = " -> ".join([f"cnn {'x'.join(map(str, model['in_shape']))}", *stages]
+                           + [str(l["out"]) for l in model["layers"]]) + f"  ({model['activation']})"
     else:
-        text = " -> ".join([str(model["in_features"])] + [str(l["out"]) for l in model["layers"]]) \
+        text = " -> ".join([str(part_in)] + [str(l["out"]) for l in model["layers"]]) \
             + f"  ({model['activation']})"
     trainable = model.get("trainable", "all")
+    if trunk:
+        text = f"frozen trunk {model['in_features']} -> {trunk['features']} ({trunk['source']}), then " + text
     return text + ("" if trainable == "all" else f", trains {trainable}")
 
 
@@ -278,12 +342,13 @@ def write_bundle(out_dir: str | os.PathLike, manifest: dict, graphs: dict[str, b
 
 def is_state_file(relative: PurePosixPath) -> bool:
     """Whether a file at `relative` (inside state/) is one edgefa writes there: the two checkpoints,
-    the lock, a save's temporary file, or TensorRT's engine and timing caches (trt_cache/, named by
-    TensorRT). Anything else is the user's: a bundle holding it is not edgefa's to replace."""
+    the lock, a save's temporary file, TensorRT's engine and timing caches (trt_cache/, named by
+    TensorRT), or a feature cache and its temporary file. Anything else is the user's: a bundle holding it is not edgefa's to replace."""
     if relative.parts[:1] == (TRT_CACHE,):
         return len(relative.parts) > 1
     name = relative.as_posix()
-    return name in (*CHECKPOINT_NAMES, LOCK) or fnmatch.fnmatchcase(name, TEMPORARY_PATTERN)
+    return name in (*CHECKPOINT_NAMES, LOCK) or any(fnmatch.fnmatchcase(name, pattern)
+                                                     for pattern in (TEMPORARY_PATTERN, *FEATURE_CACHE_PATTERNS))
 
 
 
@@ -443,10 +508,12 @@ def check_manifest(m: dict, where) -> None:
     model = m.get("model")
     need(isinstance(model, dict), "no 'model' table")
     kind = model.get("kind", "mlp")
-    need(kind in MODEL_KINDS, f"unknown model kind {kind!r} (this edgefa's device trains {' and '.join(MODEL_KINDS)})")
+    need(kind in MODEL_KINDS, f"unknown model kind {kind!r} (this edgefa's device trains {', '.join(MODEL_KINDS)})")
     need(all(isinstance(model.get(k), int) and model[k] > 0 for k in ("in_features", "n_classes")),
          "model needs positive integers in_features and n_classes")
     need(model.get("activation") in ACTIVATIONS[kind], f"unknown activation {model.get('activation')!r}")
+    if trunk_of(model) is not None:
+        _check_trunk(model, files, need)
     if kind == "resmlp":
         need(all(isinstance(model.get(k), int) and not isinstance(model.get(k), bool) and model[k] > 0
                  for k in ("width", "depth", "expansion")),
@@ -454,11 +521,12 @@ def check_manifest(m: dict, where) -> None:
         need(_is_number(model.get("ln_eps")) and model["ln_eps"] > 0, "a resmlp model needs a number ln_eps > 0")
     else:
         layers = model.get("layers")
-        need(isinstance(layers, list) and len(layers) >= 2
+        need(isinstance(layers, list) and len(layers) >= 1
              and all(isinstance(l, dict) and isinstance(l.get("name"), str)
                      and all(isinstance(l.get(k), int) and l[k] > 0 for k in ("in", "out")) for l in layers),
-             "model.layers must list at least two layers, each with a name and positive in/out widths")
-        widths = [model["in_features"]] + [l["out"] for l in layers]
+             "model.layers must list at least one layer, each with a name and positive in/out widths")
+        first = _check_convs(model, need) if kind == "cnn" else part_topology(model)["in_features"]
+        widths = [first] + [l["out"] for l in layers]
         need([l["in"] for l in layers] == widths[:-1] and widths[-1] == model["n_classes"],
              "model.layers do not connect in_features to n_classes")
     try:
@@ -476,6 +544,52 @@ def check_manifest(m: dict, where) -> None:
     need(isinstance(std, dict) and _is_number(std.get("mean")) and _is_number(std.get("std")) and std["std"] > 0,
          "input.standardize needs numbers mean and std > 0")
     need(isinstance(m.get("feedback"), dict), "no 'feedback' table")
+
+
+def _positive_ints(values, count: int | None = None) -> bool:
+    return (isinstance(values, list) and (count is None or len(values) == count)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values))
+
+
+def _check_convs(model: dict, need) -> int:
+    """A cnn's in_shape and conv stages chain (channels, spatial sizes, conv and pool arithmetic);
+    returns the width its Linear layers start from (the last stage's output, flattened)."""
+    shape = model.get("in_shape")
+    need(_positive_ints(shape) and len(shape) in (2, 3) and prod(shape) == part_topology(model)["in_features"],
+         "a cnn model needs in_shape [C, L] or [C, H, W] of positive integers, in_features in all")
+    convs, channels, spatial = model.get("convs"), shape[0], shape[1:]
+    need(isinstance(convs, list) and len(convs) >= 1, "a cnn model needs a non-empty list 'convs'")
+    for conv in convs:
+        need(isinstance(conv, dict) and isinstance(conv.get("name"), str)
+             and _positive_ints([conv.get(k) for k in ("in_channels", "out_channels", "kernel", "stride")])
+             and type(conv.get("padding")) is int and conv["padding"] >= 0 and conv.get("pool") in (1, 2)
+             and _positive_ints(conv.get("in_spatial"), len(spatial))
+             and _positive_ints(conv.get("out_spatial"), len(spatial)),
+             "each cnn conv needs a name, positive integer channels, kernel and stride, padding >= 0, "
+             "pool 1 or 2 and in/out spatial sizes")
+        name = conv["name"]
+        need(conv["in_channels"] == channels and conv["in_spatial"] == spatial,
+             f"cnn conv {name} does not take the previous stage's output ({channels} x {spatial})")
+        need(conv["out_spatial"] == [s // conv["pool"] for s in conv_spatial(conv)],
+             f"cnn conv {name}: out_spatial {conv['out_spatial']} is not its conv and pool arithmetic")
+        channels, spatial = conv["out_channels"], conv["out_spatial"]
+    return channels * prod(spatial)
+
+
+def _check_trunk(model: dict, files: dict, need) -> None:
+    trunk = model["trunk"]
+    need(isinstance(trunk, dict), "model.trunk must be a table")
+    need(model_kind(model) != "resmlp", "a resmlp part cannot sit on a trunk (mlp and cnn parts can)")
+    need(isinstance(trunk.get("features"), int) and not isinstance(trunk["features"], bool) and trunk["features"] > 0,
+         "model.trunk needs a positive integer 'features'")
+    need(isinstance(trunk.get("source"), str), "model.trunk needs a 'source' line")
+    params = trunk.get("params")
+    need(isinstance(params, dict) and all(
+        isinstance(n, str) and n.startswith(TRUNK_PREFIX) and isinstance(s, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s) for n, s in params.items()),
+        f"model.trunk.params must map '{TRUNK_PREFIX}*' names to shapes")
+    for graph in (TRUNK_GRAPH, HEAD_STEP_GRAPH):
+        need(graph in files, f"a bundle with a trunk lists {graph}")
 
 
 def read_bundle(path: str | os.PathLike) -> Bundle:

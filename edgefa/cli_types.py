@@ -74,6 +74,28 @@ class Text(click.types.StringParamType):
 TEXT = Text()
 
 
+class MeanStd(Text):
+    """MEAN,STD of the standardization (x - MEAN) / STD a bundle applies to raw input: two finite
+    numbers, STD above 0. -> (mean, std)."""
+
+    name = "MEAN,STD"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = super().convert(value, param, ctx).split(",")
+        try:
+            mean, std = (float(v) for v in items)
+        except ValueError:
+            self.fail(f"{value!r} is not two comma-separated numbers MEAN,STD", param, ctx)
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            self.fail(f"{value!r}: MEAN must be finite and STD finite and above 0", param, ctx)
+        return mean, std
+
+
+MEAN_STD = MeanStd()
+
+
 def refuse_empty_text(group: click.Group) -> None:
     """Give every plain-string parameter of every command under `group` the TEXT type, so a new
     option is covered without anyone remembering to (tests/test_cli_bad_input.py checks it)."""

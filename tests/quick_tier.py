@@ -49,7 +49,8 @@ QUICK_TIER = {
                     "test_audit.py::test_bad_audit_specs_are_one_line_without_torch"],
     "exporters": ["test_graphs.py", "test_tensorrt_ready.py",
                   "test_device_preference.py::test_the_run_s_loss_makes_a_preference_bundle",
-                  "test_device_preference.py::test_device_pairs_steps_match_the_host"],
+                  "test_device_preference.py::test_device_pairs_steps_match_the_host",
+                  "test_device_penalty.py::test_penalised_step_matches_the_host"],
     "runtime": ["test_runtime.py::test_engine_refuses_a_nan_batch_and_keeps_its_state_byte_identical",
                 "test_runtime.py::test_resume_is_bit_identical_to_an_uninterrupted_run",
                 "test_runtime.py::test_save_state_crash_mid_write_leaves_the_old_checkpoint_loadable",
@@ -66,7 +67,11 @@ QUICK_TIER = {
                         "test_budget.py::test_budget_names_an_unknown_profile"],
     "fpga_sim": ["test_fpga_datapath.py", "test_fpga_cost.py",
                  "test_fpga_cli.py::test_simulate_reports_both_runs_sqnr_overflow_and_zeroed_updates",
-                 "test_bundle_kinds.py::test_one_check_guards_the_datapath_the_simulator_the_sweep_and_the_cost_model"],
+                 "test_bundle_kinds.py::test_one_check_guards_the_datapath_the_simulator_the_sweep_and_the_cost_model",
+                 "test_fpga_kinds.py::test_cost_of_last_k_counts_only_the_trained_layers",
+                 "test_fpga_kinds.py::test_bradley_terry_fixed_point_step_matches_the_runtime"],
+    "coverage": ["test_coverage.py::test_readme_holds_exactly_the_generated_table",
+                 "test_coverage.py::test_every_gap_has_its_one_line_reason"],
     "report": ["test_report_html.py", "test_report_format.py"],
 }
 # The checks of the package's structure, in the quick tier whatever changes.

@@ -70,3 +70,16 @@ def test_accuracy_table_and_step_ratio_quick(tmp_path):
     assert "dfa" in ratio["notes"] and "LayerNorm" in ratio["notes"]["dfa"]
     md = (tmp_path / "step" / "step_ratio_quick.md").read_text()
     assert "| cpu | resmlp" in md and "| cpu | transformer" in md, step_out
+
+
+def test_feature_cache_quick(tmp_path):
+    # a smaller CNN, 4 pairs: the JSON says what each side includes and how many FLOPs the trunk holds
+    out = _finish(_start("feature_cache.py", "--quick", "--out", str(tmp_path)))
+    result = json.loads((tmp_path / "feature_cache_quick.json").read_text())
+    assert result["benchmark"] == "feature_cache" and result["machine"]["cpu_model"], out
+    assert 0.5 < result["flops"]["trunk_share_of_forward"] < 1
+    assert result["epoch"]["ratio_stats"]["n"] >= 4 and result["epoch"]["feature_cache"]["filled"] == 128
+    assert set(result["epoch"]["includes"]) == {"cached", "uncached"}
+    assert set(result["step"]["includes"]) == {"device_head", "torch_part", "device_whole", "torch_frozen_trunk"}
+    assert result["step"]["all_device_steps_accepted"] and result["step"]["all_losses_finite"]
+    assert set(result["verdict"]) >= {"epoch_ratio_median", "epoch_met", "step_ratio_median", "step_met"}

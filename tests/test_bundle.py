@@ -148,7 +148,7 @@ def _layers_not_a_list(b: Path):
     m = load_manifest(b)
     m["model"]["layers"] = 5
     save_manifest(b, m)
-    return b, str(b / MANIFEST), "model.layers must list at least two layers"
+    return b, str(b / MANIFEST), "model.layers must list at least one layer"
 
 
 def _no_optimizer(b: Path):

@@ -4,11 +4,13 @@ status and info, `edgefa profile`, `edgefa budget` and `edgefa fpga simulate|swe
 Kinds: an mlp, a resmlp (no `model["layers"]`), an mlp with `trainable: last:2`, and a
 bradley-terry preference scorer. Each command on each kind either works or refuses in exactly one
 line with exit status 2: `profile` refuses a preference bundle (its step takes pairs), and the fpga
-commands refuse anything but an MLP trained whole by the cross-entropy DFA step."""
+commands refuse anything but an MLP's DFA step (all layers or last:K; cross-entropy or Bradley-Terry:
+tests/test_fpga_kinds.py runs those)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -30,9 +32,8 @@ from edgefa.fpga_sim.sweep import FormatGrid, sweep
 from edgefa.link.service import DeviceService, ServiceConfig
 
 PROFILE = "jetson-nano-4gb"      # a named device profile: no detection probe in these tests
-FPGA_REASON = "fpga: the fixed-point datapath models the MLP's full cross-entropy DFA step; this bundle is "
-OUT_OF_FPGA = {"resmlp": "model kind 'resmlp'", "last2": "trainable 'last:2'",
-               "preference": "loss 'bradley-terry'"}
+FPGA_REASON = "fpga: " + scope.COVERED + "; this bundle is "
+OUT_OF_FPGA = {"resmlp": f"model kind 'resmlp' ({scope.WHY_NOT_KIND['resmlp']})"}
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +156,10 @@ def test_one_check_guards_the_datapath_the_simulator_the_sweep_and_the_cost_mode
                      lambda: simulate(b, train, SimulateConfig(steps=1), FxpConfig()),
                      lambda: sweep(b, train, SimulateConfig(steps=1), FormatGrid(widths=(8,)), FxpConfig()),
                      lambda: cost_of_bundle(b.path, MacArray())):
-            with pytest.raises(scope.OutOfScope, match=f"^{b.path}: fpga: .*this bundle is {reason}$"):
+            with pytest.raises(scope.OutOfScope, match=f"^{re.escape(str(b.path))}: fpga: .*this bundle is "
+                                                       f"{re.escape(reason)}$"):
                 call()
-    with pytest.raises(scope.OutOfScope, match="this bundle is model kind 'resmlp'"):
+    with pytest.raises(scope.OutOfScope, match="this bundle is model kind 'resmlp' "):
         cost_report(read_bundle(bundles["resmlp"]).model, MacArray())
     # the plain mlp passes, through the same check
     mlp = read_bundle(bundles["mlp"])
@@ -168,5 +170,8 @@ def test_one_check_guards_the_datapath_the_simulator_the_sweep_and_the_cost_mode
 
 def test_the_scope_strings_mirror_the_bundle_format():
     assert scope.LOSS == bundle_mod.LOSS_CROSS_ENTROPY
+    assert scope.LOSS_BRADLEY_TERRY == bundle_mod.LOSS_BRADLEY_TERRY
+    for model in ({"kind": "mlp", "layers": [{}] * 3}, {"kind": "mlp", "layers": [{}] * 3, "trainable": "last:2"}):
+        assert scope.trained_count(model) == bundle_mod.check_trainable_syntax(model.get("trainable", "all"))
     assert scope.KIND == bundle_mod.model_kind({}) == "mlp"
     assert bundle_mod.check_trainable_syntax(scope.TRAINABLE) is None

@@ -118,6 +118,8 @@ def fill_value(param: click.Parameter, place: dict[str, Path]) -> str:
         return str(place["missing"] / "out")
     if isinstance(t, click.Path):
         return str(place["folder"] if t.dir_okay else place["file"])
+    if isinstance(t, IntList):                    # a required list of widths (`bundle from-onnx --head`)
+        return str(max(t.min, 8))
     if isinstance(t, click.IntRange) and t.min is not None:
         return str(t.min if not t.min_open else t.min + 1)
     if isinstance(t, click.types.IntParamType):

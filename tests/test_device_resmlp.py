@@ -115,16 +115,17 @@ def test_infer_matches_torch_forward(tmp_path, activation):
     assert float(np.abs(got - expected).max()) <= TOL
 
 
-@pytest.mark.parametrize("kind", ["cnn", "vit", "transformer"])
-def test_host_only_kinds_refuse_to_export_in_one_line(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["vit", "transformer"])
+def test_attention_kinds_asked_for_all_say_what_the_device_trains_in_one_line(tmp_path, kind):
     from edgefa.models import NETS
 
-    shapes = {"cnn": [1, 8, 8], "vit": [1, 8, 8], "transformer": [8]}
+    shapes = {"vit": [1, 8, 8], "transformer": [8]}
     model = NETS[kind](NetConfig(kind, shapes[kind], 3, "dfa", width=8, depth=1, heads=2))
     run = Run(model, make_optimizer(model, LR, 0.9), TrainConfig(), Standardizer(0.0, 1.0), {})
     with pytest.raises(EdgefaError) as info:
         export_bundle(run, tmp_path / "b")
-    assert str(info.value) == f"export: {kind} models are host-only; the device trains mlp and resmlp bundles"
+    assert str(info.value) == (f"export: --trainable all: the device trains a {kind}'s head only "
+                               "(--trainable head); its attention blocks have no DFA graph")
     assert not (tmp_path / "b").exists()
 
 
@@ -169,15 +170,15 @@ def test_cli_train_resmlp_export_and_finetune_on_the_device_and_cnn_export_is_on
     assert trained.returncode == 0, trained.stdout + trained.stderr
     model = NETS["cnn"](NetConfig("cnn", [1, 8, 8], 10, "dfa", width=4, depth=1))
     save_run(Run(model, make_optimizer(model, LR, 0.9), TrainConfig(model="cnn"), Standardizer(0.0, 1.0), {}), cnn)
-    exported, refused = (cli_in_process("export", res, "--out", tmp_path / "B"),
-                         cli_in_process("export", cnn, "--out", tmp_path / "C"))
+    exported, cnn_exported = (cli_in_process("export", res, "--out", tmp_path / "B"),
+                              cli_in_process("export", cnn, "--trainable", "head", "--out", tmp_path / "C"))
     assert exported.returncode == 0, exported.stdout + exported.stderr
-    assert_one_error_line(refused, "export: cnn models are host-only; the device trains mlp and resmlp bundles")
-    assert not (tmp_path / "C").exists()
-    report = tmp_path / "r.json"
-    tuned = run_edgefa("device", "finetune", tmp_path / "B", "--data", digits_npz, "--steps", "20",
-                       "--report", report, without_torch=True)
-    assert tuned.returncode == 0, tuned.stdout + tuned.stderr
-    r = json.loads(report.read_text())
-    assert (r["final_step"], r["refused_steps"]) == (20, [])
+    assert cnn_exported.returncode == 0, cnn_exported.stdout + cnn_exported.stderr
+    for bundle in ("B", "C"):       # the cnn's head trains on its torch-exported trunk, torch absent
+        report = tmp_path / f"r{bundle}.json"
+        tuned = run_edgefa("device", "finetune", tmp_path / bundle, "--data", digits_npz, "--steps", "20",
+                           "--report", report, without_torch=True)
+        assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+        r = json.loads(report.read_text())
+        assert (r["final_step"], r["refused_steps"]) == (20, [])
     assert read_bundle(tmp_path / "B").model["activation"] == "gelu"

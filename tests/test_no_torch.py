@@ -16,7 +16,7 @@ from source_imports import PACKAGE, imported, module_of, part_of, top_level_impo
 # Every top-level module and subpackage of edgefa is on one side. The device side, and `shared`
 # (what both sides import), must import where torch cannot; the host side needs torch. The modules
 # themselves are found in the package (pkgutil), so a new one is checked without being listed.
-DEVICE_PARTS = ("bundle", "storage", "errors", "out_folders", "cli", "cli_types", "without_torch", "shared",
+DEVICE_PARTS = ("bundle", "storage", "errors", "out_folders", "cli", "cli_types", "without_torch", "shared", "coverage",
                 "runtime", "link", "profiling", "profile_runs", "device_profiles", "fpga_sim", "report")
 HOST_PARTS = ("models", "training", "diagnostics", "experiments", "exporters", "demo")
 # The one entry point of both sides: it imports host modules inside the host commands only

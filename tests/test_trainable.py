@@ -205,7 +205,7 @@ def _cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("spec,problem", [
     ("last:0", "K must be between 1 and 3"), ("last:99", "K must be between 1 and 3"),
-    ("first:2", "expected 'all' or 'last:K'"), ("last:x", "K must be an integer")])
+    ("first:2", "expected 'all', 'head' or 'last:K'"), ("last:x", "K must be an integer")])
 def test_bad_trainable_specs_are_one_line(tmp_path_factory, capsys, spec, problem):
     run_dir = tmp_path_factory.getbasetemp() / "trainable-run"
     if not (run_dir / "checkpoint.pt").exists():

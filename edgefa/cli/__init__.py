@@ -5,6 +5,7 @@ edgefa/report/terminal.py):
 
   host.py         train, train-preference, report, diagnose        (torch: host)
   export.py       export                                           (torch: host)
+  bundle.py       bundle from-onnx (your own model)                (torch: host)
   experiments.py  audit, experiment preference                     (torch: host)
   demo.py         demo                                             (torch: host)
   device.py       device verify | build-engine | finetune | evaluate | serve   (on the device)
@@ -30,7 +31,7 @@ from rich.markup import escape
 from .. import __version__
 from ..cli_types import refuse_empty_text
 from ..errors import EdgefaError
-from . import demo, device, experiments, export, fpga, host, link, profiling
+from . import bundle, demo, device, experiments, export, fpga, host, link, profiling
 from .common import err_console
 
 
@@ -45,7 +46,7 @@ def _register_commands() -> None:
         for command in module.COMMANDS:
             cli.add_command(command)
     for group in (experiments.experiment_group, device.device_group, link.fleet_group, profiling.profiles_group,
-                  profiling.profile_group, fpga.fpga_group):
+                  profiling.profile_group, fpga.fpga_group, bundle.bundle_group):
         cli.add_command(group)
     for command in link.DEVICE_COMMANDS:       # `device info`, `device pull`: a host's, over the link
         device.device_group.add_command(command)

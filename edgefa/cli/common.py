@@ -1,5 +1,5 @@
 """What every command module of the CLI shares: the consoles, the progress bars, the --force,
---key-file/--baud and --max-refusals options, the --out check and the link's client.
+--key-file/--baud, --max-refusals and feature-cache options, the --out check and the link's client.
 
 Device side: imports no host module (torch), at the top or anywhere.
 """
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..cli_types import POSITIVE
+from ..cli_types import COUNT, POSITIVE
 from ..runtime.divergence import DEFAULT_MAX_REFUSALS
 
 console = Console()
@@ -82,6 +82,18 @@ def stopped_run_report(report: str | None):
         if report and stop.result is not None:
             write_json(report, stop.result)
         raise
+
+
+def feature_cache_options(f):
+    """--feature-cache/--no-feature-cache and --cache-mb: a bundle with a frozen trunk computes each
+    sample's trunk features once and keeps them (runtime/feature_cache.py)."""
+    from ..device_profiles.budget import DEFAULT_FEATURE_CACHE_MB
+
+    f = click.option("--cache-mb", type=COUNT, default=DEFAULT_FEATURE_CACHE_MB, show_default=True,
+                     help="memory for cached trunk features; a larger cache goes to a file in the bundle's state/")(f)
+    return click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
+                        help="a bundle with a frozen trunk: run the trunk once per sample and cache its features "
+                             "(the same weights, bit for bit; epochs after the first run the trained part only)")(f)
 
 
 # --- the link ------------------------------------------------------------------------------------

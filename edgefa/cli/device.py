@@ -12,8 +12,8 @@ from rich.markup import escape
 
 from ..cli_types import LEARNING_RATE, LISTEN_ADDRESS, OUT_FILE, OUT_FOLDER, POSITIVE, POSITIVE_FLOAT, SEED
 from ..report.format import fmt_pct
-from .common import (console, err_console, link_options, max_refusals_option, progress_bar, stopped_run_report,
-                     write_json)
+from .common import (console, err_console, feature_cache_options, link_options, max_refusals_option, progress_bar,
+                     stopped_run_report, write_json)
 
 
 @click.group("device")
@@ -73,8 +73,9 @@ def build_engine_command(bundle, force):
                    "(default: the bundle's engines if built for this device, else TensorRT EP, CUDA EP, CPU)")
 @click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)")
 @click.option("--report", type=OUT_FILE, default=None, help="write the report as JSON")
+@feature_cache_options
 def finetune_command(bundle, data_spec, steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads,
-                     provider, eval_spec, report):
+                     provider, eval_spec, report, feature_cache, cache_mb):
     """Fine-tune a bundle on this device with DFA (onnxruntime or its TensorRT engines), checkpointing into BUNDLE/state/."""
     from ..bundle import read_bundle
     from ..report.terminal import device_finetune_table
@@ -83,7 +84,8 @@ def finetune_command(bundle, data_spec, steps, batch_size, lr, checkpoint_every,
     b = read_bundle(bundle)
     train_data = load_finetune_data(b, data_spec)
     eval_data = load_finetune_data(b, eval_spec) if eval_spec else None
-    config = FinetuneConfig(steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads, provider)
+    config = FinetuneConfig(steps, batch_size, lr, checkpoint_every, max_refusals, seed, threads, provider,
+                            feature_cache=feature_cache, cache_bytes=cache_mb << 20)
     tuner = Finetuner(b, train_data, config, eval_data)  # every input check happens here, before the bar
     with stopped_run_report(report), progress_bar() as bar:
         task = bar.add_task("device dfa", total=steps, completed=tuner.start, status="")
@@ -131,9 +133,10 @@ def evaluate_command(bundle, data_spec):
 @click.option("--keep-retired", type=click.IntRange(0, 100), default=3, show_default=True,
               help="replaced bundles that hold device state to keep in STORE/retired/ once they leave "
                    "bundle.prev (oldest removed; `device pull --kept` brings one back)")
+@feature_cache_options
 @link_options
 def serve_command(port, listen_address, store, checkpoint_every, provider, threads, max_bundle_mb, profile_name,
-                  idle_timeout, keep_retired, key_file, baud):
+                  idle_timeout, keep_retired, feature_cache, cache_mb, key_file, baud):
     """Serve this device to a host over a serial line or TCP (one host at a time)."""
     from ..link.client import read_key
     from ..link.server import serve_device
@@ -154,6 +157,6 @@ def serve_command(port, listen_address, store, checkpoint_every, provider, threa
         sys.stdout.flush()
 
     config = ServiceConfig(Path(store), checkpoint_every, provider, threads, max_bundle_bytes=max_bundle_mb << 20,
-                           keep_retired=keep_retired)
+                           keep_retired=keep_retired, feature_cache_bytes=(cache_mb << 20) if feature_cache else None)
     serve_device(config, port=port, listen_address=listen_address, key=key, baudrate=baud, profile_name=profile_name,
                  idle_timeout=idle_timeout, ready=ready, log=say)

@@ -19,13 +19,16 @@ from .common import (check_out, console, device_client, force_option, link_optio
 def remote_finetune_options(f):
     """The options of fine-tuning over a link, shared by `finetune` and `fleet finetune`."""
     for option in reversed([
-        click.option("--data", "data_spec", required=True, help="training data: FILE.npz (X, y) or mnist:DIR"),
+        click.option("--data", "data_spec", required=True,
+                     help="training data: FILE.npz (X, y) or mnist:DIR; "
+                          "a bradley-terry bundle: FILE.npz (chosen, rejected)"),
         click.option("--steps", type=POSITIVE, required=True,
                      help="total device steps to reach (continues from the device's step)"),
         click.option("--batch-size", type=POSITIVE, default=32, show_default=True),
         click.option("--lr", type=LEARNING_RATE, default=None, help="learning rate (default: the bundle's)"),
         click.option("--seed", type=SEED, default=0, show_default=True, help="batch order seed"),
-        click.option("--eval", "eval_spec", default=None, help="evaluation data (accuracy before and after)"),
+        click.option("--eval", "eval_spec", default=None,
+                     help="evaluation data (accuracy before and after; pairs: preference accuracy)"),
         max_refusals_option,
     ]):
         f = option(f)
@@ -78,10 +81,10 @@ def finetune_command(url, data_spec, steps, batch_size, lr, seed, eval_spec, max
     """Fine-tune the bundle on a device, sending it one batch per step over the link."""
     from ..link.client import finetune_remote
     from ..report.terminal import remote_finetune_table
-    from ..shared.datasets import load_dataset
+    from ..runtime.finetune import load_training_data
 
-    train_data = load_dataset(data_spec)
-    eval_data = load_dataset(eval_spec) if eval_spec else None
+    train_data = load_training_data(data_spec)
+    eval_data = load_training_data(eval_spec) if eval_spec else None
     started = {}
     with device_client(url, key_file, baud) as dev, stopped_run_report(report), contextlib.ExitStack() as later:
         bar = task = None
@@ -195,12 +198,13 @@ def fleet_finetune_command(inventory, data_spec, steps, batch_size, lr, seed, ev
     refusing, is rolled back and reported; the others carry on)."""
     from ..link.client import finetune_remote
     from ..link.fleet import load_inventory, run_fleet
-    from ..report.terminal import FLEET_FINETUNE_COLUMNS, fleet_finetune_cells
-    from ..shared.datasets import load_dataset
+    from ..report.terminal import fleet_finetune_cells, fleet_finetune_columns
+    from ..runtime.finetune import load_training_data
+    from ..shared.preference_pairs import PreferencePairs
 
     entries = load_inventory(inventory)
-    train_data = load_dataset(data_spec)
-    eval_data = load_dataset(eval_spec) if eval_spec else None
+    train_data = load_training_data(data_spec)
+    eval_data = load_training_data(eval_spec) if eval_spec else None
     with progress_bar() as bar:
         tasks = {e.name: bar.add_task(f"dfa on {e.name}", total=steps, status="") for e in entries}
 
@@ -213,7 +217,9 @@ def fleet_finetune_command(inventory, data_spec, steps, batch_size, lr, seed, ev
             return result
 
         results = run_fleet(entries, action)
-    print_fleet("fleet fine-tuning (DFA)", results, FLEET_FINETUNE_COLUMNS,
+    pairs = isinstance(train_data, PreferencePairs)
+    print_fleet("fleet fine-tuning (DFA" + (", preference pairs)" if pairs else ")"), results,
+                fleet_finetune_columns("preference accuracy" if pairs else "accuracy"),
                 lambda a: fleet_finetune_cells(a, evaluated=eval_data is not None))
 
 

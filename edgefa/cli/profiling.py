@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 
 from ..cli_types import COUNT, OUT_FOLDER, POSITIVE, SEED, Finite
-from .common import check_out, console, device_client, force_option, link_options, progress_bar
+from .common import check_out, console, device_client, feature_cache_options, force_option, link_options, progress_bar
 
 
 @click.group("profiles")
@@ -64,7 +64,8 @@ def profiles_detect_command(as_json):
 @click.option("--provider", default=None, help="execution provider that would run it (default: the profile's first)")
 @click.option("--samples", type=COUNT, default=0, help="fine-tuning samples held on the device")
 @click.option("--json", "as_json", is_flag=True, help="print the budget as JSON")
-def budget_command(bundle, profile_name, batch_size, provider, samples, as_json):
+@feature_cache_options
+def budget_command(bundle, profile_name, batch_size, provider, samples, as_json, feature_cache, cache_mb):
     """Predict peak memory and a lower bound on step time of fine-tuning BUNDLE on a device."""
     from ..bundle import read_bundle
     from ..device_profiles import detect_profile, load_profile
@@ -73,7 +74,8 @@ def budget_command(bundle, profile_name, batch_size, provider, samples, as_json)
 
     b = read_bundle(bundle)
     p = load_profile(profile_name) if profile_name else detect_profile()[0]
-    result = budget(b.manifest, p, batch_size, provider, samples)
+    result = budget(b.manifest, p, batch_size, provider, samples,
+                    feature_cache_budget=(cache_mb << 20) if feature_cache else None)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
@@ -185,13 +187,15 @@ def profile_compare_command(bundle, steps, batch_size, data_spec, out, url, depl
                             threads, seed, force, key_file, baud):
     """DFA on the device runtime (locally, or on --device) against BP in torch on this host: the same
     model, batches and energy source; writes compare.json and compare.html with the ratios."""
-    from ..profile_runs.compare import compare, run_in_process
+    from ..bundle import read_bundle
+    from ..profile_runs.compare import check_comparable, compare, run_in_process
     from ..profile_runs.session import profile_over_link
     from ..report.outputs import write_compare
     from ..report.terminal import compare_table
 
     cfg = _profile_config(steps, batch_size, warmup, interval, threads, seed, profile_name)
     _check_deploy_flag(deploy, url)
+    check_comparable(read_bundle(bundle).manifest, bundle)     # both sides can run it: before any work
     check_out(out, "profile-compare", force)
     with progress_bar(transient=True) as bar:
         task = bar.add_task("dfa on " + (url or "the device runtime (own process)"), total=None, status="")

@@ -21,6 +21,16 @@ Memory is the peak resident set of the fine-tuning process, added up from what t
 So a `--trainable last:K` bundle saves optimizer, ping-pong, update temp, checkpoint and feedback
 memory for every frozen layer; its weights are still held once.
 
+A bundle with a frozen trunk (bundle.trunk_of) adds the trunk's forward pass to every whole step
+(its FLOPs and activations per sample are in the manifest, counted at export), and, with the
+feature cache on (runtime/feature_cache.py), one more part:
+
+    feature cache  samples x (features x 4 + 8) bytes, in memory when that fits the cache's budget,
+                   else in a file in state/ (then not counted here: the kernel's page cache)
+
+and the time splits in two: the trunk runs once per sample (the first epoch), and every step
+after that is the part's step on cached features, whose bound is the step bound reported.
+
 Time is a roofline lower bound: a step cannot beat its FLOPs at the peak FLOP/s of the compute
 unit that runs it, nor its compulsory memory traffic (read weights and momentum, write the new
 ones, read the feedback and the batch) at the peak memory bandwidth. Both peaks are upper bounds
@@ -33,8 +43,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..bundle import (LOSS_BRADLEY_TERRY, feedback_shapes, layer_shapes, model_kind, param_shapes,
-                      trainable_layers, trainable_params)
+from ..bundle import (LOSS_BRADLEY_TERRY, feedback_shapes, layer_shapes, model_kind, param_shapes, part_topology,
+                      trainable_layers, trainable_params, trunk_of)
 from .profile import AUTO_PROVIDERS
 
 FLOAT = 4                                  # bytes: the runtime is float32 throughout
@@ -46,6 +56,13 @@ EDGEFA_AND_SESSIONS_BYTES = 28 << 20
 UNIT_ACTIVATIONS = 5                       # floats per hidden unit and sample (see above)
 HEAD_ACTIVATIONS = 5                       # floats per class and sample
 SHARE_FOR_OTHERS = 0.2                     # of a profile's memory assumed taken by the OS and others
+DEFAULT_FEATURE_CACHE_MB = 256             # the feature cache's memory budget unless told (--cache-mb)
+ROW_DIGEST_BYTES = 8                       # a cached row's digest of the sample it came from
+
+
+def feature_cache_bytes(samples: int, features: int) -> int:
+    """What a trunk feature cache of `samples` rows holds: the features and one digest per row."""
+    return samples * (features * FLOAT + ROW_DIGEST_BYTES)
 
 
 @dataclass(frozen=True)
@@ -59,10 +76,25 @@ def _matmuls(model: dict) -> list[tuple[str, int, int]]:
     return [(name, w[1], w[0]) for name, (w, _) in layer_shapes(model).items() if len(w) == 2]
 
 
-def step_cost(model: dict, batch: int, momentum: float, pairs: bool = False) -> StepCost:
+def trunk_cost(model: dict, rows: int) -> StepCost:
+    """The frozen trunk's forward pass on `rows` samples (zero FLOPs where the manifest does not
+    count them: bundles exported before it did); its weights read once, the samples in."""
+    trunk = trunk_of(model)
+    if trunk is None:
+        return StepCost(0.0, 0.0)
+    weights = sum(_size(s) for s in trunk["params"].values())
+    return StepCost(float(rows * (trunk.get("flops_per_sample") or 0)),
+                    float(FLOAT * (weights + rows * model["in_features"])))
+
+
+def step_cost(model: dict, batch: int, momentum: float, pairs: bool = False, on_features: bool = False) -> StepCost:
     """FLOPs and compulsory bytes of one train_step graph run on `batch` samples (`pairs`: a
     Bradley-Terry step, whose forward pass runs on both items of `batch` pairs). Gradients,
-    projections and the optimizer count only the trainable layers (bundle.trainable_layers)."""
+    projections and the optimizer count only the trainable layers (bundle.trainable_layers). A
+    bundle with a frozen trunk: the trunk's forward pass too (trunk_cost), unless `on_features`
+    (the part's step on cached features, head_step.onnx)."""
+    whole = model
+    model = part_topology(model)        # the part the step trains (the model itself without a trunk)
     rows = 2 * batch if pairs else batch
     trained = set(trainable_layers(model))
     mats = _matmuls(model)
@@ -82,11 +114,17 @@ def step_cost(model: dict, batch: int, momentum: float, pairs: bool = False) -> 
     # every weight read once; the trainable ones (and their momentum, read too) written once
     state = params + trainable * (3 if momentum else 1)
     traffic = FLOAT * (state + feedback + rows * (model["in_features"] + 1))
-    return StepCost(float(forward + gradient + projection + optimizer + elementwise), float(traffic))
+    trunk = trunk_cost(whole, rows) if not on_features else StepCost(0.0, 0.0)
+    return StepCost(float(forward + gradient + projection + optimizer + elementwise) + trunk.flops,
+                    float(traffic) + trunk.bytes_moved)
 
 
 def activation_floats(model: dict, rows: int) -> int:
-    """Floats of activations held during one step of `rows` samples (see the module doc)."""
+    """Floats of activations held during one step of `rows` samples (see the module doc); a frozen
+    trunk's are the manifest's count per sample (every tensor its nodes write: an upper bound)."""
+    trunk = trunk_of(model)
+    if trunk is not None:
+        return rows * (trunk.get("activations_per_sample") or 0) + activation_floats(part_topology(model), rows)
     if model_kind(model) == "resmlp":
         d, hidden = model["width"], model["width"] * model["expansion"]
         per_row = (model["in_features"] + UNIT_ACTIVATIONS * d + model["depth"] * UNIT_ACTIVATIONS * (d + hidden)
@@ -120,6 +158,7 @@ class Budget:
     compute_s: float
     memory_s: float
     notes: list[str] = field(default_factory=list)
+    feature_cache: dict | None = None   # a bundle with a trunk and the cache on: where, bytes, trunk time
 
     @property
     def step_lower_bound_s(self) -> float:
@@ -136,15 +175,18 @@ class Budget:
                 "fits": self.fits, "flops_per_step": self.cost.flops, "bytes_per_step": self.cost.bytes_moved,
                 "peak_flops": self.peak_flops, "bandwidth_bytes_s": self.bandwidth_bytes_s,
                 "step_lower_bound_s": self.step_lower_bound_s, "bound_by": self.bound_by,
-                "compute_s": self.compute_s, "memory_s": self.memory_s, "notes": self.notes}
+                "compute_s": self.compute_s, "memory_s": self.memory_s, "notes": self.notes,
+                "feature_cache": self.feature_cache}
 
 
 def budget(manifest: dict, profile, batch: int, provider: str | None = None, samples: int = 0,
-           available_bytes: int | None = None) -> Budget:
+           available_bytes: int | None = None,
+           feature_cache_budget: int | None = DEFAULT_FEATURE_CACHE_MB << 20) -> Budget:
     """The predicted peak memory and step-time lower bound of fine-tuning `manifest`'s model with
     batches of `batch` on `profile` (a DeviceProfile). `provider`: the onnxruntime execution
     provider that would run it (default: the one the runtime would choose there). `available_bytes`: the memory free
-    for it (default: the profile's memory less SHARE_FOR_OTHERS)."""
+    for it (default: the profile's memory less SHARE_FOR_OTHERS). `feature_cache_budget`: the
+    trunk feature cache's memory budget in bytes (None: the cache is off; see the module doc)."""
     if batch < 1:
         raise ValueError("batch must be at least 1")
     model, momentum = manifest["model"], float(manifest["optimizer"]["momentum"])
@@ -180,7 +222,36 @@ def budget(manifest: dict, profile, batch: int, provider: str | None = None, sam
     peak_flops = profile.gpu_peak_flops if on_gpu else profile.cpu_peak_flops
     if provider != "CPUExecutionProvider" and not profile.gpu_peak_flops:
         notes.append(f"{profile.name} has no GPU figure: {provider} bounded by the CPU peak")
-    cost = step_cost(model, batch, momentum, pairs)
     bandwidth = profile.memory_bandwidth_gbps * 1e9
+    caching = trunk_of(model) is not None and feature_cache_budget is not None and not pairs
+    cost = step_cost(model, batch, momentum, pairs, on_features=caching)
+    cache = None
+    if caching:
+        cache, in_memory = _feature_cache(model, samples, feature_cache_budget, peak_flops, bandwidth, notes)
+        memory["feature cache"] = in_memory
+        peak += in_memory
+    elif trunk_of(model) is not None and not trunk_of(model).get("flops_per_sample"):
+        notes.append("the trunk's FLOPs are not in this bundle's manifest: its forward pass is not counted")
     return Budget(profile.name, batch, provider, memory, peak, available_bytes, basis, peak <= available_bytes,
-                  cost, peak_flops, bandwidth, cost.flops / peak_flops, cost.bytes_moved / bandwidth, notes)
+                  cost, peak_flops, bandwidth, cost.flops / peak_flops, cost.bytes_moved / bandwidth, notes, cache)
+
+
+def _feature_cache(model: dict, samples: int, budget_bytes: int, peak_flops: float, bandwidth: float,
+                   notes: list[str]) -> tuple[dict, int]:
+    """The feature cache's part of a budget: its record and the bytes it holds in memory. The step
+    bound is then the part's step on cached features; the trunk's once-per-sample pass is here."""
+    trunk = trunk_of(model)
+    size = feature_cache_bytes(samples, trunk["features"])
+    where = "memory" if size <= budget_bytes else "file in state/"
+    once = trunk_cost(model, samples)
+    seconds = max(once.flops / peak_flops, once.bytes_moved / bandwidth)
+    flops = trunk.get("flops_per_sample")
+    notes.append(f"feature cache: {samples} samples x {trunk['features']} features = {size / 2**20:.1f} MiB "
+                 f"in {where} (budget {budget_bytes / 2**20:g} MiB); the trunk runs once per sample "
+                 + (f"({flops / 1e6:.2f} MFLOP each: >= {seconds * 1e3:.3f} ms in the first epoch)" if flops
+                    else "(its FLOPs are not in this bundle's manifest)")
+                 + "; the step bound is the part's step on cached features")
+    record = {"where": where, "bytes": size, "budget_bytes": budget_bytes, "samples": samples,
+              "features": trunk["features"], "trunk_flops_per_sample": flops,
+              "trunk_once_lower_bound_s": seconds if flops else None}
+    return record, size if where == "memory" else 0

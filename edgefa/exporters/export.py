@@ -1,9 +1,14 @@
 """Turn a trained run into a bundle: topology, graphs, weights, stored feedback, hashed manifest.
 
-The device trains two kinds of model: the MLP and the pre-LN residual MLP (`resmlp`). Both export
-a DFA train_step graph for cross-entropy; an MLP scorer (one output) can instead export a
-Bradley-Terry step on pairs (`loss="bradley-terry"`). `trainable="last:K"` writes a step that
-updates only the last K units from the head (bundle.trainable_units); the rest stay frozen.
+Every model kind exports. The device trains by DFA, in hand-built graphs, the MLP, the pre-LN
+residual MLP (`resmlp`) and the CNN's conv, fc and head stages; an MLP scorer (one output) can
+instead export a Bradley-Terry step on pairs (`loss="bradley-terry"`). `trainable` chooses what the
+device trains: "all" (where the device can train it), "last:K" (the last K units from the head,
+bundle.trainable_units) or "head" (last:1). For mlp and resmlp the frozen layers stay inside the
+hand-built graphs as frozen inputs; for cnn, vit and transformer everything below the cut is a
+frozen *trunk* exported by torch's own ONNX exporter (exporters/trunk.py, `device_split`), and
+the manifest says where the cut is. A vit or transformer trains its head on the device (its
+attention blocks have no DFA graph here).
 
 Both graphs are also checked for TensorRT (tensorrt_ready: operators, opset, static ranks, the
 batch profile) against the targeted TensorRT release; the bundle records the verdict in its
@@ -16,30 +21,36 @@ initializers that the device builds its refittable inference engine from.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import __version__
-from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, REFIT_GRAPH, feedback_shapes, parse_trainable,
+from ..bundle import (HEAD_STEP_GRAPH, LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, REFIT_GRAPH, TRUNK_GRAPH,
+                      check_trainable_syntax, feedback_shapes, param_shapes, parse_trainable, part_topology,
                       write_bundle)
 from ..errors import EdgefaError
 from ..models.rules import dfa_feedback_std, draw_feedback
 from ..training.trainer import Run
+from . import trunk as trunks
 from .onnx_graphs import OPSET, infer_graph, refittable_infer_graph, serialize_checked, train_step_graph
 from .tensorrt_ready import (DEFAULT_PROFILE, bundle_files, check_profile, load_target, manifest_section,
                              readiness, summary_line)
 
-DEVICE_KINDS = ("mlp", "resmlp")
+HAND_BUILT_KINDS = ("mlp", "resmlp")       # exported as they are, frozen layers inside the graphs
+TRUNK_KINDS = ("cnn", "vit", "transformer")  # exported as a torch trunk under a hand-built part
+HEAD_ONLY_KINDS = ("vit", "transformer")     # the device trains their head (no DFA graph for attention)
 LN_EPS = 1e-5
 
 
 def check_exportable(model) -> str:
     kind = model.kind
-    if kind not in DEVICE_KINDS:
-        raise EdgefaError(f"export: {kind} models are host-only; the device trains mlp and resmlp bundles")
+    if kind not in HAND_BUILT_KINDS + TRUNK_KINDS:
+        raise EdgefaError(f"export: no device export for {kind} models "
+                          f"(exported: {', '.join(HAND_BUILT_KINDS + TRUNK_KINDS)})")
     return kind
 
 
@@ -116,27 +127,211 @@ def run_loss(run: Run, loss: str | None) -> str:
 
 def build_manifest(run: Run, topo: dict, feedback_info: dict, momentum: float, lr: float,
                    loss: str = LOSS_CROSS_ENTROPY) -> dict:
+    return manifest_for(topo, feedback_info, momentum, lr, loss, standardize=run.standardizer.to_dict(),
+                        image_shape=run.image_shape, residual_penalty=float(getattr(run.config, "penalty", 0.0)),
+                        host_run={"method": run.config.method, "dataset": run.config.dataset,
+                                  "final_test_accuracy": run.metrics.get("final_test_accuracy")})
+
+
+def manifest_for(topo: dict, feedback_info: dict, momentum: float, lr: float, loss: str, standardize: dict,
+                 image_shape=None, residual_penalty: float = 0.0, host_run: dict | None = None) -> dict:
+    """A bundle's manifest (write_bundle adds the format and the files table)."""
     return {
         "edgefa_version": __version__,
         "model": topo,
-        "input": {"standardize": run.standardizer.to_dict(),
-                  "image_shape": list(run.image_shape) if run.image_shape else None},
+        "input": {"standardize": standardize, "image_shape": list(image_shape) if image_shape else None},
         "loss": loss,
         "update_rule": "dfa",
         "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "dampening": 0.0,
-                      "nesterov": False, "weight_decay": 0.0},
+                      "nesterov": False, "weight_decay": 0.0, "residual_penalty": residual_penalty},
         "feedback": feedback_info,
         "graphs": {"opset": OPSET, "infer": "infer.onnx", "train_step": "train_step.onnx"},
-        "host_run": {"method": run.config.method, "dataset": run.config.dataset,
-                     "final_test_accuracy": run.metrics.get("final_test_accuracy")},
+        "host_run": host_run,
     }
+
+
+@dataclass
+class DeviceSplit:
+    """What the device gets of a model: an optional frozen trunk, and the part it trains (its
+    topology as the manifest holds it, its weights and its feedback, by bundle name)."""
+    model: dict                         # manifest["model"]: the part's topology (+ "trunk")
+    weights: dict[str, np.ndarray]      # every tensor of weights.npz (trunk ones included)
+    feedback: dict[str, np.ndarray]
+    feedback_info: dict
+    trunk: trunks.Trunk | None = None
+
+
+def device_split(model, trainable: str = "all") -> DeviceSplit:
+    """Split a host model at the cut `trainable` asks for (bundle.parse_trainable's syntax)."""
+    check_exportable(model)
+    if model.kind in HAND_BUILT_KINDS:
+        topo = topology(model)
+        try:
+            k = parse_trainable(trainable, topo)
+        except EdgefaError as exc:
+            raise EdgefaError(f"export: --{exc}") from None
+        topo["trainable"] = "all" if k is None else f"last:{k}"
+        feedback, info = dfa_feedback(model)
+        if topo["kind"] == "resmlp":
+            weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.named_parameters()}
+        else:
+            weights = {_param_name(k): v.detach().cpu().numpy().astype(np.float32)
+                       for k, v in model.state_dict().items() if not k.startswith("feedback_")}
+        return DeviceSplit(topo, weights, {k: feedback[k] for k in feedback_shapes(topo)}, info)
+    return _trunk_split(model, trainable)
+
+
+def _trunk_split(model, trainable: str) -> DeviceSplit:
+    """cnn: `all` trains every stage on the device; `last:K` / `head` puts the stages below the cut
+    in a torch-exported trunk. vit, transformer: the head only, on a trunk of everything else."""
+    cfg, kind = model.config, model.kind
+    try:
+        k = check_trainable_syntax(trainable)
+    except EdgefaError as exc:
+        raise EdgefaError(f"export: --{exc}") from None
+    if kind in HEAD_ONLY_KINDS:
+        if k != 1:
+            raise EdgefaError(f"export: --trainable {trainable}: the device trains a {kind}'s head only "
+                              f"(--trainable head); its attention blocks have no DFA graph")
+        return _head_on_trunk(model, _readout_features(model), ["embed", *[f"block{i}" for i in range(cfg.depth)],
+                                                                 "norm"], cut="the pooled, normalised tokens")
+    units = cfg.depth + 2                                      # [head], [fc], [conv{depth-1}], ..., [conv0]
+    if k is not None and not 1 <= k <= units:
+        raise EdgefaError(f"export: --trainable {trainable}: K must be between 1 and {units} "
+                          f"(this cnn's units from the head: head, fc, "
+                          + ", ".join(f"conv{i}" for i in reversed(range(cfg.depth))) + ")")
+    if k == 1:
+        return _head_on_trunk(model, lambda x: _stages(model, x, cfg.depth + 1),
+                              [*(f"conv{i}" for i in range(cfg.depth)), "fc"], cut="fc's output")
+    from .cnn_export import cnn_feedback, cnn_topology, cnn_weights
+
+    first = 0 if k is None else units - k                      # the first trained conv stage (depth: none)
+    full = cnn_topology(model, first) if first < cfg.depth else None
+    if first >= cfg.depth:                                     # fc and head: an MLP part on the flat features
+        lin = model.fc[1]
+        part = {"kind": "mlp", "in_features": lin.in_features, "n_classes": cfg.n_outputs,
+                "activation": cfg.activation,
+                "layers": [{"name": "fc", "in": lin.in_features, "out": lin.out_features},
+                           {"name": "head", "in": lin.out_features, "out": cfg.n_outputs}]}
+    else:
+        part = full
+    part["trainable"] = "all"
+    weights = {n: a for n, a in cnn_weights(model, min(first, cfg.depth - 1)).items() if n in param_shapes(part)}
+    all_feedback = cnn_feedback(model, min(first, cfg.depth - 1))
+    feedback = {n: all_feedback[n] for n in feedback_shapes(part)}
+    info = _feedback_info(cfg, "one matrix per stage in order (FeedbackNet.finish)")
+    if first == 0:
+        return DeviceSplit(part, weights, feedback, info)
+    with plain_forward(model):
+        trunk = trunks.from_module(_Below(model, lambda x: _stages(model, x, first)), _example(model),
+                                   source=f"torch.onnx export of the run's {kind} conv0..conv{first - 1}",
+                                   cut=(f"conv{first - 1}'s output" if first < cfg.depth
+                                        else "the flattened conv output"),
+                                   frozen_layers=[f"conv{i}" for i in range(first)])
+    return _with_trunk(part, weights, feedback, info, trunk, model)
+
+
+def _head_on_trunk(model, features_of, frozen: list[str], cut: str) -> DeviceSplit:
+    """A part that is the model's head alone (its true gradient: no feedback) on a trunk."""
+    cfg = model.config
+    head = model.head
+    part = {"kind": "mlp", "in_features": head.in_features, "n_classes": cfg.n_outputs,
+            "activation": cfg.activation,
+            "layers": [{"name": "head", "in": head.in_features, "out": cfg.n_outputs}], "trainable": "all"}
+    weights = {"head.weight": head.weight.detach().cpu().numpy().astype(np.float32),
+               "head.bias": head.bias.detach().cpu().numpy().astype(np.float32)}
+    with plain_forward(model):
+        trunk = trunks.from_module(_Below(model, features_of), _example(model),
+                                   source=f"torch.onnx export of the run's {model.kind} below its head", cut=cut,
+                                   frozen_layers=frozen)
+    info = _feedback_info(cfg, "none: the head trains on its true gradient")
+    return _with_trunk(part, weights, {}, info, trunk, model)
+
+
+def _with_trunk(part: dict, weights: dict, feedback: dict, info: dict, trunk, model) -> DeviceSplit:
+    if part["in_features"] != trunk.features:
+        raise EdgefaError(f"export: the trunk gives {trunk.features} features, the part takes {part['in_features']}")
+    topo = dict(part, in_features=trunk.in_features, trunk=trunk.manifest_section())
+    return DeviceSplit(topo, {**trunk.params, **weights}, feedback, info, trunk)
+
+
+def _feedback_info(cfg, generator: str) -> dict:
+    source = (f"trained with (host {cfg.rule} run)" if cfg.rule in ("dfa", "hybrid")
+              else f"drawn at export (host run used {cfg.rule})")
+    return {"seed": cfg.feedback_seed, "distribution": "normal", "mean": 0.0,
+            "std": dfa_feedback_std(cfg.n_outputs), "generator": f"torch.Generator (CPU) + torch.randn, {generator}",
+            "source": source}
+
+
+class _Below(torch.nn.Module):
+    """The frozen part of a host model as a module of its own, for torch.onnx: `features_of(x)`
+    on flat x."""
+
+    def __init__(self, net, features_of):
+        super().__init__()
+        self.net, self.features_of = net, features_of
+
+    def forward(self, x):
+        return self.features_of(x)
+
+
+@contextmanager
+def plain_forward(net):
+    """FA and uSF layers run their plain forward while torch.onnx traces them: their custom
+    backward cannot be exported, and is never needed below the cut."""
+    layers = [m for m in net.modules() if isinstance(getattr(m, "rule", None), str)]
+    rules = [m.rule for m in layers]
+    for m in layers:
+        m.rule = "bp"
+    try:
+        yield
+    finally:
+        for m, rule in zip(layers, rules):
+            m.rule = rule
+
+
+def _stages(net, x, count: int):
+    h = net.prepare(x)
+    for _, stage in net.stages()[:count]:
+        h = stage(h)
+    return h
+
+
+def _readout_features(net):
+    """vit: the head's input (normalised tokens, mean over tokens); transformer: the normalised
+    token at the last real position (the pad id's positions skipped, as CausalTransformer does)."""
+    cfg = net.config
+
+    def vit(x):
+        return net.norm(_stages(net, x, len(net.stages()))).mean(dim=1)
+
+    def transformer(x):
+        tokens = x.to(torch.int64) if cfg.vocab else x
+        h = net.norm(_stages(net, tokens, len(net.stages())))
+        if cfg.pad_id >= 0:
+            last = ((tokens != cfg.pad_id).sum(dim=1) - 1).clamp(min=0)
+        else:
+            last = torch.zeros(tokens.shape[0], dtype=torch.int64) + (tokens.shape[1] - 1)
+        index = last.reshape(-1, 1, 1).expand(-1, 1, h.shape[-1])
+        return torch.gather(h, 1, index).flatten(1)     # not squeeze: traced, it becomes an If node
+
+    return vit if net.kind == "vit" else transformer
+
+
+def _example(net) -> torch.Tensor:
+    """Three flat samples the trunk export traces with (token ids where the model takes them)."""
+    gen = torch.Generator().manual_seed(0)
+    size = int(np.prod(net.config.in_shape))
+    if net.config.vocab:
+        return torch.randint(0, net.config.vocab, (3, size), generator=gen).to(torch.float32)
+    return torch.randn((3, size), generator=gen)
 
 
 def export_bundle(run: Run, out_dir: str | os.PathLike, momentum: float | None = None,
                   lr: float | None = None, trainable: str = "all", loss: str | None = None,
                   trt_target: str = "10.3", batch_profile=DEFAULT_PROFILE, fp16_infer: bool = True,
                   require_tensorrt: bool = False) -> Path:
-    """`trainable`: "all" or "last:K" (see bundle.trainable_units). `loss`: None (the run's),
+    """`trainable`: "all", "last:K" or "head" (see the module doc). `loss`: None (the run's),
     "cross_entropy" or "bradley-terry" (an MLP scorer with one output, trained on pairs).
     `trt_target`: the TensorRT release the graphs are checked against ("8.5": JetPack 5.1,
     "10.3": JetPack 6.1/6.2); `batch_profile`: (min, opt, max) batch of the engines' optimization
@@ -144,38 +339,51 @@ def export_bundle(run: Run, out_dir: str | os.PathLike, momentum: float | None =
     `require_tensorrt`: a graph that is not ready is an EdgefaError and nothing is written."""
     check_exportable(run.model)
     try:
-        target, profile = load_target(trt_target), check_profile(batch_profile)
+        load_target(trt_target), check_profile(batch_profile)
     except EdgefaError as exc:
         raise EdgefaError(f"export: {exc}") from None
     momentum = run.config.momentum if momentum is None else momentum
     lr = run.config.lr if lr is None else lr
     loss = run_loss(run, loss)
-    topo = topology(run.model)
-    try:
-        k = parse_trainable(trainable, topo)
-    except EdgefaError as exc:
-        raise EdgefaError(f"export: --{exc}") from None
-    topo["trainable"] = "all" if k is None else f"last:{k}"
-    if loss == LOSS_BRADLEY_TERRY and (topo["kind"] != "mlp" or topo["n_classes"] != 1):
+    split = device_split(run.model, trainable)
+    topo = split.model
+    if loss == LOSS_BRADLEY_TERRY and (topo["kind"] != "mlp" or topo["n_classes"] != 1 or split.trunk):
         raise EdgefaError(f"export: a bradley-terry bundle needs an MLP scorer with one output, "
-                          f"not a {topo['kind']} with {topo['n_classes']}")
-    feedback, info = dfa_feedback(run.model)
-    feedback = {k: feedback[k] for k in feedback_shapes(topo)}     # the trainable stages' only
-    graphs = {"infer.onnx": serialize_checked(infer_graph(topo)),
-              "train_step.onnx": serialize_checked(train_step_graph(topo, momentum, loss))}
+                          f"not a {run.model.kind} with {topo['n_classes']}")
+    manifest = build_manifest(run, topo, split.feedback_info, momentum, lr, loss)
+    return write_device_bundle(out_dir, manifest, split, momentum, loss, trt_target, batch_profile,
+                               fp16_infer, require_tensorrt)
+
+
+def write_device_bundle(out_dir, manifest: dict, split: DeviceSplit, momentum: float, loss: str,
+                        trt_target: str = "10.3", batch_profile=DEFAULT_PROFILE, fp16_infer: bool = True,
+                        require_tensorrt: bool = False) -> Path:
+    """Build the graphs of a split (composed with its trunk where it has one), check them for
+    TensorRT, and write the bundle. Shared by export_bundle and the bring-your-own-model paths."""
+    target, profile = load_target(trt_target), check_profile(batch_profile)
+    part = part_topology(split.model)
+    infer, step = infer_graph(part), train_step_graph(part, momentum, loss,
+                                                       manifest["optimizer"].get("residual_penalty", 0.0))
+    extra = {}
+    if split.trunk is None:
+        graphs = {"infer.onnx": serialize_checked(infer), "train_step.onnx": serialize_checked(step)}
+        refit = refittable_infer_graph(part, split.weights)
+    else:
+        whole_infer = trunks.compose(split.trunk, infer, "edgefa_infer")
+        graphs = {"infer.onnx": serialize_checked(whole_infer),
+                  "train_step.onnx": serialize_checked(trunks.compose(split.trunk, step, "edgefa_dfa_train_step")),
+                  TRUNK_GRAPH: serialize_checked(split.trunk.graph), HEAD_STEP_GRAPH: serialize_checked(step)}
+        refit = refittable_infer_graph(split.model, split.weights, infer=whole_infer)
+        manifest["graphs"].update(trunk=TRUNK_GRAPH, head_step=HEAD_STEP_GRAPH)
     trt = readiness(graphs, target, profile)
     if require_tensorrt and not trt["ready"]:
         raise EdgefaError(f"export: tensorrt {target.version}: {summary_line(trt)}; no bundle written")
-    if topo["kind"] == "resmlp":
-        weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in run.model.named_parameters()}
-    else:
-        weights = {_param_name(k): v.detach().cpu().numpy().astype(np.float32)
-                   for k, v in run.model.state_dict().items() if not k.startswith("feedback_")}
-    manifest = build_manifest(run, topo, info, momentum, lr, loss)
     manifest["tensorrt"] = manifest_section(trt, fp16_infer)
-    extra = bundle_files(trt, graphs, fp16_infer)
-    extra[REFIT_GRAPH] = serialize_checked(refittable_infer_graph(topo, weights))
-    return write_bundle(out_dir, manifest, graphs, weights, feedback, extra_files=extra)
+    extra.update(bundle_files(trt, graphs, fp16_infer))
+    extra[REFIT_GRAPH] = serialize_checked(refit)
+    payload = {name: data for name, data in graphs.items() if name in ("infer.onnx", "train_step.onnx")}
+    extra.update({name: data for name, data in graphs.items() if name not in payload})
+    return write_bundle(out_dir, manifest, payload, split.weights, split.feedback, extra_files=extra)
 
 
 def _param_name(state_key: str) -> str:

@@ -15,101 +15,30 @@ W - delta^T h: one Gemm and one Sub, with no weight-sized multiply.
 The residual MLP (kind "resmlp") does block-level DFA: the readout (terminal LayerNorm + head)
 gets its true gradient, the embedding e B_embed, and each block, its input a constant, e B_block
 at its output, backpropagated locally through fc2, the activation, fc1 and its LayerNorm's gamma
-and beta. Only the trainable layers (bundle.trainable_layers) get updates; a Bradley-Terry step
+and beta. A run's residual-stream penalty lambda (manifest optimizer.residual_penalty) adds
+lambda sum_i mean_n ||r_i||^2 to the loss and its gradient 2 lambda r_i / batch to block i's error
+at its output (r_i = fc2(...), the block's residual branch; under DFA the penalty acts inside each
+block only). Only the trainable layers (bundle.trainable_layers) get updates; a Bradley-Terry step
 (preference_step_graph) runs both items of every pair through one forward of 2 x batch rows.
+
+A cnn (kind "cnn") is its conv stages, each DFA-trained on e B at its output and its own local
+gradient through pool, activation and conv (conv_graphs.py), then an MLP's Linear layers.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
+from . import conv_graphs
+from .graph_builder import (OPSET, BATCH, Forward, Graph, activation_derivative,  # noqa: F401 (OPSET: re-exported)
+                            apply_activation)
 from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, feedback_input_name, feedback_shapes,
                       model_kind, momentum_name, next_name, param_shapes, trainable_layers, trainable_params)
 
-OPSET = 17          # TensorRT 8.5 (JetPack 5.1) parses up to 17, 10.x from 9 to 20 (tensorrt_onnx_ops.toml)
-IR_VERSION = 8      # onnxruntime >= 1.10 and TensorRT 8.x read IR 8
-BATCH = "batch"
-SQRT1_2 = math.sqrt(0.5)
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
-
-class _Graph:
-    """Collects nodes with fresh intermediate names; keeps the builders below short."""
-
-    def __init__(self):
-        self.nodes, self.inputs, self.outputs, self.initializers = [], [], [], []
-        self._n = 0
-
-    def input(self, name, shape, dtype=TensorProto.FLOAT):
-        self.inputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
-        return name
-
-    def output(self, name, shape, dtype=TensorProto.FLOAT):
-        self.outputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
-
-    def const(self, name, value, dtype=TensorProto.FLOAT, dims=()):
-        """A named constant, stored once however often it is asked for."""
-        if name not in {t.name for t in self.initializers}:
-            vals = value if isinstance(value, list) else [value]
-            self.initializers.append(helper.make_tensor(name, dtype, list(dims), vals))
-        return name
-
-    def op(self, op_type, *inputs, out=None, **attrs):
-        self._n += 1
-        out = out or f"{op_type.lower()}_{self._n}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"{op_type}_{self._n}", **attrs))
-        return out
-
-    def op_multi(self, op_type, inputs, outs, **attrs):
-        """A node with several named outputs."""
-        self._n += 1
-        self.nodes.append(helper.make_node(op_type, list(inputs), list(outs), name=f"{op_type}_{self._n}", **attrs))
-        return outs
-
-    def model(self, name: str, doc: str) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="edgefa", doc_string=doc)
-        m.ir_version = IR_VERSION
-        return m
-
-
-def _activation(g: _Graph, activation: str, a: str) -> tuple[str, str | None]:
-    """f(a), and for GELU the normal CDF Phi(a) its derivative reuses. GELU is the exact erf form,
-    torch's default nn.GELU: a * 0.5 * (1 + erf(a / sqrt 2))."""
-    if activation == "gelu":
-        cdf = g.op("Mul", g.const("half", 0.5), g.op("Add", g.const("one", 1.0),
-                                                      g.op("Erf", g.op("Mul", a, g.const("rsqrt2", SQRT1_2)))))
-        return g.op("Mul", a, cdf), cdf
-    return g.op({"relu": "Relu", "tanh": "Tanh"}[activation], a), None
-
-
-def _activation_grad(g: _Graph, activation: str, h: str, a: str | None = None, cdf: str | None = None) -> str:
-    """f'(a) written in terms of h = f(a): relu' = (h > 0), tanh' = 1 - h^2;
-    gelu' = Phi(a) + a phi(a), phi the normal density."""
-    if activation == "relu":  # a compare + cast measured 3% faster per step than Sign in ORT's CPU EP
-        return g.op("Cast", g.op("Greater", h, g.const("zero_f", 0.0)), to=TensorProto.FLOAT)
-    if activation == "gelu":
-        pdf = g.op("Mul", g.const("inv_sqrt_2pi", INV_SQRT_2PI),
-                   g.op("Exp", g.op("Mul", g.op("Mul", a, a), g.const("minus_half", -0.5))))
-        return g.op("Add", cdf, g.op("Mul", a, pdf))
-    return g.op("Sub", g.const("one", 1.0), g.op("Mul", h, h))
-
-
-@dataclass
-class _Forward:
-    """What the local updates need from the forward pass."""
-    logits: str
-    inputs: dict = field(default_factory=dict)     # layer -> its input (a LayerNorm's: x-hat)
-    hidden: dict = field(default_factory=dict)     # mlp: layer -> h_l; resmlp: block i -> (u, z, cdf)
-
-
-def _layer_norm(g: _Graph, x: str, layer: str, eps: float, fused: bool) -> tuple[str, str | None]:
+def _layer_norm(g: Graph, x: str, layer: str, eps: float, fused: bool) -> tuple[str, str | None]:
     """LayerNorm over the last axis (biased variance, like torch). `fused`: one
     LayerNormalization op (inference); otherwise written out, returning x-hat for the update."""
     gamma, beta = f"{layer}.weight", f"{layer}.bias"
@@ -121,14 +50,16 @@ def _layer_norm(g: _Graph, x: str, layer: str, eps: float, fused: bool) -> tuple
     return g.op("Add", g.op("Mul", xhat, gamma), beta), xhat
 
 
-def _linear(g: _Graph, h: str, layer: str) -> str:
+def _linear(g: Graph, h: str, layer: str) -> str:
     return g.op("Gemm", h, f"{layer}.weight", f"{layer}.bias", transB=1)
 
 
-def _forward(g: _Graph, model: dict, x: str, train: bool = False) -> _Forward:
+def _forward(g: Graph, model: dict, x: str, train: bool = False) -> Forward:
     if model_kind(model) == "resmlp":
         return _forward_resmlp(g, model, x, train)
-    fwd, h = _Forward(""), x
+    fwd, h = Forward(""), x
+    if model_kind(model) == "cnn":     # its conv stages (conv_graphs.py), then the Linear layers below
+        h = conv_graphs.forward_convs(g, model, x, fwd)
     layers = model["layers"]
     for layer in layers:
         name = layer["name"]
@@ -137,14 +68,16 @@ def _forward(g: _Graph, model: dict, x: str, train: bool = False) -> _Forward:
         if layer is layers[-1]:
             fwd.logits = g.op("Identity", a, out="logits")
             return fwd
-        h, _ = _activation(g, model["activation"], a)
+        h, cdf = apply_activation(g, model["activation"], a)
         fwd.hidden[name] = h
+        if cdf:                        # gelu's derivative needs a and Phi(a) (a cnn's fc)
+            fwd.gelu[name] = (a, cdf)
     raise AssertionError("unreachable: the head is the last layer")
 
 
-def _forward_resmlp(g: _Graph, model: dict, x: str, train: bool) -> _Forward:
+def _forward_resmlp(g: Graph, model: dict, x: str, train: bool) -> Forward:
     """h0 = embed(x); h_{i+1} = h_i + fc2(act(fc1(LN_i(h_i)))); logits = head(LN(h_L))."""
-    fwd, eps = _Forward(""), model["ln_eps"]
+    fwd, eps = Forward(""), model["ln_eps"]
     fwd.inputs["embed"] = x
     h = _linear(g, x, "embed")
     for i in range(model["depth"]):
@@ -152,23 +85,24 @@ def _forward_resmlp(g: _Graph, model: dict, x: str, train: bool) -> _Forward:
         n, fwd.inputs[norm] = _layer_norm(g, h, norm, eps, fused=not train)
         fwd.inputs[fc1] = n
         u = _linear(g, n, fc1)
-        z, cdf = _activation(g, model["activation"], u)
+        z, cdf = apply_activation(g, model["activation"], u)
         fwd.inputs[fc2] = z
         fwd.hidden[i] = (u, z, cdf)
-        h = g.op("Add", h, _linear(g, z, fc2))
+        fwd.residual[i] = _linear(g, z, fc2)
+        h = g.op("Add", h, fwd.residual[i])
     n, fwd.inputs["norm"] = _layer_norm(g, h, "norm", eps, fused=not train)
     fwd.inputs["head"] = n
     fwd.logits = g.op("Identity", _linear(g, n, "head"), out="logits")
     return fwd
 
 
-def _declare_params(g: _Graph, model: dict) -> None:
+def _declare_params(g: Graph, model: dict) -> None:
     for name, shape in param_shapes(model).items():
         g.input(name, shape)
 
 
 def infer_graph(model: dict) -> onnx.ModelProto:
-    g = _Graph()
+    g = Graph()
     g.input("x", [BATCH, model["in_features"]])
     _declare_params(g, model)
     _forward(g, model, "x")
@@ -176,12 +110,14 @@ def infer_graph(model: dict) -> onnx.ModelProto:
     return g.model("edgefa_infer", "edgefa forward pass: x, weights -> logits")
 
 
-def refittable_infer_graph(model: dict, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """infer_graph with every parameter an initializer (holding `weights`) instead of an input:
+def refittable_infer_graph(model: dict, weights: dict[str, np.ndarray],
+                           infer: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """infer_graph (or `infer`, the whole graph of a bundle with a trunk) with every parameter an
+    initializer (holding `weights`) instead of an input:
     the graph TensorRT builds a refittable inference engine from. Constant weights let TensorRT
     fold and fuse them (and store them in FP16); refitting swaps in the trained values by these
     initializer names, so new weights never mean a new engine."""
-    m = infer_graph(model)
+    m = infer_graph(model) if infer is None else onnx.ModelProto.FromString(infer.SerializeToString())
     params = param_shapes(model)
     kept = [i for i in m.graph.input if i.name not in params]
     del m.graph.input[:]
@@ -192,17 +128,23 @@ def refittable_infer_graph(model: dict, weights: dict[str, np.ndarray]) -> onnx.
     return m
 
 
-def _local_errors(g: _Graph, model: dict, fwd: _Forward, e: str, trained: list[str]) -> dict[str, str]:
+def _local_errors(g: Graph, model: dict, fwd: Forward, e: str, trained: list[str],
+                  penalty_scale: str | None = None) -> dict[str, str]:
     """Per trainable layer, dLoss/d(its output) under DFA: the readout's true gradient, e @ B at
-    every other stage's output, and inside a residual block the block's own local backward."""
+    every other stage's output, and inside a residual block the block's own local backward.
+    `penalty_scale` (resmlp with a residual-stream penalty): 2 lambda / batch (times lr where e
+    carries it), so that each block's error at its output also gets d(lambda mean_n ||r||^2)/dr."""
     activation, deltas, want = model["activation"], {}, set(trained)
     if model_kind(model) != "resmlp":
         for name in trained:
             if name == model["layers"][-1]["name"]:
                 deltas[name] = e
+            elif name in fwd.convs:    # a cnn conv stage: e B back through its pool and activation
+                deltas[name] = conv_graphs.local_error(g, model, fwd.convs[name], e)
             else:
                 projected = g.op("MatMul", e, feedback_input_name(name))
-                deltas[name] = g.op("Mul", projected, _activation_grad(g, activation, fwd.hidden[name]))
+                deltas[name] = g.op("Mul", projected,
+                                    activation_derivative(g, activation, fwd.hidden[name], *fwd.gelu.get(name, ())))
         return deltas
     if "head" in want:                                   # the readout: its true gradient
         deltas["head"] = e
@@ -215,7 +157,9 @@ def _local_errors(g: _Graph, model: dict, fwd: _Forward, e: str, trained: list[s
             continue
         u, z, cdf = fwd.hidden[i]
         deltas[fc2] = g.op("MatMul", e, feedback_input_name(f"block{i}"))     # dLoss/d(block output)
-        du = g.op("Mul", g.op("MatMul", deltas[fc2], f"{fc2}.weight"), _activation_grad(g, activation, z, u, cdf))
+        if penalty_scale:                      # + the penalty's own gradient, local to the block
+            deltas[fc2] = g.op("Add", deltas[fc2], g.op("Mul", fwd.residual[i], penalty_scale))
+        du = g.op("Mul", g.op("MatMul", deltas[fc2], f"{fc2}.weight"), activation_derivative(g, activation, z, u, cdf))
         deltas[fc1] = du
         deltas[norm] = g.op("MatMul", du, f"{fc1}.weight")                    # dLoss/d(LN output)
     return deltas
@@ -225,7 +169,7 @@ def _is_norm(model: dict, layer: str) -> bool:
     return model_kind(model) == "resmlp" and (layer == "norm" or layer.endswith(".norm"))
 
 
-def _updates(g: _Graph, model: dict, fwd: _Forward, deltas: dict[str, str], trained: list[str],
+def _updates(g: Graph, model: dict, fwd: Forward, deltas: dict[str, str], trained: list[str],
              momentum: float, rows: str) -> None:
     """SGD (with momentum) on every trainable layer, and the per-layer update bounds.
 
@@ -236,6 +180,9 @@ def _updates(g: _Graph, model: dict, fwd: _Forward, deltas: dict[str, str], trai
     bounds = []
     for name in trained:
         d, h_in = deltas[name], fwd.inputs[name]
+        if name in fwd.convs:          # a cnn conv layer: its gradient, update and bound
+            bounds.append(conv_graphs.update(g, fwd.convs[name], d, momentum, rows))
+            continue
         w, b = f"{name}.weight", f"{name}.bias"
         norm = _is_norm(model, name)
         if momentum:
@@ -266,12 +213,12 @@ def _updates(g: _Graph, model: dict, fwd: _Forward, deltas: dict[str, str], trai
     g.op("Concat", *bounds, axis=0, out="update_bound")
 
 
-def _batch_size(g: _Graph, x: str) -> str:
+def _batch_size(g: Graph, x: str) -> str:
     return g.op("Cast", g.op("Gather", g.op("Shape", x), g.const("zero", 0, TensorProto.INT64), axis=0),
                 to=TensorProto.FLOAT)
 
 
-def _declare_state(g: _Graph, model: dict, momentum: float) -> None:
+def _declare_state(g: Graph, model: dict, momentum: float) -> None:
     _declare_params(g, model)
     if momentum:
         for name, shape in trainable_params(model).items():
@@ -280,7 +227,7 @@ def _declare_state(g: _Graph, model: dict, momentum: float) -> None:
         g.input(feedback_input_name(layer), shape)
 
 
-def _declare_next(g: _Graph, model: dict, momentum: float) -> None:
+def _declare_next(g: Graph, model: dict, momentum: float) -> None:
     for name, shape in trainable_params(model).items():
         g.output(next_name(name), shape)
         if momentum:
@@ -288,11 +235,17 @@ def _declare_next(g: _Graph, model: dict, momentum: float) -> None:
     g.output("update_bound", [len(trainable_layers(model))])
 
 
-def train_step_graph(model: dict, momentum: float, loss: str = LOSS_CROSS_ENTROPY) -> onnx.ModelProto:
-    """One DFA step of `model` (only its trainable layers, see bundle.trainable_layers)."""
+def train_step_graph(model: dict, momentum: float, loss: str = LOSS_CROSS_ENTROPY,
+                     penalty: float = 0.0) -> onnx.ModelProto:
+    """One DFA step of `model` (only its trainable layers, see bundle.trainable_layers).
+    `penalty`: lambda of a resmlp's residual-stream penalty (models/feedback_net.py): the loss adds
+    lambda * sum_blocks mean_n ||r_i||^2 (r_i = fc2(...), each block's residual branch), and each
+    trained block's error at its output adds that term's own gradient 2 lambda r_i / batch."""
+    if penalty and model_kind(model) != "resmlp":
+        raise ValueError("a residual-stream penalty needs residual blocks (a resmlp model)")
     if loss == LOSS_BRADLEY_TERRY:
         return preference_step_graph(model, momentum)
-    g = _Graph()
+    g = Graph()
     classes = model["n_classes"]
     g.input("x", [BATCH, model["in_features"]])
     g.input("labels", [BATCH], TensorProto.INT64)
@@ -307,14 +260,23 @@ def train_step_graph(model: dict, momentum: float, loss: str = LOSS_CROSS_ENTROP
                   g.const("onehot_values", [0.0, 1.0], dims=(2,)), axis=-1)
     nll = g.op("Neg", g.op("ReduceSum", g.op("Mul", onehot, logp), g.const("axis1", [1], TensorProto.INT64, (1,)),
                            keepdims=0))
-    g.op("ReduceMean", nll, out="loss", keepdims=0)
+    cross_entropy = g.op("ReduceMean", nll, out=None if penalty else "loss", keepdims=0)
     batch = _batch_size(g, "x")
     e = g.op("Div", g.op("Sub", g.op("Exp", logp), onehot), batch)
     if not momentum:
         e = g.op("Mul", e, "lr")  # lr folded into the small deltas (see module doc)
+    penalty_scale = None
+    if penalty:   # the loss the host reports: cross-entropy + lambda * sum_i mean_n ||r_i||^2
+        squares = [g.op("ReduceMean", g.op("ReduceSumSquare", r, axes=[-1], keepdims=0), keepdims=0)
+                   for r in fwd.residual.values()]
+        g.op("Add", cross_entropy, g.op("Mul", g.op("Sum", *squares), g.const("penalty", float(penalty))),
+             out="loss")
+        penalty_scale = g.op("Div", g.const("two_penalty", 2.0 * float(penalty)), batch)
+        if not momentum:
+            penalty_scale = g.op("Mul", penalty_scale, "lr")
 
     trained = trainable_layers(model)
-    _updates(g, model, fwd, _local_errors(g, model, fwd, e, trained), trained, momentum, batch)
+    _updates(g, model, fwd, _local_errors(g, model, fwd, e, trained, penalty_scale), trained, momentum, batch)
     _declare_next(g, model, momentum)
     g.output("loss", [])
     g.output("logits", [BATCH, classes])
@@ -328,7 +290,7 @@ def preference_step_graph(model: dict, momentum: float) -> onnx.ModelProto:
     delta_w^T h_w + delta_l^T h_l with e_w = -sigmoid(-(s_w - s_l)) / batch and e_l = -e_w."""
     if model["n_classes"] != 1:
         raise ValueError("a Bradley-Terry step needs a scorer with one output")
-    g = _Graph()
+    g = Graph()
     g.input("x_chosen", [BATCH, model["in_features"]])
     g.input("x_rejected", [BATCH, model["in_features"]])
     g.input("lr", [])

@@ -23,7 +23,10 @@ Every figure here is a *model*, never a measurement or a synthesis result:
 
 The step (edgefa.exporters.onnx_graphs): forward a = h W^T + b, h = f(a); e = (softmax - onehot)/B;
 DFA delta_l = (e B_l) * f'(a_l); BP delta_l = (delta_{l+1} W_{l+1}) * f'(a_l), layer by layer;
-v <- mu v + delta^T h; W <- W - lr v.
+v <- mu v + delta^T h; W <- W - lr v. With `trainable: last:K` the error, the outer products and
+the update cover the last K layers only (the frozen ones below run their forward alone); a
+Bradley-Terry scorer's step runs the B pairs as 2B rows, its error from the same softmax unit
+(scope.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from ..errors import EdgefaError
-from .scope import require_full_mlp_dfa
+from .scope import is_pairs, require_in_scope, trained_count
 
 # --- cited per-operation energies -----------------------------------------------------------
 
@@ -96,6 +99,11 @@ ASSUMPTIONS = [
     "BP: the backward needs W^T. The model keeps a transposed copy of every weight matrix but the first "
     "(stored on chip, read by the backward, written at every update); a transposable memory would save the "
     "copy but not the access energy. The backward runs layer by layer: delta_l waits for delta_{l+1}",
+    "trainable last:K: the forward runs every layer; the error projection, the outer products, the momentum "
+    "and the update cover the last K layers only (BP's backward stops at the lowest of them, and keeps W^T "
+    "copies only of the layers it goes through); the activations are still every layer's input",
+    "a Bradley-Terry scorer (one output) trains on B pairs per step: both items of every pair run through "
+    "one forward of 2B rows, and the output error is the softmax unit's on the pairs' two scores",
     "DFA: the projections e B_l of all hidden layers are one matmul over [B_1 | B_2 | ...] (no layer waits "
     "for another). --feedback lfsr regenerates B on chip from one 32-bit leap-forward LFSR per array column "
     "(assumed 32 FF + 32 LUT6 each, after Xilinx XAPP052; each generated element charged as one 32-bit add); "
@@ -247,7 +255,7 @@ def matmul_cycles(m: int, k: int, n: int, rows: int, cols: int) -> dict:
 # --- the network ------------------------------------------------------------------------------
 
 def _check_model(model: dict) -> list[dict]:
-    require_full_mlp_dfa({"model": model})
+    require_in_scope({"model": model})
     try:
         layers = [{"name": str(l["name"]), "in": int(l["in"]), "out": int(l["out"])} for l in model["layers"]]
         int(model["n_classes"])
@@ -271,9 +279,10 @@ DRAM_PASSES = {"weights": 3, "momentum": 2, "feedback": 1, "weights_t": 2, "acti
 
 
 def cost_report(model: dict, array: MacArray, rule: str = "dfa", batch: int = 32, feedback: str = "stored",
-                momentum: float = 0.9) -> dict:
+                momentum: float = 0.9, pairs: bool = False) -> dict:
     """Cycles per phase, latency, DSP/LUT, BRAM36, DRAM traffic and modelled energy of one training step
-    (and of one inference) of `model` (a bundle's manifest["model"]) under `rule` ("dfa" | "bp")."""
+    (and of one inference) of `model` (a bundle's manifest["model"]) under `rule` ("dfa" | "bp").
+    `pairs`: a Bradley-Terry scorer's step on `batch` pairs (2 x batch rows)."""
     if rule not in ("dfa", "bp"):
         raise EdgefaError(f"rule must be dfa or bp, got {rule!r}")
     if feedback not in ("stored", "lfsr"):
@@ -281,10 +290,12 @@ def cost_report(model: dict, array: MacArray, rule: str = "dfa", batch: int = 32
     if not isinstance(batch, int) or batch < 1:
         raise EdgefaError(f"--batch must be a positive integer, got {batch!r}")
     layers = _check_model(model)
-    R, C, B = array.rows, array.cols, batch
+    R, C, B = array.rows, array.cols, 2 * batch if pairs else batch      # B: rows through the step
     d, acc = array.data_bits, array.acc_bits
     n_classes = int(model["n_classes"])
-    hidden = layers[:-1]
+    k = trained_count(model)
+    trained = layers if k is None else layers[-min(k, len(layers)):]      # the head and the K-1 below it
+    hidden = trained[:-1]                                 # the trained hidden layers: they get an error
     widths = [l["out"] for l in hidden]
     lfsr = rule == "dfa" and feedback == "lfsr" and bool(hidden)
     relu = str(model.get("activation", "relu")) == "relu"
@@ -292,11 +303,12 @@ def cost_report(model: dict, array: MacArray, rule: str = "dfa", batch: int = 32
 
     # --- memories (elements, lanes) and their capacities -------------------------------------
     params = sum(l["out"] * (l["in"] + 1) for l in layers)
+    trained_params = sum(l["out"] * (l["in"] + 1) for l in trained)
     elements = {
         "weights": (params, C),
-        "momentum": (params if with_momentum else 0, C),
+        "momentum": (trained_params if with_momentum else 0, C),
         "feedback": (n_classes * sum(widths) if rule == "dfa" and not lfsr else 0, C),
-        "weights_t": (sum(l["out"] * l["in"] for l in layers[1:]) if rule == "bp" else 0, C),
+        "weights_t": (sum(l["out"] * l["in"] for l in trained[1:]) if rule == "bp" else 0, C),   # BP reads W_{l+1}^T
         "activations": (B * (sum(l["in"] for l in layers) + n_classes), R),
         "errors": ((B * sum(widths) if rule == "dfa" else 2 * B * max(widths)) if hidden else 0, R),
     }
@@ -362,20 +374,20 @@ def cost_report(model: dict, array: MacArray, rule: str = "dfa", batch: int = 32
                                          "errors")], extra_pj={"elementwise": deriv_pj, "sram": deriv_reads})
     else:                                                     # delta_l = delta_{l+1} W_{l+1}, sequential
         parts = [mm(B, nxt["out"], cur["out"], "errors", "weights_t", "errors")
-                 for cur, nxt in zip(layers[:-1], layers[1:])]
+                 for cur, nxt in zip(trained[:-1], trained[1:])]
         phases["projection"] = phase(parts, extra_pj={"elementwise": deriv_pj, "sram": deriv_reads})
     # outer products: delta_l^T [out, B] x h_{l-1} [B, in + 1] (the ones column gives the bias gradient);
     # gradients stay in the PEs and drain into the update unit
     phases["outer_products"] = phase([
         mm(l["out"], B, l["in"] + 1, "errors" if i < len(hidden) else "activations", "activations", None)
-        for i, l in enumerate(layers)])
+        for i, l in enumerate(trained)])
     # update: C lanes, one parameter per lane per cycle: v <- mu v + g; W <- W - lr v
     per_param = (2 * e_mul + 2 * add_pj(d)) if with_momentum else (e_mul + add_pj(d))
-    upd_sram = sram("weights", 2 * params) + (sram("momentum", 2 * params) if with_momentum else 0.0)
+    upd_sram = sram("weights", 2 * trained_params) + (sram("momentum", 2 * trained_params) if with_momentum else 0.0)
     if rule == "bp":
         upd_sram += sram("weights_t", memory["weights_t"]["elements"])     # the transposed copy's write
-    phases["update"] = phase([], sum(math.ceil(l["out"] * (l["in"] + 1) / C) for l in layers),
-                             {"elementwise": params * per_param, "sram": upd_sram})
+    phases["update"] = phase([], sum(math.ceil(l["out"] * (l["in"] + 1) / C) for l in trained),
+                             {"elementwise": trained_params * per_param, "sram": upd_sram})
 
     clock = array.clock_hz
     dram_bytes = sum(m["dram_bytes_per_step"] for m in memory.values())
@@ -417,12 +429,13 @@ def cost_report(model: dict, array: MacArray, rule: str = "dfa", batch: int = 32
         "kind": "model",
         "note": "analytic cost model of a MAC-array accelerator; not a synthesis result nor a measurement",
         "energy_basis": ENERGY_LABEL, "energy_source": ENERGY_SOURCE,
-        "rule": rule, "feedback": (feedback if rule == "dfa" and hidden else None), "batch": B,
-        "momentum": momentum,
+        "rule": rule, "feedback": (feedback if rule == "dfa" and hidden else None), "batch": batch,
+        "pairs": pairs, "rows": B, "momentum": momentum,
         "array": {**asdict(array), "pes": array.pes, "dataflow": "output-stationary",
                   "bram36_available": array.bram36_available},
         "network": {"in_features": layers[0]["in"], "n_classes": n_classes, "activation": model.get("activation"),
-                    "layers": layers, "parameters": params},
+                    "layers": layers, "parameters": params, "trainable": model.get("trainable", "all"),
+                    "trained_layers": [l["name"] for l in trained], "trained_parameters": trained_params},
         "phases": phases,
         "train_step": {"cycles": cycles, "compute_s": compute_s, "dram_s": dram_s,
                        "latency_s": max(compute_s, dram_s), "bound": "dram" if dram_s > compute_s else "compute",
@@ -444,12 +457,13 @@ def cost_report(model: dict, array: MacArray, rule: str = "dfa", batch: int = 32
     }
 
 
-def compare(model: dict, array: MacArray, batch: int = 32, feedback: str = "stored", momentum: float = 0.9) -> dict:
+def compare(model: dict, array: MacArray, batch: int = 32, feedback: str = "stored", momentum: float = 0.9,
+            pairs: bool = False) -> dict:
     """DFA (with the chosen feedback) and BP on the same array, plus what the LFSR would save."""
-    dfa = cost_report(model, array, "dfa", batch, feedback, momentum)
-    bp = cost_report(model, array, "bp", batch, feedback, momentum)
-    stored = dfa if feedback == "stored" else cost_report(model, array, "dfa", batch, "stored", momentum)
-    lfsr = dfa if feedback == "lfsr" else cost_report(model, array, "dfa", batch, "lfsr", momentum)
+    dfa = cost_report(model, array, "dfa", batch, feedback, momentum, pairs)
+    bp = cost_report(model, array, "bp", batch, feedback, momentum, pairs)
+    stored = dfa if feedback == "stored" else cost_report(model, array, "dfa", batch, "stored", momentum, pairs)
+    lfsr = dfa if feedback == "lfsr" else cost_report(model, array, "dfa", batch, "lfsr", momentum, pairs)
     return {"kind": "model", "energy_basis": ENERGY_LABEL, "energy_source": ENERGY_SOURCE,
             "dfa": dfa, "bp": bp,
             "lfsr_saving": {"feedback_bytes": stored["lfsr"]["feedback_bytes"],
@@ -462,12 +476,13 @@ def compare(model: dict, array: MacArray, batch: int = 32, feedback: str = "stor
 
 
 def cost_of_bundle(path, array: MacArray, batch: int = 32, feedback: str = "stored") -> dict:
-    """Read a bundle (verified) and compare DFA with BP for its model and optimizer momentum."""
+    """Read a bundle (verified) and compare DFA with BP for its model, loss and optimizer momentum
+    (`batch`: pairs, for a Bradley-Terry bundle)."""
     from ..bundle import read_bundle
 
     b = read_bundle(path)
-    require_full_mlp_dfa(b.manifest, str(b.path))          # the loss too, which the model dict lacks
+    require_in_scope(b.manifest, str(b.path))          # the loss too, which the model dict lacks
     momentum = float(b.manifest.get("optimizer", {}).get("momentum", 0.0) or 0.0)
-    result = compare(b.model, array, batch, feedback, momentum)
+    result = compare(b.model, array, batch, feedback, momentum, is_pairs(b.manifest))
     result["bundle"] = str(b.path)
     return result

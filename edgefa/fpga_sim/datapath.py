@@ -19,6 +19,12 @@ The rounding of the update is where round-to-nearest stalls (an update below hal
 lost every time) and stochastic rounding does not (it is kept with probability |update| / LSB):
 Gupta et al., "Deep learning with limited numerical precision", ICML 2015.
 
+With `trainable: last:K` only the last K layers get an error, a gradient and an update; the
+frozen layers below are the forward matmuls alone. A Bradley-Terry bundle (`step_pairs`) runs the
+chosen and the rejected items through one forward of 2 x batch rows, as train_step.onnx does, and
+takes its error from the same softmax unit: the two-class softmax error of (s_w, s_l) with the
+chosen item as the label is (-sigmoid(-(s_w - s_l)), sigmoid(-(s_w - s_l))) / batch (scope.py).
+
 Counters per tensor class: values written and values that overflowed their format (wrapped or
 saturated); and weight updates that were non-zero before rounding and zero after.
 """
@@ -30,11 +36,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import Bundle, trainable_layers, trainable_params
+from ..errors import EdgefaError
 from .config import TENSOR_CLASSES, FxpConfig
 from .fixed import FixedFormat, Quantized, quantize, requantize, shift_round
 from .ops import FunctionTable, SoftmaxError, add, matmul_requantize
-from .scope import require_full_mlp_dfa
+from .scope import is_pairs, require_in_scope
 
 ONE = FixedFormat(2, 2)            # the integer 1 (raw 1, no fraction bits): sums over the batch
 
@@ -71,10 +78,12 @@ class FixedPointDFA:
     """A bundle's MLP held in fixed point, trained by the DFA step above."""
 
     def __init__(self, bundle: Bundle, config: FxpConfig, lr: float | None = None):
-        require_full_mlp_dfa(bundle.manifest, str(bundle.path))
+        require_in_scope(bundle.manifest, str(bundle.path))
         model = bundle.model
-        self.config, self.model = config, model
+        self.config, self.model, self.where = config, model, str(bundle.path)
         self.layers = [layer["name"] for layer in model["layers"]]
+        self.trained = trainable_layers(model)     # every layer, or the last K
+        self.pairs = is_pairs(bundle.manifest)
         self.activation = model["activation"]
         self.f = {c: config.fmt(c) for c in TENSOR_CLASSES}
         self.rng = np.random.default_rng(config.seed)
@@ -83,7 +92,7 @@ class FixedPointDFA:
         self.lr = float(bundle.manifest["optimizer"]["lr"] if lr is None else lr)
 
         self.params = {n: self._q("weights", a) for n, a in bundle.weights.items()}
-        self.velocity = {n: np.zeros_like(a) for n, a in self.params.items()}
+        self.velocity = {n: np.zeros_like(self.params[n]) for n in trainable_params(model)}
         self.feedback = {n: self._q("feedback", a) for n, a in bundle.feedback.items()}
         scalar = config.scalar_format
         self.mu = quantize(self.momentum, scalar).raw if self.momentum else None
@@ -168,22 +177,46 @@ class FixedPointDFA:
 
     def step(self, x: np.ndarray, labels: np.ndarray) -> float:
         """One DFA step on a standardized float batch; returns the loss of the fixed-point logits."""
-        act, err = self.f["activations"], self.f["errors"]
+        if self.pairs:
+            raise EdgefaError(f"{self.where}: a bradley-terry bundle trains on pairs (step_pairs), not labels")
+        act = self.f["activations"]
         trace = self.forward(self.quantize_input(x))
-        e = self.counters.note("errors", self.softmax_error(trace.logits, labels, self.rng))
+        self._learn(trace, self.counters.note("errors", self.softmax_error(trace.logits, labels, self.rng)))
+        z = act.to_float(trace.logits)
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(labels)), labels].mean())
+
+    def step_pairs(self, chosen: np.ndarray, rejected: np.ndarray) -> float:
+        """One DFA step of a Bradley-Terry scorer on standardized pairs (row i of `chosen` preferred
+        to row i of `rejected`); returns the mean softplus(-(s_w - s_l)) of the fixed-point scores."""
+        if not self.pairs:
+            raise EdgefaError(f"{self.where}: this bundle trains on labels (step), not on pairs")
+        n = len(chosen)
+        trace = self.forward(self.quantize_input(np.concatenate([chosen, rejected])))   # chosen rows first
+        scores = trace.logits[:, 0]
+        pair_error = self.softmax_error(np.stack([scores[:n], scores[n:]], axis=1), np.zeros(n, np.int64), self.rng)
+        e = Quantized(np.concatenate([pair_error.raw[:, 0], pair_error.raw[:, 1]])[:, None], pair_error.fmt,
+                      pair_error.overflows)                                     # [2n, 1], as the rows
+        self._learn(trace, self.counters.note("errors", e))
+        margin = self.f["activations"].to_float(scores[:n] - scores[n:])
+        return float(np.logaddexp(0.0, -margin).mean())
+
+    def _learn(self, trace: ForwardTrace, e: np.ndarray) -> None:
+        """The local errors, gradients and updates of the trained layers; frozen ones get none."""
+        act, err, trained = self.f["activations"], self.f["errors"], set(self.trained)
         deltas = {self.layers[-1]: e}
         for name, h in zip(self.layers[:-1], trace.hidden):
-            deltas[name] = self._local_error(e, name, h)
+            if name in trained:
+                deltas[name] = self._local_error(e, name, h)
         for name, h_in in zip(self.layers, trace.layer_inputs):
+            if name not in trained:
+                continue
             d = deltas[name]
             gw = self._matmul(d.T, err, h_in, act, "gradients")
             gb = self._matmul(np.ones((1, len(d)), np.int64), ONE, d, err, "gradients")[0]
             self._update(f"{name}.weight", gw)
             self._update(f"{name}.bias", gb)
-        z = act.to_float(trace.logits)
-        z = z - z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        return float(-logp[np.arange(len(labels)), labels].mean())
 
     # --- read-out -------------------------------------------------------------------------------
     def weights_float(self) -> dict[str, np.ndarray]:

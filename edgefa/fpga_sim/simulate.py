@@ -2,16 +2,18 @@
 
 Both runs start from the bundle's weights and see the same batches in the same order (the
 runtime's seeded `batch_indices`) with the same learning rate. The float32 run is `train_step.onnx`
-in onnxruntime, the step a device runs; the fixed-point run is `datapath.FixedPointDFA`.
+in onnxruntime, the step a device runs; the fixed-point run is `datapath.FixedPointDFA`. A
+Bradley-Terry bundle trains on pairs (the data the device's own fine-tuning reads) and is judged by
+preference accuracy, the share of pairs ranked right.
 
 What comes back (all figures per run, none averaged across classes unless named):
-  * accuracy of both on the evaluation data, before and after;
+  * accuracy (or preference accuracy) of both on the evaluation data, before and after;
   * per-layer SQNR, two kinds:
       - datapath SQNR of each layer's output on the evaluation data: the fixed-point forward pass
         against a float64 forward pass with the *same* (dequantized) weights, so it measures the
         arithmetic alone;
       - weight SQNR after the run: fixed-point weights against the float32 run's, so it measures
-        how far the two trainings drifted apart;
+        how far the two trainings drifted apart (a frozen layer's: its quantization alone);
     SQNR = 10 log10(sum ref^2 / sum (fixed - ref)^2) over every element of the layer (None where
     the two are identical);
   * values written and values that overflowed (wrapped or saturated) per tensor class;
@@ -29,10 +31,12 @@ from ..bundle import Bundle
 from ..shared.datasets import Dataset
 from ..shared.batches import batch_indices
 from ..runtime.engine import OrtEngine
-from ..runtime.finetune import standardize
+from ..errors import DataError
+from ..runtime.finetune import preference_accuracy, standardize, standardize_pairs, wanted_data
+from ..shared.preference_pairs import PreferencePairs
 from .config import FxpConfig
 from .datapath import FixedPointDFA
-from .scope import require_full_mlp_dfa
+from .scope import is_pairs, require_in_scope
 
 SQNR_SAMPLES = 256
 
@@ -82,6 +86,31 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float | None:
     return float((logits.argmax(axis=1) == y).mean()) if len(y) else None
 
 
+def _fixed_accuracy(fixed: FixedPointDFA, a: np.ndarray, b: np.ndarray) -> float | None:
+    """Accuracy of samples `a` with labels `b`; a scorer's: the share of pairs (a_i, b_i) ranked
+    right, a tie counting as wrong (runtime.finetune.preference_accuracy)."""
+    if fixed.pairs:
+        return float((fixed.predict(a)[:, 0] > fixed.predict(b)[:, 0]).mean()) if len(a) else None
+    return _accuracy(fixed.predict(a), b)
+
+
+def _float_accuracy(engine: OrtEngine, pairs: bool, a: np.ndarray, b: np.ndarray) -> float | None:
+    if pairs:
+        return preference_accuracy(engine, a, b) if len(a) else None
+    return _accuracy(engine.predict_logits(a), b)
+
+
+def _prepare(bundle: Bundle, data, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(samples, labels), or a scorer's (chosen, rejected), checked and scaled as the device does."""
+    if is_pairs(bundle.manifest):
+        if not isinstance(data, PreferencePairs):
+            raise DataError(f"{what}: this bundle trains on {wanted_data(True)}")
+        return standardize_pairs(bundle, data)
+    if isinstance(data, PreferencePairs):
+        raise DataError(f"{what}: this bundle trains on {wanted_data(False)}")
+    return standardize(bundle, data, what), data.y
+
+
 def float_reference_engine(bundle: Bundle) -> OrtEngine:
     """The float32 run's engine. It trains the arrays it is given in place (a device holds its
     weights once), so it gets copies: the bundle is read again by later runs (a sweep). One
@@ -95,8 +124,8 @@ def float_reference_engine(bundle: Bundle) -> OrtEngine:
 class SimulationInputs:
     """What `fpga simulate` and `fpga sweep` run on, every part checked (load_inputs)."""
     bundle: Bundle
-    train: Dataset
-    eval: Dataset | None
+    train: Dataset | PreferencePairs           # pairs for a bradley-terry bundle
+    eval: Dataset | PreferencePairs | None
     fxp: FxpConfig
     engine: OrtEngine             # the float32 reference
 
@@ -107,48 +136,53 @@ def load_inputs(bundle_path, data_spec: str, eval_spec: str | None, config_path=
     fixed-point config, the bundle (one the datapath models), the learning rate in the config's
     format, the data, then the bundle's graphs for the float32 reference. One line (EdgefaError)."""
     from ..bundle import read_bundle
-    from ..shared.datasets import load_dataset
+    from ..runtime.finetune import load_finetune_data
     from .config import load_config
 
     fxp = load_config(config_path)       # a bad config is refused before anything is read or run
     bundle = read_bundle(bundle_path)
-    require_full_mlp_dfa(bundle.manifest, bundle_path)     # a bundle the datapath does not model: before the data
+    require_in_scope(bundle.manifest, bundle_path)     # a bundle the datapath does not model: before the data
     fxp.learning_rate(bundle.manifest["optimizer"]["lr"] if lr is None else lr)   # one it cannot hold, too
-    train, evaluation = load_dataset(data_spec), load_dataset(eval_spec) if eval_spec else None
+    train = load_finetune_data(bundle, data_spec)     # pairs for a bradley-terry bundle, as the device reads them
+    evaluation = load_finetune_data(bundle, eval_spec) if eval_spec else None
     engine = float_reference_engine(bundle)           # graphs that do not load: one line, before any output
     return SimulationInputs(bundle, train, evaluation, fxp, engine)
 
 
-def simulate(bundle: Bundle, train: Dataset, config: SimulateConfig, fxp: FxpConfig,
-             eval_data: Dataset | None = None,
+def simulate(bundle: Bundle, train: Dataset | PreferencePairs, config: SimulateConfig, fxp: FxpConfig,
+             eval_data: Dataset | PreferencePairs | None = None,
              on_step: Callable[[int, float, float | None], None] | None = None,
              engine: OrtEngine | None = None) -> dict:
     """`engine`: the float reference's, from float_reference_engine (built here when not given)."""
-    require_full_mlp_dfa(bundle.manifest, str(bundle.path))        # before the data is looked at
-    X, y = standardize(bundle, train, train.name), train.y
-    X_eval, y_eval = (standardize(bundle, eval_data, eval_data.name), eval_data.y) if eval_data else (X, y)
+    require_in_scope(bundle.manifest, str(bundle.path))        # before the data is looked at
+    pairs = is_pairs(bundle.manifest)
+    # a, b: samples and labels, or a scorer's chosen and rejected items
+    a, b = _prepare(bundle, train, train.name)
+    a_eval, b_eval = _prepare(bundle, eval_data, eval_data.name) if eval_data else (a, b)
     fixed = FixedPointDFA(bundle, fxp, config.lr)
     if not config.float_reference:
         engine = None
     elif engine is None:
         engine = float_reference_engine(bundle)
+    fixed_step = fixed.step_pairs if pairs else fixed.step
+    float_step = None if engine is None else engine.step_pairs if pairs else engine.step
 
-    acc_before = {"fixed": _accuracy(fixed.predict(X_eval), y_eval),
-                  "float32": _accuracy(engine.predict_logits(X_eval), y_eval) if engine else None}
+    acc_before = {"fixed": _fixed_accuracy(fixed, a_eval, b_eval),
+                  "float32": _float_accuracy(engine, pairs, a_eval, b_eval) if engine else None}
     losses_fixed, losses_float = [], []
     for step in range(config.steps):
-        idx = batch_indices(len(y), config.batch_size, config.seed, step)
-        losses_fixed.append(fixed.step(X[idx], y[idx]))
+        idx = batch_indices(len(a), config.batch_size, config.seed, step)
+        losses_fixed.append(fixed_step(a[idx], b[idx]))
         if engine:
-            losses_float.append(engine.step(X[idx], y[idx], fixed.lr).loss)
+            losses_float.append(float_step(a[idx], b[idx], fixed.lr).loss)
         if on_step:
             on_step(step + 1, losses_fixed[-1], losses_float[-1] if engine else None)
 
-    acc_after = {"fixed": _accuracy(fixed.predict(X_eval), y_eval),
-                 "float32": _accuracy(engine.predict_logits(X_eval), y_eval) if engine else None}
+    acc_after = {"fixed": _fixed_accuracy(fixed, a_eval, b_eval),
+                 "float32": _float_accuracy(engine, pairs, a_eval, b_eval) if engine else None}
     weight_sqnr = None
     if engine:
-        final = engine.state()
+        final = {**bundle.weights, **engine.state()}       # a frozen layer keeps the bundle's weights
         fixed_w = fixed.weights_float()
         weight_sqnr = {name: sqnr_db(np.concatenate([final[f"{name}.weight"].ravel(), final[f"{name}.bias"]]),
                                      np.concatenate([fixed_w[f"{name}.weight"].ravel(), fixed_w[f"{name}.bias"]]))
@@ -160,13 +194,15 @@ def simulate(bundle: Bundle, train: Dataset, config: SimulateConfig, fxp: FxpCon
         "lr": fixed.lr, "lr_fixed_point": fixed.effective_lr,
         "lr_mode": fxp.lr_mode if fxp.lr_mode == "multiplier" else f"shift {fixed.lr_shift}",
         "config": fxp.describe(),
-        "eval_samples": int(len(y_eval)), "eval_data": "eval" if eval_data else "train",
+        "metric": "preference accuracy" if pairs else "accuracy",
+        "trained_layers": list(fixed.trained),
+        "eval_samples": int(len(a_eval)), "eval_data": "eval" if eval_data else "train",
         "accuracy_before": acc_before, "accuracy_after": acc_after,
         "loss_first": {"fixed": losses_fixed[0] if losses_fixed else None,
                        "float32": losses_float[0] if losses_float else None},
         "loss_last": {"fixed": losses_fixed[-1] if losses_fixed else None,
                       "float32": losses_float[-1] if losses_float else None},
-        "datapath_sqnr_db": datapath_sqnr(fixed, X_eval[:SQNR_SAMPLES]),
+        "datapath_sqnr_db": datapath_sqnr(fixed, a_eval[:SQNR_SAMPLES]),     # a scorer: its chosen items
         "weight_sqnr_db": weight_sqnr,
         "overflow": c.summary(),
         "updates": c.updates,

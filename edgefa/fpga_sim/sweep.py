@@ -20,7 +20,7 @@ from ..runtime.engine import OrtEngine
 from ..shared.datasets import Dataset
 from .config import TENSOR_CLASSES, FxpConfig
 from .fixed import FixedFormat, FixedPointError, Overflow, rounding_mode
-from .scope import require_full_mlp_dfa
+from .scope import require_in_scope
 from .simulate import SimulateConfig, simulate
 
 DEFAULT_WIDTHS = (6, 8, 10, 12, 14, 16)
@@ -51,8 +51,8 @@ def sweep(bundle: Bundle, train: Dataset, run: SimulateConfig, grid: FormatGrid,
           eval_data: Dataset | None = None,
           on_run: Callable[[dict], None] | None = None, engine: OrtEngine | None = None) -> dict:
     """`engine`: the float reference's (simulate.float_reference_engine), for the first run."""
-    require_full_mlp_dfa(bundle.manifest, str(bundle.path))
-    rows, float_after, before = [], None, None
+    require_in_scope(bundle.manifest, str(bundle.path))
+    rows, float_after, before, metric = [], None, None, "accuracy"
     for i, mode in enumerate(grid.roundings):
         for width in grid.widths:
             fmt = FixedFormat(width, grid.int_bits, rounding=mode, overflow=Overflow.SAT)
@@ -62,7 +62,7 @@ def sweep(bundle: Bundle, train: Dataset, run: SimulateConfig, grid: FormatGrid,
                                                             float_reference=first), config, eval_data,
                               engine=engine if first else None)
             if first:
-                float_after = result["accuracy_after"]["float32"]
+                float_after, metric = result["accuracy_after"]["float32"], result["metric"]
                 before = result["accuracy_before"]["float32"]
             row = {"rounding": mode, "width": width, "int_bits": grid.int_bits,
                    "frac_bits": width - grid.int_bits, "format": str(fmt),
@@ -75,7 +75,7 @@ def sweep(bundle: Bundle, train: Dataset, run: SimulateConfig, grid: FormatGrid,
             rows.append(row)
             if on_run:
                 on_run(row)
-    return {"bundle": str(bundle.path), "steps": run.steps, "batch_size": run.batch_size, "seed": run.seed,
+    return {"bundle": str(bundle.path), "metric": metric, "steps": run.steps, "batch_size": run.batch_size, "seed": run.seed,
             "swept_classes": list(grid.classes), "int_bits": grid.int_bits,
             "widths": list(grid.widths), "roundings": list(grid.roundings),
             "base_config": base.describe(), "float32_accuracy_before": before,

@@ -4,7 +4,10 @@
 errors, or the peer stops answering) it reopens the URL, starts a new session and asks again;
 every request is idempotent on the device (see service.py), so asking again is always safe.
 On top of it: deploy (a resumable chunked upload), finetune (batches by step number, following
-the device's own step), evaluate, pull (the fine-tuned bundle back) and get_state.
+the device's own step), evaluate, pull (the fine-tuned bundle back) and get_state. A classifier
+trains and is evaluated on labelled samples (the requests carry arrays `x`, `y`); a bradley-terry
+scorer on preference pairs (`chosen`, `rejected`: `finetune_pairs`, `evaluate_pairs`), with the
+same batches, checks, divergence rule and refusals.
 
 numpy only: the host side of the link needs no torch either.
 """
@@ -26,11 +29,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..bundle import check_replaceable, pack_archive, replace_folder, unpack_archive
-from ..errors import EdgefaError
+from ..bundle import LOSS_BRADLEY_TERRY, check_replaceable, pack_archive, replace_folder, unpack_archive
+from ..errors import DataError, EdgefaError
 from ..shared.batches import batch_indices
+from ..shared.preference_pairs import PreferencePairs
 from ..runtime.divergence import DEFAULT_MAX_REFUSALS, DIVERGED, TOO_MANY_REFUSALS, Diverged, TooManyRefusals
-from ..runtime.finetune import check_samples
+from ..runtime.feature_cache import data_fingerprint
+from ..runtime import finetune as local      # the checks and words of `edgefa device finetune`
 from .messages import Message, MessageError, arrays_to_lists, decode, encode
 from .protocol import (Connection, LineBusy, LinkError, LinkLost, MessageReceived, NotAnEdgefaDevice,
                        SessionRefused, SessionStarted, Timing)
@@ -346,17 +351,47 @@ class DeviceClient:
     def train_step(self, step: int, x: np.ndarray, y: np.ndarray, lr: float | None = None,
                    max_refusals: int = DEFAULT_MAX_REFUSALS, run_start: int | None = None,
                    scratch: str | None = None) -> Message:
-        return self.call("train", {"x": np.asarray(x, np.float32), "y": np.asarray(y, np.int64)},
-                         step=step, lr=lr, max_refusals=max_refusals, run_start=step if run_start is None else run_start,
-                         scratch=scratch)
+        return self._train(step, {"x": np.asarray(x, np.float32), "y": np.asarray(y, np.int64)}, lr, max_refusals,
+                           run_start, scratch)
+
+    def train_pairs_step(self, step: int, chosen: np.ndarray, rejected: np.ndarray, lr: float | None = None,
+                         max_refusals: int = DEFAULT_MAX_REFUSALS, run_start: int | None = None,
+                         scratch: str | None = None) -> Message:
+        """One step of a bradley-terry bundle on a batch of pairs (row i of `chosen` preferred)."""
+        return self._train(step, {"chosen": np.asarray(chosen, np.float32),
+                                  "rejected": np.asarray(rejected, np.float32)}, lr, max_refusals, run_start, scratch)
+
+    def _train(self, step: int, batch: dict[str, np.ndarray], lr, max_refusals: int, run_start: int | None,
+               scratch: str | None, **fields) -> Message:
+        return self.call("train", batch, step=step, lr=lr, max_refusals=max_refusals,
+                         run_start=step if run_start is None else run_start, scratch=scratch, **fields)
 
     def check_data(self, X: np.ndarray, y: np.ndarray, what: str = "data", scratch: str | None = None) -> dict:
-        """Check labelled samples against the device's bundle (feature count, labels in
-        0..n_classes-1, finite values) before any of them is sent: a problem is one DataError line
-        and nothing is applied. Returns the device's status."""
+        """Check labelled samples against the device's bundle (a classifier; feature count, labels
+        in 0..n_classes-1, finite values) before any of them is sent: a problem is one DataError
+        line and nothing is applied. Returns the device's status."""
+        return self._check({"x": X, "y": y}, what, scratch)
+
+    def check_pairs(self, chosen: np.ndarray, rejected: np.ndarray, what: str = "pairs",
+                    scratch: str | None = None) -> dict:
+        """check_data for preference pairs: the device's bundle is a bradley-terry scorer, and the
+        pairs are float [N, in_features] twice, finite (runtime.finetune.check_pairs)."""
+        return self._check({"chosen": chosen, "rejected": rejected}, what, scratch)
+
+    def _check(self, data: dict[str, np.ndarray], what: str, scratch: str | None) -> dict:
+        """`data`: the request arrays of a whole set ({x, y} or {chosen, rejected}), checked as the
+        device's own file would be; the device's status."""
         status = self.status(scratch)
-        if "in_features" in status:          # (no bundle deployed: the device itself answers that)
-            check_samples(X, y, status["in_features"], status["n_classes"], what)
+        if "in_features" not in status:     # (no bundle deployed: the device itself answers that)
+            return status
+        pairs = "chosen" in data
+        if "loss" in status and (status["loss"] == LOSS_BRADLEY_TERRY) != pairs:
+            raise DataError(f"{what}: the device's bundle trains on {local.wanted_data(not pairs)}, "
+                            f"not on {local.wanted_data(pairs)}")
+        if pairs:
+            local.check_pairs(data["chosen"], data["rejected"], status["in_features"], what)
+        else:
+            local.check_samples(data["x"], data["y"], status["in_features"], status["n_classes"], what)
         return status
 
     def finetune(self, X: np.ndarray, y: np.ndarray, steps: int, batch_size: int = 32, seed: int = 0,
@@ -370,7 +405,26 @@ class DeviceClient:
         steps in this run raise TooManyRefusals; both carry the summary so far. The run ends with a
         checkpoint, which the device judges first, like the end of a local run. With `scratch` (a
         token of `scratch()`) every request belongs to that session: nothing is kept."""
-        step = self.check_data(X, y, "training data", scratch)["step"]
+        return self._finetune({"x": X, "y": y}, steps, batch_size, seed, lr, on_step, max_refusals, scratch)
+
+    def finetune_pairs(self, chosen: np.ndarray, rejected: np.ndarray, steps: int, batch_size: int = 32,
+                       seed: int = 0, lr: float | None = None,
+                       on_step: Callable[[int, float, float], None] | None = None,
+                       max_refusals: int = DEFAULT_MAX_REFUSALS, scratch: str | None = None) -> dict:
+        """`finetune` for a bradley-terry bundle: batch k is pairs `batch_indices(N, batch, seed, k)`,
+        as in `edgefa device finetune` on the same pairs."""
+        return self._finetune({"chosen": chosen, "rejected": rejected}, steps, batch_size, seed, lr, on_step,
+                              max_refusals, scratch)
+
+    def _finetune(self, data: dict[str, np.ndarray], steps: int, batch_size: int, seed: int, lr: float | None,
+                  on_step, max_refusals: int, scratch: str | None) -> dict:
+        status = self._check(data, "training data", scratch)
+        step = status["step"]
+        # as the requests carry them (converted once, not per batch): labels int64, the rest float32
+        data = {k: np.asarray(a, np.int64 if k == "y" else np.float32) for k, a in data.items()}
+        n = len(next(iter(data.values())))
+        # a device that caches trunk features is told which samples each batch holds (runtime/feature_cache.py)
+        names = {"data": data_fingerprint(data["x"]), "samples": n} if status.get("caches_features") else {}
         start, losses, step_ms, round_trip_ms, refused = step, [], [], [], []
 
         def summary(final_step: int, stopped: dict | None = None) -> dict:
@@ -398,10 +452,11 @@ class DeviceClient:
             raise TooManyRefusals(f"{self.url}: {message}", summary(int(exc.fields["step"]), stopped)) from None
 
         while step < steps:
-            idx = batch_indices(len(y), batch_size, seed, step)
+            idx = batch_indices(n, batch_size, seed, step)
             t0 = time.perf_counter()
             try:
-                reply = self.train_step(step, X[idx], y[idx], lr, max_refusals, start, scratch)
+                batch = {k: a[idx] for k, a in data.items()} | ({"ids": idx} if names else {})
+                reply = self._train(step, batch, lr, max_refusals, start, scratch, **names)
             except DeviceError as exc:
                 if exc.code in (DIVERGED, TOO_MANY_REFUSALS):
                     stop(exc)
@@ -429,13 +484,22 @@ class DeviceClient:
         return summary(step)
 
     def evaluate(self, X: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> dict:
-        self.check_data(X, y, "evaluation data")
+        """Accuracy and mean cross-entropy of the device's current weights on labelled samples."""
+        return self._evaluate({"x": X, "y": y}, "evaluation data", batch_size)
+
+    def evaluate_pairs(self, chosen: np.ndarray, rejected: np.ndarray, batch_size: int = 1024) -> dict:
+        """Preference accuracy (`accuracy`: the share of pairs scored s(chosen) > s(rejected)) and
+        the mean Bradley-Terry loss of a bradley-terry bundle's current weights."""
+        return self._evaluate({"chosen": chosen, "rejected": rejected}, "evaluation pairs", batch_size)
+
+    def _evaluate(self, data: dict[str, np.ndarray], what: str, batch_size: int) -> dict:
+        self._check(data, what, None)
+        data = {k: np.asarray(a, np.int64 if k == "y" else np.float32) for k, a in data.items()}
+        n = len(next(iter(data.values())))
         correct, loss_sum, step = 0, 0.0, None
-        for i in range(0, len(y), batch_size):
-            r = self.call("evaluate", {"x": np.asarray(X[i:i + batch_size], np.float32),
-                                       "y": np.asarray(y[i:i + batch_size], np.int64)})
+        for i in range(0, n, batch_size):
+            r = self.call("evaluate", {k: a[i:i + batch_size] for k, a in data.items()})
             correct, loss_sum, step = correct + r["correct"], loss_sum + r["loss_sum"], r["step"]
-        n = len(y)
         return {"accuracy": correct / n if n else float("nan"), "loss_mean": loss_sum / n if n else float("nan"),
                 "samples": n, "step": step}
 
@@ -497,22 +561,35 @@ def finetune_remote(dev: DeviceClient, train, steps: int, batch_size: int = 32, 
                     on_step: Callable[[int, float, float], None] | None = None,
                     stop_if_reached: bool = False, device_memory: bool = False) -> dict | None:
     """Evaluate, fine-tune to `steps`, evaluate again: DeviceClient.finetune's summary with
-    `accuracy_before` and `accuracy_after` (None without `eval_data`; `train` and `eval_data` have
-    X and y) and `link` (the client's frame counts). The device checks all the data first, before
-    any is sent; `on_start(step)` then hears the step it is at. With `stop_if_reached`, a device
-    already at `steps` or beyond is left alone and the answer is None. With `device_memory`, the
-    device's peak RSS is asked for at the end (`device_peak_rss_bytes`)."""
-    start = dev.check_data(train.X, train.y, train_spec)["step"]
+    `accuracy_before` and `accuracy_after` (None without `eval_data`) and `link` (the client's
+    frame counts). `train` and `eval_data` are labelled samples (X and y), or for a bradley-terry
+    bundle preference pairs (shared.preference_pairs.PreferencePairs), and `metric` then says
+    "preference accuracy". The device's bundle is asked for first and all the data checked against
+    it, before any is sent; `on_start(step)` then hears the step it is at. With `stop_if_reached`, a
+    device already at `steps` or beyond is left alone and the answer is None. With `device_memory`,
+    the device's peak RSS is asked for at the end (`device_peak_rss_bytes`)."""
+    pairs = isinstance(train, PreferencePairs)
+    check, tune, evaluate = ((dev.check_pairs, dev.finetune_pairs, dev.evaluate_pairs) if pairs
+                             else (dev.check_data, dev.finetune, dev.evaluate))
+
+    def arrays(data) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(data, PreferencePairs) != pairs:    # evaluation data of the other kind
+            raise DataError(f"{eval_spec}: the training data are {local.wanted_data(pairs)}; "
+                            f"evaluate on {local.wanted_data(pairs)} too")
+        return (data.chosen, data.rejected) if pairs else (data.X, data.y)
+
+    start = check(*arrays(train), train_spec)["step"]
     if on_start:
         on_start(start)
     if stop_if_reached and start >= steps:     # --steps is the total to reach, not a count to add
         return None
     if eval_data is not None:
-        dev.check_data(eval_data.X, eval_data.y, eval_spec)
-    before = dev.evaluate(eval_data.X, eval_data.y)["accuracy"] if eval_data is not None else None
-    result = dev.finetune(train.X, train.y, steps, batch_size, seed, lr, on_step=on_step, max_refusals=max_refusals)
-    after = dev.evaluate(eval_data.X, eval_data.y)["accuracy"] if eval_data is not None else None
-    result.update(accuracy_before=before, accuracy_after=after)
+        check(*arrays(eval_data), eval_spec)
+    before = evaluate(*arrays(eval_data))["accuracy"] if eval_data is not None else None
+    result = tune(*arrays(train), steps, batch_size, seed, lr, on_step=on_step, max_refusals=max_refusals)
+    after = evaluate(*arrays(eval_data))["accuracy"] if eval_data is not None else None
+    result.update(accuracy_before=before, accuracy_after=after,
+                  metric="preference accuracy" if pairs else "accuracy")
     if device_memory:
         result["device_peak_rss_bytes"] = dev.profile(samples=False)["memory"]["peak_rss_bytes"]
     result["link"] = dev.stats.as_dict()

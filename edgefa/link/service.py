@@ -63,9 +63,10 @@ from ..profiling.memory import rss_bytes
 from ..profiling.profiler import Profiler
 from ..runtime.backends import TENSORRT_BACKEND, available_backends, check_provider, open_checked_engine
 from ..runtime.engine import DeviceEngine, choose_providers
+from ..runtime.feature_cache import DEFAULT_BUDGET_BYTES, FeatureCache
 from ..runtime.divergence import (DEFAULT_MAX_REFUSALS, DIVERGED, TOO_MANY_REFUSALS, DivergenceGuard, chance_loss,
                                   diverged_message, refusals_message)
-from ..runtime.finetune import bundle_standardizer, mean_loss
+from ..runtime.finetune import bundle_standardizer, check_pairs, mean_loss, wanted_data
 from ..runtime.state import DeviceState, clear_state, load_state, lock_state, save_state
 from ..runtime.state import LOCK as STATE_LOCK
 from .frames import VERSION as PROTOCOL_VERSION
@@ -93,6 +94,7 @@ class ServiceConfig:
     max_bundle_bytes: int = 256 << 20
     max_chunk_bytes: int = 1 << 20
     keep_retired: int = DEFAULT_KEEP_RETIRED   # retired bundles (with device state) kept; the oldest go
+    feature_cache_bytes: int | None = DEFAULT_BUDGET_BYTES   # trunk features' memory budget (None: no cache)
 
 
 class RequestError(EdgefaError):
@@ -183,6 +185,7 @@ class DeviceService:
     def close(self) -> None:
         """Give the store's locks back, as the process's exit would (no checkpoint: the server's
         stop takes one first). The service must not be used afterwards."""
+        self._close_feature_cache()
         for lock in (self._state_lock, self._store_lock):
             if lock is not None:
                 lock.release()
@@ -358,7 +361,9 @@ class DeviceService:
                 "trainable": m.get("trainable", "all"), "loss": manifest.get("loss", LOSS_CROSS_ENTROPY),
                 "lr": manifest["optimizer"]["lr"],
                 # which bundle it is, whatever its state (`edgefa profile --device` compares it with its own)
-                "manifest_sha256": self.manifest_sha, "scratch": self._scratch is not None}
+                "manifest_sha256": self.manifest_sha, "scratch": self._scratch is not None,
+                # a train request may name its samples (ids, data, samples): their trunk features are cached
+                "caches_features": self._caches_features(self.engine)}
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -620,6 +625,21 @@ class DeviceService:
             y = y.astype(np.int64)
         return bundle_standardizer(bundle).apply(x), y
 
+    def _training_batch(self, msg: Message) -> tuple[np.ndarray, np.ndarray]:
+        """What a train or evaluate request carries, checked and standardized: (x, labels) for a
+        classifier; (chosen, rejected) for a bradley-terry scorer, which trains on pairs."""
+        bundle, engine = self._need_bundle()
+        if not engine.preference:
+            if "chosen" in msg.arrays:
+                raise DataError(f"this bundle trains on {wanted_data(False)}, not on pairs: send 'x' and 'y'")
+            return self._batch(msg, with_labels=True)
+        chosen, rejected = msg.arrays.get("chosen"), msg.arrays.get("rejected")
+        if chosen is None or rejected is None:
+            raise DataError(f"this bundle trains on {wanted_data(True)}: send 'chosen' and 'rejected'")
+        check_pairs(chosen, rejected, bundle.model["in_features"], "pairs")
+        std = bundle_standardizer(bundle)
+        return std.apply(chosen), std.apply(rejected)
+
     # --- fine-tuning's stops (runtime/divergence.py) --------------------------------------------
     # The divergence rule runs here on the device, not in the host's client: the device writes the
     # checkpoints (a periodic one lands between two requests), so it must judge a state before it
@@ -640,9 +660,9 @@ class DeviceService:
         pass); a runaway is rolled back and raised."""
         if self._unjudged is None or self._unjudged[0] is not self.engine:
             return
-        engine, x, y, lr = self._unjudged
+        engine, a, b, lr = self._unjudged
         self._unjudged = None
-        reason = self._guard_for(self.bundle, engine).probe(mean_loss(engine, False, x, y))
+        reason = self._guard_for(self.bundle, engine).probe(mean_loss(engine, engine.preference, a, b))
         if reason:
             raise self._roll_back(self.step, reason, lr)
 
@@ -675,10 +695,16 @@ class DeviceService:
         if step > self.step:
             raise RequestError("step_ahead", f"the device is at step {self.step}, not {step}", step=self.step)
         with self.profiler.window("batch"):
-            x, y = self._batch(msg, with_labels=True)
-        cost = step_cost(bundle.model, len(x), engine.momentum)
+            x, y = self._training_batch(msg)          # pairs: x chosen, y rejected
+        cache = self._feature_cache(msg, engine)
+        cost = step_cost(bundle.model, len(x), engine.momentum, engine.preference, on_features=cache is not None)
         with self.profiler.window("train_step", cost.flops, cost.bytes_moved):
-            result = engine.step(x, y, float(lr))
+            if cache is None:
+                result = (engine.step_pairs if engine.preference else engine.step)(x, y, float(lr))
+            else:                          # the batch's rows are checked against the cache's first
+                features = cache.rows(msg.arrays["ids"], x, verify=True)
+                with self.profiler.window("head_step", cost.flops, cost.bytes_moved):
+                    result = engine.step_features(features, y, float(lr))
         seconds = self.profiler.last_seconds("train_step")
         guard = self._guard_for(bundle, engine)
         guard.max_refusals = max_refusals
@@ -706,6 +732,40 @@ class DeviceService:
         self._fetches.clear()
         return reply
 
+    # --- trunk features cached per sample (runtime/feature_cache.py) -----------------------------
+    # A train request may name its samples: `ids` (their indices in the host's data set), `data`
+    # (that set's data_fingerprint) and `samples` (its size). For a bundle with a frozen trunk the
+    # device then keeps each sample's trunk features and runs the part's step alone, with the same
+    # result bit for bit; the rows sent are checked against the digests of the cached ones.
+    _cache: FeatureCache | None = None
+    _cache_key: tuple | None = None     # (bundle archive, manifest, data, samples) the cache is for
+
+    def _feature_cache(self, msg: Message, engine: DeviceEngine) -> FeatureCache | None:
+        ids, data, samples = msg.arrays.get("ids"), msg.get("data"), msg.get("samples")
+        if ids is None or self.config.feature_cache_bytes is None or not self._caches_features(engine):
+            return None
+        if not (isinstance(data, str) and re.fullmatch("[0-9a-f]{16}", data)) or type(samples) is not int \
+                or samples < 1:
+            raise RequestError("bad_request", "a train request with 'ids' needs 'data' (the data set's "
+                               "fingerprint, 16 hex digits) and 'samples' (its size, >= 1)")
+        key = (self.archive_sha, self.manifest_sha, data, samples)
+        if self._cache_key != key:      # another data set or bundle: this one's file (if any) stays
+            self._close_feature_cache()
+            self._cache_key = key       # (None when it cannot be made: said once, not per step)
+            self._cache = FeatureCache.open(engine, data, samples, self.config.feature_cache_bytes, self.profiler)
+        if self._cache is not None:
+            self._cache.engine = engine  # a rollback reopens the engine: the same bundle, the same trunk
+        return self._cache
+
+    def _caches_features(self, engine: DeviceEngine | None) -> bool:
+        return (engine is not None and self.config.feature_cache_bytes is not None and engine.caches_features
+                and not engine.preference)
+
+    def _close_feature_cache(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+        self._cache, self._cache_key = None, None
+
     def _op_infer(self, msg: Message):
         _, engine = self._need_bundle()
         x, _ = self._batch(msg, with_labels=False)
@@ -714,8 +774,16 @@ class DeviceService:
         return {"step": self.step}, {"logits": logits}
 
     def _op_evaluate(self, msg: Message):
+        """Labelled samples: `correct` right classes, `loss_sum` their cross-entropy. Pairs (a
+        bradley-terry bundle): `correct` pairs ranked right (a tie is wrong, as in preference
+        accuracy), `loss_sum` their softplus(s_rejected - s_chosen)."""
         _, engine = self._need_bundle()
-        x, y = self._batch(msg, with_labels=True)
+        x, y = self._training_batch(msg)
+        if engine.preference:
+            with self.profiler.window("forward"):
+                margin = engine.predict_logits(x)[:, 0].astype(np.float64) - engine.predict_logits(y)[:, 0]
+            return {"samples": len(x), "correct": int((margin > 0).sum()),
+                    "loss_sum": float(np.logaddexp(0.0, -margin).sum()), "step": self.step}, None
         with self.profiler.window("forward"):
             logits = engine.predict_logits(x).astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)

@@ -16,12 +16,27 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from ..bundle import model_kind
 from ..errors import EdgefaError
 from ..profiling.machine import device_description
-from .session import ProfileConfig
+from .session import ProfileConfig, check_profilable
 
 RATIO_DEFINITION = "dfa / bp: below 1 means DFA on the device runtime costs less"
 DFA, BP = "dfa (onnxruntime, device runtime)", "bp (torch, host)"
+# The model kinds whose torch twin the BP side builds: the keys of training/bp_profile.BP_TWINS,
+# spelled out here because that module imports torch (tests/test_coverage.py keeps them equal).
+BP_KINDS = ("mlp", "cnn", "resmlp")
+
+
+def check_comparable(manifest: dict, where: str) -> None:
+    """One line before any work unless both sides can run this bundle: the DFA side is `edgefa
+    profile` (check_profilable), the BP side a torch twin of the bundle's model (bp_twin), which
+    exists for BP_KINDS (on a frozen trunk too: onnxruntime computes the trunk's features there)."""
+    check_profilable(manifest, where)
+    kind = model_kind(manifest["model"])
+    if kind not in BP_KINDS:
+        raise EdgefaError(f"{where}: profile compare's BP side builds torch twins of {', '.join(BP_KINDS)} "
+                          f"models; this bundle is model kind {kind!r}")
 
 
 def run_in_process(module: str, bundle: str | Path, cfg: ProfileConfig, data_spec: str | None,
@@ -47,7 +62,7 @@ def compare(dfa: dict, bp: dict) -> dict:
     energy = {k: r["energy"]["per_step_j"] for k, r in (("dfa", dfa), ("bp", bp))}
     methods = {dfa["energy"]["method"], bp["energy"]["method"]}
     return {"schema": "edgefa.compare/1",
-            "title": f"edgefa profile compare: {dfa['model']['layers']} DFA vs BP",
+            "title": f"edgefa profile compare: {dfa['model']['description']}, DFA vs BP",
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": device_description(),
             "model": {"layers": dfa["model"]["layers"], "batch_size": dfa["config"]["batch_size"],

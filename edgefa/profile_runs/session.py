@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, Bundle, describe_model, layer_shapes, model_kind,
-                      read_bundle, sha256_file)
+                      part_topology, read_bundle, sha256_file)
 from ..device_profiles import detect_profile
 from ..device_profiles.budget import budget
 from ..errors import BundleError, EdgefaError
@@ -75,7 +75,7 @@ def profile_local(bundle_path: str | Path, cfg: ProfileConfig, data: Dataset | N
         raise EdgefaError("steps and batch size must be at least 1")
     profiler, machine = open_profiler(cfg.profile, work_on_gpu=runs_on_gpu(cfg.provider),
                                       warmup=cfg.warmup, sample_interval_s=cfg.sample_interval_s)
-    _refuse_pairs(read_bundle(bundle_path), str(bundle_path))    # a bad bundle: reported by its own path
+    check_profilable(read_bundle(bundle_path).manifest, str(bundle_path))   # a bad bundle: reported by its own path
     with tempfile.TemporaryDirectory(prefix="edgefa-profile-") as scratch, profiler:
         with profiler.window("load"):
             bundle = read_bundle(_scratch_copy(bundle_path, Path(scratch)))
@@ -109,7 +109,7 @@ def profile_over_link(client, bundle_path: str | Path, cfg: ProfileConfig, data:
     module docstring says what that does). `device_state` in the result says what the device held
     before and after: the same step and, bit for bit, the same state."""
     bundle = read_bundle(bundle_path)
-    _refuse_pairs(bundle, str(bundle_path))
+    check_profilable(bundle.manifest, str(bundle_path))
     status = client.status()
     serves_it = status.get("bundle") is not None and status.get("manifest_sha256") == sha256_file(
         bundle.path / "manifest.json")
@@ -166,18 +166,19 @@ def device_profile_summary(machine) -> dict:
 
 def model_line(manifest: dict) -> dict:
     """The model in profile.json, any kind: `layers` is the widths along the matmul path (an mlp's
-    layer widths; a resmlp's embed, fc1, fc2, ..., head), `description` the `describe_model` line."""
+    layer widths; a resmlp's embed, fc1, fc2, ..., head; on a trunk, from its features; a cnn's
+    Linear layers after its convs), `description` the `describe_model` line."""
     m = manifest["model"]
-    return {"layers": [m["in_features"]] + [w[0] for w, _ in layer_shapes(m).values() if len(w) == 2],
+    return {"layers": [part_topology(m)["in_features"]] + [w[0] for w, _ in layer_shapes(m).values() if len(w) == 2],
             "kind": model_kind(m), "description": describe_model(m), "trainable": m.get("trainable", "all"),
             "loss": manifest.get("loss", LOSS_CROSS_ENTROPY),
             "activation": m["activation"], "momentum": manifest["optimizer"]["momentum"]}
 
 
-def _refuse_pairs(bundle: Bundle, where: str) -> None:
+def check_profilable(manifest: dict, where: str) -> None:
     """`edgefa profile` drives the cross-entropy step on labelled batches; a preference bundle's
-    step takes pairs, so it is refused in one line before any work."""
-    if bundle.manifest.get("loss") == LOSS_BRADLEY_TERRY:
+    step takes pairs, so it is refused in one line before any work (edgefa/coverage.py reads this)."""
+    if manifest.get("loss") == LOSS_BRADLEY_TERRY:
         raise EdgefaError(f"{where}: profile runs the cross-entropy step on labelled batches; this is a "
                           "bradley-terry preference bundle (fine-tune it on pairs with edgefa device finetune)")
 

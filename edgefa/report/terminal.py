@@ -157,6 +157,8 @@ def bundle_table(b) -> Table:
     table.add_row("model", escape(describe_model(m["model"])))
     if m.get("loss", "").startswith("bradley"):
         table.add_row("loss", escape(m["loss"]) + " (a scorer trained on preference pairs)")
+    if opt.get("residual_penalty"):
+        table.add_row("loss", f"cross-entropy + {opt['residual_penalty']:g} x residual-stream penalty")
     fb = m["feedback"]
     table.add_row("update rule", escape(f"{m.get('update_rule', 'dfa')}  (feedback: {fb.get('distribution')}, "
                                         f"std {fb.get('std')}, seed {fb.get('seed')}; {fb.get('source')})"))
@@ -200,7 +202,8 @@ def remote_finetune_table(url: str, result: dict) -> Table:
     if result["loss_first"] is not None:
         table.add_row("loss", f"{result['loss_first']:.4f} -> {result['loss_last']:.4f}")
     if result["accuracy_before"] is not None:
-        table.add_row("accuracy", f"{fmt_pct(result['accuracy_before'])} -> {fmt_pct(result['accuracy_after'])}")
+        table.add_row(result.get("metric", "accuracy"),
+                      f"{fmt_pct(result['accuracy_before'])} -> {fmt_pct(result['accuracy_after'])}")
     if result["step_ms_median"] is not None:
         table.add_row("step time on the device", f"median {result['step_ms_median']:.2f} ms")
         table.add_row("round trip per step", f"median {result['round_trip_ms_median']:.2f} ms "
@@ -310,7 +313,9 @@ def fleet_finetune_cells(a: dict, evaluated: bool) -> list[str]:
             str(len(a["refused_steps"])), str(a["rolled_back_steps"])]
 
 
-FLEET_FINETUNE_COLUMNS = ["steps", "loss", "accuracy", "round trip", "refused", "rolled back"]
+def fleet_finetune_columns(metric: str = "accuracy") -> list[str]:
+    """The columns of fleet_finetune_cells; `metric`: accuracy, or preference accuracy (pairs)."""
+    return ["steps", "loss", metric, "round trip", "refused", "rolled back"]
 
 
 # --- device profiles, budgets, profiling ------------------------------------------------------
@@ -424,16 +429,20 @@ def print_fpga_simulation(console: Console, result: dict, steps: int, batch_size
     table.add_column("")
     table.add_column("fixed point", justify="right")
     table.add_column("float32 (onnxruntime)", justify="right")
-    table.add_row(f"accuracy before ({result['eval_data']}, {result['eval_samples']} samples)",
+    metric = result.get("metric", "accuracy")
+    table.add_row(f"{metric} before ({result['eval_data']}, {result['eval_samples']} "
+                  f"{'pairs' if metric != 'accuracy' else 'samples'})",
                   fmt_pct(before["fixed"]), fmt_pct(before["float32"]))
-    table.add_row("accuracy after", f"[bold]{fmt_pct(after['fixed'])}[/]", f"[bold]{fmt_pct(after['float32'])}[/]")
+    table.add_row(f"{metric} after", f"[bold]{fmt_pct(after['fixed'])}[/]", f"[bold]{fmt_pct(after['float32'])}[/]")
     table.add_row("loss, last step", f"{result['loss_last']['fixed']:.4f}", f"{result['loss_last']['float32']:.4f}")
     console.print(table)
     layers = Table(title="per-layer SQNR (over all elements of the layer)")
     for col in ("layer", "datapath (same weights)", "weights after the run"):
         layers.add_column(col, justify="left" if col == "layer" else "right")
     for name, db in result["datapath_sqnr_db"].items():
-        layers.add_row(name, fmt_sqnr(db), fmt_sqnr((result["weight_sqnr_db"] or {}).get(name)))
+        frozen = name not in result.get("trained_layers", [name])      # its weight SQNR: quantization alone
+        layers.add_row(name + (" (frozen)" if frozen else ""), fmt_sqnr(db),
+                       fmt_sqnr((result["weight_sqnr_db"] or {}).get(name)))
     console.print(layers)
     formats = result["config"]["formats"]
     over = Table(title="overflow per tensor class (wrapped or saturated values)")
@@ -450,7 +459,7 @@ def print_fpga_simulation(console: Console, result: dict, steps: int, batch_size
 
 def fpga_sweep_table(result: dict, grid, steps: int) -> Table:
     """`edgefa fpga sweep`: accuracy per word length (rows) and rounding mode (columns)."""
-    table = Table(title=f"accuracy after {steps} fixed-point DFA steps "
+    table = Table(title=f"{result.get('metric', 'accuracy')} after {steps} fixed-point DFA steps "
                         f"(swept: {', '.join(grid.classes)} as ap_fixed<W,{grid.int_bits},mode,AP_SAT>)")
     table.add_column("W", justify="right")
     for mode in grid.roundings:
@@ -469,7 +478,8 @@ def print_fpga_cost(console: Console, result: dict, bundle, array, batch: int) -
     basis = result["energy_basis"]
     title = (f"fpga cost (model): {Path(bundle).name} on a {array.rows}x{array.cols} output-stationary MAC array, "
              f"{array.clock_hz / 1e6:g} MHz, {array.data_bits}-bit data, {array.acc_bits}-bit accumulators, "
-             f"batch {batch}")
+             f"batch {batch}" + (" pairs (2 rows each)" if dfa.get("pairs") else "")
+             + ("" if dfa["network"].get("trainable", "all") == "all" else f", trains {dfa['network']['trainable']}"))
     table = Table(title=escape(title))
     dfa_name = f"DFA ({dfa['feedback'] or 'no hidden layer'} B)"
     for col in ("", dfa_name, "BP", "DFA / BP"):
@@ -535,7 +545,8 @@ def print_fpga_cost(console: Console, result: dict, bundle, array, batch: int) -
 
 def demo_table(result: dict) -> Table:
     """`edgefa demo`: what device fine-tuning gained on the shifted sensor, and what it cost."""
-    table = Table(title=f"edgefa demo: digits seen through a shifted sensor ({result['shift']})")
+    model = f" ({result['model_description']})" if result.get("model", "mlp") != "mlp" else ""
+    table = Table(title=f"edgefa demo{model}: digits seen through a shifted sensor ({result['shift']})")
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("host DFA pre-training, clean test accuracy", fmt_pct(result["host_clean_accuracy"]))

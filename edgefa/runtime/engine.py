@@ -5,6 +5,11 @@ reads side k%2 and writes the other through IOBinding, so a step allocates and c
 weight-sized; accepting a step is flipping which side is current, and refusing one (NaN/Inf) is
 simply not flipping. Feedback matrices are bound once and never change. Whether a step is finite
 is proven from the graph's per-layer update bounds (step_bounds), not by reading the weights.
+
+A bundle with a frozen trunk (bundle.trunk_of) has two more graphs: trunk.onnx (x -> features) and
+head_step.onnx (the trainable part's step on features). `features(x)` runs the first and
+`step_features(features, labels, lr)` the second, on the same ping-pong sides as `step`: a step on
+cached features and a whole step are interchangeable, and the state stays one (runtime/feature_cache.py).
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from ..bundle import (LOSS_BRADLEY_TERRY, Bundle, feedback_input_name, momentum_name, next_name, param_shapes,
-                      trainable_layers, trainable_params)
+from ..bundle import (HEAD_STEP_GRAPH, LOSS_BRADLEY_TERRY, TRUNK_GRAPH, Bundle, feedback_input_name, momentum_name,
+                      next_name, param_shapes, trainable_layers, trainable_params, trunk_of)
 from ..device_profiles.profile import AUTO_PROVIDERS
 from ..errors import BundleError, EdgefaError
 from ..bundle import TRT_CACHE
@@ -170,9 +175,35 @@ class DeviceEngine:
         loss, accepted, (s_w, s_l) = self._checked_step(inputs, lr, ("score_chosen", "score_rejected"))
         return PairStepResult(loss, accepted, s_w, s_l)
 
-    def _checked_step(self, inputs: dict[str, np.ndarray], lr: float, per_sample: tuple[str, ...]):
-        """Run one step from the current side into the other; flip only if it is proven finite."""
-        loss, update_bound, rest = self._run_step(inputs, lr, per_sample)
+    # -- a bundle with a frozen trunk: its features, and the part's step on them ------------------
+    @property
+    def caches_features(self) -> bool:
+        """Whether this engine runs the trunk and the part's step apart (features, step_features)."""
+        return False
+
+    def _no_trunk_graphs(self) -> EdgefaError:
+        why = "has no frozen trunk" if trunk_of(self.bundle.model) is None else \
+            f"runs on {type(self).__name__}, which runs whole steps only"
+        return EdgefaError(f"{self.bundle.path}: no trunk features to cache: the bundle {why}")
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """The frozen trunk's features of samples x [batch, in_features] -> [batch, features]."""
+        raise self._no_trunk_graphs()
+
+    def step_features(self, features: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
+        """One DFA step of the trainable part on trunk features (`features(x)` of the batch): the
+        same state, the same proof of finiteness and the same new state as `step(x, labels, lr)`."""
+        if not self.caches_features:
+            raise self._no_trunk_graphs()
+        inputs = {"x": np.ascontiguousarray(features, dtype=np.float32),
+                  "labels": np.ascontiguousarray(labels, dtype=np.int64)}
+        loss, accepted, (logits,) = self._checked_step(inputs, lr, ("logits",), self._run_head_step)
+        return StepResult(loss, accepted, logits)
+
+    def _checked_step(self, inputs: dict[str, np.ndarray], lr: float, per_sample: tuple[str, ...], run=None):
+        """Run one step (`run`: the whole step, or the part's step on features) from the current
+        side into the other; flip only if it is proven finite."""
+        loss, update_bound, rest = (run or self._run_step)(inputs, lr, per_sample)
         accepted = self.bounds.advance(loss, update_bound, lr)
         if accepted:
             self.current = 1 - self.current
@@ -218,6 +249,36 @@ class OrtEngine(DeviceEngine):
         self.bounds.reset(self._host(self.current))
         self._train_bindings = [self._bind_train(k) for k in (0, 1)]
         self._infer_bindings = [self._bind_infer(k) for k in (0, 1)]
+        self._providers, self._threads = providers, threads
+        self.trunk_session = self.head_session = None   # opened on first use (features, step_features)
+
+    @property
+    def caches_features(self) -> bool:
+        return trunk_of(self.bundle.model) is not None
+
+    def _open_trunk_graphs(self) -> None:
+        """The trunk and head-step sessions, bound once: the trunk to its frozen weights, the head
+        step to both ping-pong sides exactly as the whole step is (`_bind_train`)."""
+        if self.trunk_session is not None:
+            return
+        if not self.caches_features:
+            raise self._no_trunk_graphs()
+        # (_session takes a graph's name without ".onnx")
+        self.trunk_session = _session(self.bundle, TRUNK_GRAPH.removesuffix(".onnx"), self._providers, self._threads)
+        self.head_session = _session(self.bundle, HEAD_STEP_GRAPH.removesuffix(".onnx"), self._providers,
+                                     self._threads)
+        self._trunk_binding = self.trunk_session.io_binding()
+        for name in {i.name for i in self.trunk_session.get_inputs()} - {"x"}:
+            self._trunk_binding.bind_ortvalue_input(name, self._value(self.frozen[name]))
+        self._head_bindings = [self._bind_train(k, self.head_session) for k in (0, 1)]
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        self._open_trunk_graphs()
+        b = self._trunk_binding
+        b.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
+        b.bind_output("features")
+        self.trunk_session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()
 
     # -- bindings: made once, reused every step --------------------------------------------------
     def _value(self, arr) -> ort.OrtValue:
@@ -231,16 +292,21 @@ class OrtEngine(DeviceEngine):
         """Side k as numpy arrays: the buffers themselves on the CPU, copies from the GPU."""
         return {n: (a.numpy() if isinstance(a, ort.OrtValue) else a) for n, a in self.sides[k].items()}
 
-    def _bind_train(self, k: int):
-        b = self.train_session.io_binding()
+    def _bind_train(self, k: int, session: ort.InferenceSession | None = None):
+        """Bind side k as the input and the other side as the output of the step graph `session`
+        (the whole train step unless given), with the feedback and the frozen weights it takes."""
+        session = session or self.train_session
+        b = session.io_binding()
         src, dst = self.sides[k], self.sides[1 - k]
         for n in self.state_names:
             b.bind_ortvalue_input(n, self._value(src[n]))
             b.bind_ortvalue_output(next_name(n), self._value(dst[n]))
         for layer, arr in self.feedback.items():
             b.bind_ortvalue_input(feedback_input_name(layer), self._value(arr))
+        takes = {i.name for i in session.get_inputs()}    # the head step takes no trunk weights
         for n, arr in self.frozen.items():
-            b.bind_ortvalue_input(n, self._value(arr))
+            if n in takes:
+                b.bind_ortvalue_input(n, self._value(arr))
         return b
 
     def _bind_infer(self, k: int):
@@ -252,8 +318,9 @@ class OrtEngine(DeviceEngine):
         return b
 
     # -- running the graphs ----------------------------------------------------------------------
-    def _run_step(self, inputs: dict[str, np.ndarray], lr: float, per_sample: tuple[str, ...]):
-        b = self._train_bindings[self.current]
+    def _run_step(self, inputs: dict[str, np.ndarray], lr: float, per_sample: tuple[str, ...],
+                  session: ort.InferenceSession | None = None, bindings=None):
+        session, b = session or self.train_session, (bindings or self._train_bindings)[self.current]
         for name, arr in inputs.items():
             b.bind_cpu_input(name, arr)
         b.bind_cpu_input("lr", np.array(lr, dtype=np.float32))
@@ -262,9 +329,13 @@ class OrtEngine(DeviceEngine):
         names = ("update_bound", "loss", *per_sample)
         for name in names:  # get_outputs() keeps this binding order
             b.bind_output(name)
-        self.train_session.run_with_iobinding(b)
+        session.run_with_iobinding(b)
         bound_value, loss_value, *rest = b.get_outputs()[-len(names):]
         return float(loss_value.numpy()), bound_value.numpy(), [r.numpy() for r in rest]
+
+    def _run_head_step(self, inputs: dict[str, np.ndarray], lr: float, per_sample: tuple[str, ...]):
+        self._open_trunk_graphs()
+        return self._run_step(inputs, lr, per_sample, self.head_session, self._head_bindings)
 
     def _infer_batch(self, x: np.ndarray) -> np.ndarray:
         b = self._infer_bindings[self.current]

@@ -4,6 +4,11 @@ A classifier bundle trains on labelled samples (`X`, `y`) and reports accuracy; 
 bundle (a scorer, manifest `loss: "bradley-terry"`) trains on pairs (`chosen`, `rejected`: row i
 of `chosen` preferred to row i of `rejected`) and reports preference accuracy, the share of pairs
 scored s(chosen) > s(rejected). Batch k is pairs `batch_indices(n_pairs, batch, seed, k)`.
+
+A bundle with a frozen trunk caches each sample's trunk features the first time a batch needs them
+(runtime/feature_cache.py; `FinetuneConfig.feature_cache`): every later step runs the part's step
+alone, with the same result bit for bit. Window "train_step" then holds "trunk_features" (the
+trunk on the batch's samples not cached yet) and "head_step" (the part's step on features).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .backends import open_engine
 from .divergence import (DEFAULT_MAX_REFUSALS, DIVERGED, TOO_MANY_REFUSALS, Diverged, DivergenceGuard,
                          DivergenceRule, TooManyRefusals, chance_loss, diverged_message, refusals_message)
 from .engine import DeviceEngine
+from .feature_cache import DEFAULT_BUDGET_BYTES, FeatureCache, data_fingerprint
 from .state import DeviceState, load_state, lock_state, save_state
 
 
@@ -42,6 +48,8 @@ class FinetuneConfig:
     threads: int | None = None
     provider: str | None = None     # None: the bundle's TensorRT engines if current, else onnxruntime's best
     divergence: DivergenceRule = field(default_factory=DivergenceRule)
+    feature_cache: bool = True      # a bundle with a frozen trunk: cache trunk features per sample
+    cache_bytes: int = DEFAULT_BUDGET_BYTES     # the cache's memory budget; larger caches go to a file
 
 
 def check_samples(X: np.ndarray, y: np.ndarray, in_features: int, n_classes: int, what: str) -> None:
@@ -56,6 +64,28 @@ def check_samples(X: np.ndarray, y: np.ndarray, in_features: int, n_classes: int
         raise DataError(f"{what}: labels must lie in 0..{n_classes - 1}, found {y.min()}..{y.max()}")
     if not np.isfinite(X).all():
         raise DataError(f"{what}: samples hold {int(np.count_nonzero(~np.isfinite(X)))} non-finite values (NaN/Inf)")
+
+
+def check_pairs(chosen: np.ndarray, rejected: np.ndarray, in_features: int | None, what: str) -> None:
+    """Preference pairs fit a scorer: float arrays `chosen` and `rejected`, both [N, in_features]
+    with N >= 1 (`in_features` None: any width), finite. Checked where the data is (a file read
+    here, or the host before it sends a byte over the link)."""
+    c, r = np.asarray(chosen), np.asarray(rejected)
+    for name, a in (("chosen", c), ("rejected", r)):
+        if a.dtype.kind != "f":
+            raise DataError(f"{what}: '{name}' is {a.dtype}, preference pairs need float arrays")
+    if c.ndim != 2 or c.shape != r.shape or not len(c):
+        raise DataError(f"{what}: 'chosen' {c.shape} and 'rejected' {r.shape} must both be [N, D] with N >= 1")
+    if in_features is not None and c.shape[1] != in_features:
+        raise DataError(f"{what}: items have {c.shape[1]} features, the bundle expects {in_features}")
+    for name, a in (("chosen", c), ("rejected", r)):
+        if not np.isfinite(a).all():
+            raise DataError(f"{what}: '{name}' holds non-finite values (NaN/Inf)")
+
+
+def wanted_data(preference: bool) -> str:
+    """What a bundle trains and is evaluated on, for the line that refuses the other kind."""
+    return "preference pairs (an npz with 'chosen' and 'rejected')" if preference else "labelled samples (X, y)"
 
 
 def standardize(bundle: Bundle, ds: Dataset, what: str) -> np.ndarray:
@@ -104,21 +134,29 @@ def load_pairs(path: str | Path) -> PreferencePairs:
         raise DataError(f"{path}: preference pairs need float arrays 'chosen' and 'rejected' [N, D]; "
                         f"missing {', '.join(repr(k) for k in missing)}")
     c, r = arrays["chosen"], arrays["rejected"]
-    for name, a in arrays.items():
-        if a.dtype.kind != "f":
-            raise DataError(f"{path}: '{name}' is {a.dtype}, preference pairs need float arrays")
-    if c.ndim != 2 or c.shape != r.shape or not len(c):
-        raise DataError(f"{path}: 'chosen' {c.shape} and 'rejected' {r.shape} must both be [N, D] with N >= 1")
-    for name, a in arrays.items():
-        if not np.isfinite(a).all():
-            raise DataError(f"{path}: '{name}' holds non-finite values (NaN/Inf)")
+    check_pairs(c, r, None, str(path))
     return PreferencePairs(c.astype(np.float32), r.astype(np.float32), str(path))
 
 
+def holds_pairs(spec: str) -> bool:
+    """Whether a data spec names an .npz holding 'chosen' and 'rejected' (what load_pairs reads)."""
+    path = Path(str(spec).removeprefix("npz:"))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return isinstance(z, np.lib.npyio.NpzFile) and {"chosen", "rejected"} <= set(z.files)
+    except Exception:       # not a readable npz: load_dataset says what is wrong with it
+        return False
+
+
+def load_training_data(spec: str) -> Dataset | PreferencePairs:
+    """The data `spec` names, read by what it holds: preference pairs (holds_pairs), else samples
+    and labels. For a host that drives a device over the link: it reads the data before it asks the
+    device anything, and the client then checks it against the device's bundle (its loss, widths)."""
+    return load_pairs(spec) if holds_pairs(spec) else load_dataset(spec)
+
+
 def standardize_pairs(bundle: Bundle, pairs: PreferencePairs) -> tuple[np.ndarray, np.ndarray]:
-    if pairs.chosen.shape[1] != bundle.model["in_features"]:
-        raise DataError(f"{pairs.name}: items have {pairs.chosen.shape[1]} features, "
-                        f"the bundle expects {bundle.model['in_features']}")
+    check_pairs(pairs.chosen, pairs.rejected, bundle.model["in_features"], pairs.name)
     std = bundle_standardizer(bundle)
     return std.apply(pairs.chosen), std.apply(pairs.rejected)
 
@@ -155,9 +193,7 @@ class Finetuner:
         want = PreferencePairs if self.pairs else Dataset
         for data in (train, eval_data):
             if data is not None and not isinstance(data, want):
-                raise DataError(f"{data.name}: this bundle trains on "
-                                + ("preference pairs (an npz with 'chosen' and 'rejected')" if self.pairs
-                                   else "labelled samples (X, y)"))
+                raise DataError(f"{data.name}: this bundle trains on {wanted_data(self.pairs)}")
         if self.pairs:
             self.X, self.R = standardize_pairs(bundle, train)
             self.eval = standardize_pairs(bundle, eval_data) if eval_data else None
@@ -177,7 +213,12 @@ class Finetuner:
             self.profiler.extra["runtime_growth_bytes"] = rss_bytes() - rss_before
         self.start, self.refused = (saved.step, list(saved.refused_steps)) if saved else (0, [])
         self.saved_step = saved.step if saved else None     # the step of the newest checkpoint on disk
-        self.cost = step_cost(bundle.model, config.batch_size, self.engine.momentum, self.engine.preference)
+        self.cache = None
+        if config.feature_cache and self.engine.caches_features and not self.pairs:
+            self.cache = FeatureCache.open(self.engine, data_fingerprint(train.X), len(self.X), config.cache_bytes,
+                                           self.profiler)
+        self.cost = step_cost(bundle.model, config.batch_size, self.engine.momentum, self.engine.preference,
+                              on_features=self.cache is not None)
 
     def checkpoint(self, step: int, guard: DivergenceGuard | None = None) -> None:
         """Save the engine's state as the checkpoint at `step`; with `guard`, first prove the state
@@ -235,9 +276,21 @@ class Finetuner:
                 return self.engine.step_pairs(chosen, rejected, self.lr)
         self.last_batch = x, y = self.X[idx], self.y[idx]
         with self.profiler.window("train_step", self.cost.flops, self.cost.bytes_moved):
-            return self.engine.step(x, y, self.lr)
+            if self.cache is None:
+                return self.engine.step(x, y, self.lr)
+            features = self.cache.rows(idx, x)
+            with self.profiler.window("head_step", self.cost.flops, self.cost.bytes_moved):
+                return self.engine.step_features(features, y, self.lr)
 
     def run(self, on_step: Callable[[int, float], None] | None = None) -> dict:
+        """`_run`, then the feature cache lets its file go (one still filling is removed)."""
+        try:
+            return self._run(on_step)
+        finally:
+            if self.cache is not None:
+                self.cache.close()
+
+    def _run(self, on_step: Callable[[int, float], None] | None = None) -> dict:
         """Train from `start` to `config.steps`. Every step's loss is judged (runtime/divergence.py):
         a divergence rolls back to the last good checkpoint and raises Diverged; `max_refusals`
         refused steps save the (unchanged) weights and raise TooManyRefusals. Both carry the
@@ -306,6 +359,7 @@ class Finetuner:
             "accuracy_after": self.eval_accuracy(),
             "peak_rss_bytes": peak_rss_bytes(),
             "bundle_bytes": self.bundle.size_bytes(),
+            "feature_cache": self.cache.describe() if self.cache is not None else None,
         }
 
 
@@ -313,9 +367,7 @@ def evaluate(bundle: Bundle, data: Dataset, threads: int | None = None) -> dict:
     """Accuracy of the bundle's current weights (its saved device state when present); for a
     Bradley-Terry bundle, preference accuracy on pairs."""
     if isinstance(data, PreferencePairs) != is_preference(bundle):
-        raise DataError(f"{data.name}: this bundle is evaluated on "
-                        + ("preference pairs (an npz with 'chosen' and 'rejected')" if is_preference(bundle)
-                           else "labelled samples (X, y)"))
+        raise DataError(f"{data.name}: this bundle is evaluated on {wanted_data(is_preference(bundle))}")
     engine = open_engine(bundle, threads=threads)
     saved = load_state(bundle, engine.state_names)
     if saved:

@@ -4,6 +4,7 @@
     state/checkpoint.prev.npz   the one before it
     state/.lock                 held (flock) by the process that trains this bundle: one at a time
     state/trt_cache/            TensorRT's engine and timing caches (onnxruntime's TensorRT provider)
+    state/.features-*.f32       cached trunk features of a bundle with a frozen trunk (runtime/feature_cache.py)
 
 Nothing else in state/ is edgefa's: a bundle whose state/ holds another file is not replaced
 (bundle.is_state_file, bundle.check_replaceable: the layout's names live in bundle.py).

@@ -11,11 +11,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from ..bundle import read_bundle
-from ..models import MLP, MLPConfig
+from ..bundle import (TRUNK_GRAPH, conv_spatial, layer_shapes, model_kind, param_shapes, part_topology, read_bundle,
+                      trainable_layers, trainable_params, trunk_of)
+from ..errors import EdgefaError
+from ..models import NetConfig, ResMLP
+from ..models.feedback_net import ACTIVATIONS
 from ..profile_runs.session import (ProfileConfig, device_profile_summary, main, model_line, profile_header,
                                    synthetic_data)
 from ..profiling.machine import device_description, open_profiler
@@ -26,26 +31,126 @@ from ..shared.datasets import Dataset
 from .trainer import make_optimizer
 
 
-def mlp_from_bundle(bundle) -> MLP:
-    """A BP MLP holding the bundle's weights (bundle fc{i}.* / head.* -> torch's layers)."""
-    topo = bundle.model
-    hidden = [layer["out"] for layer in topo["layers"][:-1]]
-    model = MLP(MLPConfig(topo["in_features"], hidden, topo["n_classes"], topo["activation"], rule="bp"))
+class _LayerStack(nn.Module):
+    """A bundle's mlp or cnn part as torch layers named as the bundle names them (`conv1.weight`,
+    `fc.bias`, `head.weight`): the conv stages (conv, activation, max-pool where the topology
+    pools), then the Linear layers with the activation between them."""
+
+    def __init__(self, model: dict):
+        super().__init__()
+        self.act = ACTIVATIONS[model["activation"]]()
+        self.in_shape, self.pools = model.get("in_shape"), []
+        self.convs, self.linears = [c["name"] for c in model.get("convs", [])], [l["name"] for l in model["layers"]]
+        for c in model.get("convs", []):
+            conv = nn.Conv1d if len(c["in_spatial"]) == 1 else nn.Conv2d
+            self.add_module(c["name"], conv(c["in_channels"], c["out_channels"], c["kernel"], stride=c["stride"],
+                                            padding=c["padding"]))
+            self.pools.append((nn.MaxPool1d if len(c["in_spatial"]) == 1 else nn.MaxPool2d)(c["pool"])
+                              if c["pool"] > 1 else nn.Identity())
+        for layer in model["layers"]:
+            self.add_module(layer["name"], nn.Linear(layer["in"], layer["out"]))
+
+    def forward(self, x):
+        h = x.reshape(-1, *self.in_shape) if self.convs else x
+        for name, pool in zip(self.convs, self.pools):
+            h = pool(self.act(getattr(self, name)(h)))
+        h = h.flatten(1)
+        for name in self.linears[:-1]:
+            h = self.act(getattr(self, name)(h))
+        return getattr(self, self.linears[-1])(h)
+
+
+def _layer_stack(model: dict) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    net = _LayerStack(model)
+    return net, dict(net.named_parameters())
+
+
+def _resmlp(model: dict) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """The pre-LN residual MLP of the same width, depth, expansion and activation, and the bundle's
+    LayerNorm epsilon (torch's default is the exporter's, but the manifest is what the device runs).
+    Its parameter names are the bundle's."""
+    net = ResMLP(NetConfig("resmlp", [model["in_features"]], model["n_classes"], rule="bp", width=model["width"],
+                           depth=model["depth"], expansion=model["expansion"], activation=model["activation"]))
+    for module in net.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = float(model["ln_eps"])
+    return net, dict(net.named_parameters())
+
+
+class _OnTrunk(nn.Module):
+    """The trained part under the bundle's frozen trunk. The trunk has no torch form here (it is
+    an ONNX graph, possibly the user's), so onnxruntime computes its features, with no gradient:
+    what `requires_grad=False` on a torch trunk would give; torch BP trains the part above it."""
+
+    def __init__(self, part: nn.Module, trunk_graph: Path, trunk_weights: dict[str, np.ndarray]):
+        super().__init__()
+        import onnxruntime as ort
+
+        self.part, self.feeds = part, {n: np.ascontiguousarray(a) for n, a in trunk_weights.items()}
+        self.session = ort.InferenceSession(str(trunk_graph), providers=["CPUExecutionProvider"])
+
+    def forward(self, x):
+        features = self.session.run(["features"], {"x": x.detach().cpu().numpy(), **self.feeds})[0]
+        return self.part(torch.from_numpy(features).to(x.device))
+
+
+# bundle.model_kind -> (the torch module of that kind, untrained, plain BP; its parameters by bundle name)
+BP_TWINS = {"mlp": _layer_stack, "cnn": _layer_stack, "resmlp": _resmlp}
+
+
+def bp_twin(model_topology: dict, weights: dict[str, np.ndarray] | None = None,
+            trunk_graph: Path | None = None) -> nn.Module:
+    """The torch module that BP fine-tunes in place of a bundle's model (manifest["model"]): the same
+    kind and shapes, holding `weights` (the bundle's arrays, by bundle name) when given, and with
+    `requires_grad` only on the tensors the device trains (bundle.trainable_params: the `last:K`
+    split), so that BP and DFA update the same parameters. A bundle with a frozen trunk needs
+    `weights` and `trunk_graph` (its trunk.onnx): the part sits on the trunk (_OnTrunk). A kind it
+    cannot build is one line naming what it builds (profile_runs.compare.check_comparable says it
+    first, before any work)."""
+    kind, trunk = model_kind(model_topology), trunk_of(model_topology)
+    build = BP_TWINS.get(kind)
+    if build is None:
+        raise EdgefaError(f"no BP twin for a {kind!r} bundle: the BP side builds {', '.join(BP_TWINS)} models")
+    if trunk is not None and (trunk_graph is None or weights is None):
+        raise EdgefaError("the BP twin of a bundle on a frozen trunk needs its weights and trunk graph")
+    part = part_topology(model_topology)
+    net, params = build(part)
+    shapes = {n: s for n, s in param_shapes(model_topology).items() if trunk is None or n not in trunk["params"]}
+    if len(params) != len(list(net.parameters())) or \
+            {n: tuple(p.shape) for n, p in params.items()} != {n: tuple(s) for n, s in shapes.items()}:
+        raise EdgefaError(f"the BP twin of this {kind} bundle does not match its tensors (an edgefa bug)")
+    trainable = trainable_params(model_topology)
     with torch.no_grad():
-        for name, lin in zip(model.layer_names(), model.linears()):
-            lin.weight.copy_(torch.from_numpy(bundle.weights[f"{name}.weight"]))
-            lin.bias.copy_(torch.from_numpy(bundle.weights[f"{name}.bias"]))
-    return model
+        for name, p in params.items():
+            if weights is not None:
+                p.copy_(torch.from_numpy(np.asarray(weights[name], np.float32)))
+            p.requires_grad_(name in trainable)
+    if trunk is None:
+        return net
+    return _OnTrunk(net, trunk_graph, {n: weights[n] for n in trunk["params"]})
 
 
 def bp_step_cost(model: dict, batch: int, momentum: float) -> tuple[float, float]:
-    """FLOPs and compulsory bytes of one BP step: forward, the two backward Gemms per layer
-    (input and weight gradients), SGD; traffic as the DFA step's plus the gradient buffers."""
-    weights = sum(layer["in"] * layer["out"] for layer in model["layers"])
-    params = weights + sum(layer["out"] for layer in model["layers"])
-    flops = 6 * batch * weights + (4 if momentum else 2) * params
-    state = params * (2 if momentum else 1)
-    return float(flops), float(4 * (2 * state + 2 * params + batch * (model["in_features"] + 1)))
+    """FLOPs and compulsory bytes of one BP step of the bundle's trainable part: the forward pass,
+    the weight gradient of every trainable matmul, the input gradient of every matmul from the head
+    down to the lowest trainable one (the error's way back), SGD on the trainable tensors; traffic
+    as the DFA step's plus the gradient buffers; a frozen trunk's forward (its manifest count).
+    (An mlp trained whole: 6 x batch x weights + SGD.)"""
+    # multiply-adds per sample of each matmul; a conv's is its weight size times its output positions
+    positions = {c["name"]: int(np.prod(conv_spatial(c))) for c in part_topology(model).get("convs", [])}
+    mats = [(name, int(np.prod(w)) * positions.get(name, 1)) for name, (w, _) in layer_shapes(model).items()
+            if len(w) >= 2]
+    trained = set(trainable_layers(model))
+    trained_at = [i for i, (name, _) in enumerate(mats) if name in trained]
+    trunk = trunk_of(model) or {}
+    forward = 2 * batch * sum(size for _, size in mats) + batch * (trunk.get("flops_per_sample") or 0)
+    weight_grads = 2 * batch * sum(size for name, size in mats if name in trained)
+    input_grads = 2 * batch * sum(size for _, size in mats[trained_at[0]:]) if trained_at else 0
+    params = sum(int(np.prod(s)) for s in param_shapes(model).values())
+    trainable = sum(int(np.prod(s)) for s in trainable_params(model).values())
+    flops = forward + weight_grads + input_grads + (4 if momentum else 2) * trainable
+    state = params + trainable * (1 if momentum else 0)
+    return float(flops), float(4 * (2 * state + 2 * trainable + batch * (model["in_features"] + 1)))
 
 
 def profile_bp(bundle_path, cfg: ProfileConfig, data: Dataset | None = None) -> dict:
@@ -64,7 +169,7 @@ def profile_bp(bundle_path, cfg: ProfileConfig, data: Dataset | None = None) -> 
         rss_before = rss_bytes()
         with profiler.window("load"):
             bundle = read_bundle(bundle_path)
-            model = mlp_from_bundle(bundle).to(device)
+            model = bp_twin(bundle.model, bundle.weights, bundle.path / TRUNK_GRAPH).to(device)
             momentum = float(bundle.manifest["optimizer"]["momentum"])
             opt = make_optimizer(model, float(bundle.manifest["optimizer"]["lr"]), momentum)
         data = data or synthetic_data(bundle, max(16 * cfg.batch_size, 256), cfg.seed)
@@ -87,6 +192,7 @@ def profile_bp(bundle_path, cfg: ProfileConfig, data: Dataset | None = None) -> 
                              device_profile_summary(machine), device_description()),
             **profiler.summary(), "link": None,
             "finetune": {"providers": [f"torch {torch.__version__} {device.type}"], "steps_run": len(losses),
+                         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                          "batch_size": cfg.batch_size, "loss_first": losses[0] if losses else None,
                          "loss_last": losses[-1] if losses else None, "refused_steps": []},
             "model": model_line(bundle.manifest), "energy_line": machine.energy_line}
