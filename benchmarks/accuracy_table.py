@@ -3,12 +3,15 @@
 Final test accuracy per run; per cell the mean and sample standard deviation over the seeds.
 
     .venv/bin/python benchmarks/accuracy_table.py [--jobs N] [--device cpu|cuda] [--quick]
-        [--out DIR] [--datasets digits,mnist1d] [--models mlp,resmlp,cnn]
+        [--out DIR] [--stem NAME] [--datasets digits,mnist1d] [--models mlp,resmlp,cnn]
         [--rules bp,fa,dfa,usf,hybrid] [--seeds 0,1,2] [--threads 1] [--lr X] [--epochs N]
+        [--device-finetune STEPS]
 
 The whole grid (2 x 3 x 5 x 3 = 90 runs) took 43 s with --jobs 16 on a 16-core Xeon host (sum of
 run times about 8 min on one thread each, before the CNN's 60 MNIST-1D epochs: expect about a
-minute now). --device cuda runs every worker on the one GPU; it was checked with --quick only.
+minute now). The MNIST-1D CNN's 15 runs alone (`--datasets mnist1d --models cnn --device-finetune
+600`) took 4.5 min with --jobs 2 on a 2-core VM (7 min while other jobs shared it): 30-75 s a run
+on one thread, a few seconds of it the device fine-tuning. --device cuda runs every worker on the one GPU; it was checked with --quick only.
 
 Every run is `edgefa.training.trainer.train(TrainConfig(...), data=<the data set, loaded once>)`,
 one run per task in a pool of `--jobs` worker processes (spawned, each with
@@ -25,10 +28,21 @@ Seeds: `seed` sets the weight init, the batch order and the stratified train/tes
 the feedback matrices (fa, dfa, hybrid) are drawn from feedback_seed = seed + 1 (so seed 0 is the
 trainer's default pair), so the spread over seeds includes the draw of B.
 
+Device fine-tuning after a shift (--device-finetune STEPS): after each run, the run is exported
+(`export_bundle(run, trainable="all")`: the CNN's conv stages train too) and fine-tuned by DFA in
+the device runtime (`runtime.finetune.Finetuner`, onnxruntime, one thread, in the worker) for STEPS
+steps of batch 32 at the run's lr on the data a device meets: the run's held-out test samples
+seen through the data set's device sensor (`shared.shift.device_shift`: digits a moved, dimmer,
+noisier camera; MNIST-1D a delayed, faster-sampling, dimmer, offset, noisier sensor), two thirds
+to train on, one third to test (`shared.shift.device_data`). The row records the shifted test
+accuracy before and after, and, as the reference, BP fine-tuning on the host from the same
+weights on the same batches (`training.trainer.finetune_bp`).
+
 Writes <out>/accuracy_table.json (config, machine, one row per run, aggregates) and
 <out>/accuracy_table.md (a table to paste: rows data set x model, columns rules,
 "mean ± std"). With --quick (a smoke check: digits, seed 0, 2 epochs, tiny models) the files are
-accuracy_table_quick.json / .md, so a smoke run never overwrites the real table.
+accuracy_table_quick.json / .md, so a smoke run never overwrites the real table; --stem NAME
+writes NAME.json / NAME.md instead.
 The JSON is rewritten after every finished run, so an interrupted grid keeps what it had.
 """
 
@@ -163,6 +177,11 @@ def run_one(task: dict) -> dict:
         return {**row, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
     epochs = run.metrics["epochs"]
     last = epochs[-1]
+    if task.get("device_finetune"):
+        try:
+            row["device_finetune"] = device_finetune(run, _DATA[task["dataset"]], task)
+        except Exception as exc:  # the host run's row stays
+            row["device_finetune"] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
     return {**row, "feedback_seed": cfg.feedback_seed, "epochs": cfg.epochs, "lr": cfg.lr,
             "final_test_accuracy": last["test_accuracy"], "final_train_accuracy": last["train_accuracy"],
             "final_test_loss": last["test_loss"], "final_train_loss": last["train_loss"],
@@ -178,6 +197,44 @@ def run_one(task: dict) -> dict:
             "device": run.metrics["device"], "wall_s": wall, "cpu_s": cpu, "worker_pid": os.getpid()}
 
 
+def device_finetune(run, data, task: dict) -> dict:
+    """Export `run`, fine-tune it by DFA in the device runtime on the shifted held-out samples, and
+    BP-fine-tune the host model from the same start on the same batches (the module doc)."""
+    import tempfile
+    import warnings
+
+    from edgefa.bundle import read_bundle
+    from edgefa.exporters.export import export_bundle
+    from edgefa.runtime.finetune import Finetuner, FinetuneConfig
+    from edgefa.shared.shift import device_data, device_shift
+    from edgefa.training.trainer import finetune_bp
+
+    ds, seed, steps = task["dataset"], task["seed"], task["device_finetune"]
+    shift = device_shift(ds)
+    dev_train, dev_test = device_data(data, TEST_FRACTION[ds], shift, seed)
+    with tempfile.TemporaryDirectory(prefix="edgefa-acc-") as tmp:
+        t0 = time.perf_counter()
+        bundle = read_bundle(export_bundle(run, Path(tmp) / "bundle", trainable="all"))
+        export_s = time.perf_counter() - t0
+        config = FinetuneConfig(steps=steps, batch_size=BATCH, lr=task["lr"], seed=seed, threads=1, checkpoint_every=0)
+        with warnings.catch_warnings():     # a refused step is counted in the row, not printed per step
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            summary = Finetuner(bundle, dev_train, config, dev_test).run()
+            device_s = time.perf_counter() - t0
+    bp_losses: list[float] = []
+    bp_after = finetune_bp(run, dev_train, dev_test, steps, BATCH, task["lr"], MOMENTUM, seed, on_step=bp_losses.append)
+    return {"shift": shift.describe(), "steps": steps, "batch_size": BATCH, "lr": task["lr"],
+            "n_device_train": len(dev_train), "n_device_test": len(dev_test),
+            "trainable": bundle.model.get("trainable"), "before": summary["accuracy_before"],
+            "after_device_dfa": summary["accuracy_after"], "after_host_bp": bp_after,
+            "host_bp_loss_first": bp_losses[0] if bp_losses else None,
+            "host_bp_loss_max": max(bp_losses, default=None), "host_bp_steps_run": len(bp_losses),
+            "loss_first": summary["loss_first"], "loss_last": summary["loss_last"],
+            "refused_steps": len(summary["refused_steps"]), "stopped": summary["stopped"],
+            "device_step_ms_median": summary["step_time_ms_median"], "export_s": export_s, "device_s": device_s}
+
+
 # --- the grid, aggregates, output ---------------------------------------------------------------
 
 def setting(ds: str, model: str, quick: bool, lr: float | None = None, epochs: int | None = None) -> dict:
@@ -188,7 +245,7 @@ def setting(ds: str, model: str, quick: bool, lr: float | None = None, epochs: i
 
 
 def make_tasks(datasets, models, rules, seeds, quick: bool, device: str, lr: float | None = None,
-               epochs: int | None = None) -> list[dict]:
+               epochs: int | None = None, device_finetune: int = 0) -> list[dict]:
     tasks = []
     for ds in datasets:
         for model in models:
@@ -198,6 +255,7 @@ def make_tasks(datasets, models, rules, seeds, quick: bool, device: str, lr: flo
                 for seed in seeds:
                     tasks.append({"dataset": ds, "model": model, "rule": rule, "seed": seed,
                                   "epochs": epochs_here, "lr": s["lr"], "arch": s["arch"], "device": device,
+                                  "device_finetune": device_finetune,
                                   "cost": s["cost"] * epochs_here * (0.2 if quick else 1.0)})
     # longest first, so the pool does not end waiting on one long run
     return sorted(tasks, key=lambda t: -t["cost"])
@@ -220,10 +278,63 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     "all_finite": all(r["finite"] for r in ok),
                     "n_diverged": sum(r["diverged_at_epoch"] is not None for r in ok),
                     "errors": [r["error"] for r in rs if "error" in r],
-                    "wall_s_mean": float(np.mean([r["wall_s"] for r in ok])) if ok else None})
+                    "wall_s_mean": float(np.mean([r["wall_s"] for r in ok])) if ok else None,
+                    **aggregate_device_finetune(ok)})
     order = {k: i for i, k in enumerate((*DATASETS, *MODELS, *RULES))}
     return sorted(out, key=lambda a: (order.get(a["dataset"], 99), order.get(a["model"], 99),
                                       order.get(a["rule"], 99)))
+
+
+DEVICE_FINETUNE_KEYS = ("before", "after_device_dfa", "after_host_bp")
+BP_LOSS_BLOWUP = 1e3        # a BP reference whose batch loss went above this is marked in the table
+
+
+def aggregate_device_finetune(rows: list[dict]) -> dict:
+    """Over the seeds of one cell: the device fine-tuning's accuracies, mean and sample std."""
+    tuned = [r["device_finetune"] for r in rows if "error" not in r.get("device_finetune", {"error": 1})]
+    if not tuned:
+        return {}
+    out = {"shift": tuned[0]["shift"], "steps": tuned[0]["steps"], "n": len(tuned),
+           "refused_steps": sum(t["refused_steps"] for t in tuned),
+           "stopped": sum(t["stopped"] is not None for t in tuned),
+           "host_bp_loss_max": max((t["host_bp_loss_max"] for t in tuned if t.get("host_bp_loss_max") is not None),
+                                   default=None)}
+    for key in (*DEVICE_FINETUNE_KEYS, "gain"):
+        acc = np.array([t["after_device_dfa"] - t["before"] if key == "gain" else t[key] for t in tuned])
+        out[key] = {"values": acc.tolist(), "mean": float(acc.mean()),
+                    "std_ddof1": float(acc.std(ddof=1)) if acc.size > 1 else None}
+    return {"device_finetune": out}
+
+
+def mean_std(stats: dict, signed: bool = False) -> str:
+    text = f"{100 * stats['mean']:{'+' if signed else ''}.1f}"
+    return text + (f" ± {100 * stats['std_ddof1']:.1f}" if stats["std_ddof1"] is not None else "")
+
+
+def device_finetune_lines(payload: dict) -> list[str]:
+    """The device fine-tuning table (rows: data set x model x the host rule that pretrained)."""
+    tuned = [a for a in payload["aggregates"] if a.get("device_finetune")]
+    if not tuned:
+        return []
+    d0 = tuned[0]["device_finetune"]
+    lines = ["", f"Device fine-tuning after a shift: the run exported (every stage trainable), then {d0['steps']} "
+             f"DFA steps (batch {BATCH}, the run's lr) in the device runtime on two thirds of its held-out samples "
+             "seen through the device's sensor; accuracy (%) on the other third, before and after, and after BP "
+             "fine-tuning on the host from the same start on the same batches; mean ± std over the seeds.", "",
+             "| data set | model | pretrained by | sensor shift | clean test | shifted, before | after device DFA "
+             "| gain | after host BP (reference) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for a in tuned:
+        d = a["device_finetune"]
+        s = payload["config"]["settings"][f"{a['dataset']}/{a['model']}"]
+        note = f" ({d['stopped']}/{d['n']} stopped)" if d["stopped"] else ""
+        # BP from weights whose logits are huge (DFA's can be) takes steps as huge: say so beside its result
+        bp_note = (f" (BP's loss peaked at {d['host_bp_loss_max']:.1e})"
+                   if (d.get("host_bp_loss_max") or 0) > BP_LOSS_BLOWUP else "")
+        lines.append(f"| {a['dataset']} | {arch_text(a['model'], s['arch'])} | host {rule_label(a['rule'])} | "
+                     f"{d['shift']} | {cell(a)} | {mean_std(d['before'])} | **{mean_std(d['after_device_dfa'])}**{note} | "
+                     f"{mean_std(d['gain'], signed=True)} | {mean_std(d['after_host_bp'])}{bp_note} |")
+    return lines
 
 
 def cell(agg: dict | None) -> str:
@@ -295,6 +406,7 @@ def markdown(payload: dict) -> str:
     if over:
         lines.append("Overridden on the command line (not the script's settings): "
                      + ", ".join(f"{k} {v}" for k, v in over.items()) + ".")
+    lines += device_finetune_lines(payload)
     return "\n".join(lines) + "\n"
 
 
@@ -316,6 +428,11 @@ def main() -> None:
     ap.add_argument("--seeds", help="comma-separated (default 0,1,2; --quick: 0)")
     ap.add_argument("--lr", type=float, help="override every setting's lr (a sensitivity check; default: SETTINGS)")
     ap.add_argument("--epochs", type=int, help="override every setting's epochs (default: SETTINGS)")
+    ap.add_argument("--device-finetune", type=int, default=0, metavar="STEPS",
+                    help="after each run: export it and fine-tune it by DFA in the device runtime for STEPS "
+                         "steps on its held-out samples through the device's sensor (default 0: off)")
+    ap.add_argument("--stem", help="output file names STEM.json / STEM.md (default accuracy_table, "
+                                   "--quick: accuracy_table_quick)")
     args = ap.parse_args()
 
     datasets = csv(args.datasets) if args.datasets else (["digits"] if args.quick else list(DATASETS))
@@ -327,6 +444,8 @@ def main() -> None:
             ap.error(f"unknown {name} {', '.join(bad)}; expected some of {', '.join(allowed)}")
     if args.jobs < 1 or args.threads < 1:
         ap.error("--jobs and --threads must be at least 1")
+    if args.device_finetune < 0:
+        ap.error("--device-finetune must be 0 (off) or a number of steps")
 
     torch = None
     if args.jobs == 1 or args.device == "cuda":
@@ -342,8 +461,9 @@ def main() -> None:
     t_load = time.perf_counter()
     data = {ds: load_dataset(ds) for ds in datasets}
     load_s = time.perf_counter() - t_load
-    tasks = make_tasks(datasets, models, rules, seeds, args.quick, args.device, args.lr, args.epochs)
-    stem = "accuracy_table_quick" if args.quick else "accuracy_table"
+    tasks = make_tasks(datasets, models, rules, seeds, args.quick, args.device, args.lr, args.epochs,
+                       args.device_finetune)
+    stem = args.stem or ("accuracy_table_quick" if args.quick else "accuracy_table")
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
 
@@ -366,6 +486,7 @@ def main() -> None:
             "settings": {f"{ds}/{m}": setting(ds, m, args.quick, args.lr, args.epochs)
                          for ds in datasets for m in models},
             "overrides": {"lr": args.lr, "epochs": args.epochs},
+            "device_finetune_steps": args.device_finetune,
             "settings_rationale": "epochs and lr chosen once per (data set, model), the same for all rules: "
                                   "values with which BP trains well (single-seed BP probes and a 3-seed lr "
                                   "sweep); of two rates where BP did about equally well, the one at which the "
@@ -396,6 +517,11 @@ def main() -> None:
         k = len(payload["runs"])
         what = (f"error {row['error']}" if "error" in row else
                 f"test {100 * row['final_test_accuracy']:5.1f} %  {row['wall_s']:6.1f} s")
+        tuned = row.get("device_finetune")
+        if tuned:
+            what += (f"  device: {tuned['error']}" if "error" in tuned else
+                     f"  shifted {100 * tuned['before']:.1f} -> device dfa {100 * tuned['after_device_dfa']:.1f}"
+                     f" (host bp {100 * tuned['after_host_bp']:.1f})")
         print(f"[{k:3d}/{len(tasks)}] {row['dataset']:8s} {row['model']:7s} {rule_label(row['rule']):9s} "
               f"seed {row['seed']}  {what}  ({payload['wall_s_total']:.0f} s elapsed)", flush=True)
 

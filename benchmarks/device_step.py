@@ -23,7 +23,13 @@ Accepting a step only when it is finite is part of its honest cost: if the engin
 a full pass (np.sum over every new tensor, OrtEngine._all_finite), that pass is inside the step;
 either way the worker times such a pass on its own, and the JSON gives its share.
 Afterwards the runtime worker profiles a few steps with onnxruntime's profiler (per-op times).
-Writes benchmarks/results/device_step.json.
+
+Anchor (--anchor ort-training, the default): ONNX Runtime's own on-device training, what a user
+would pick instead, joins the same pairs from its own venv (benchmarks/_ort_training_anchor.py):
+its BP step (benchmarks/_device_ort_training_worker.py; plain SGD, the only SGD it offers) and
+edgefa's runtime worker again on that venv's onnxruntime 1.19.2, so one ratio has the same engine
+build on both sides. If the venv cannot be made, the JSON says why and the rest runs as before.
+Writes benchmarks/results/device_step.json (or --out).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's edgefa first
 import numpy as np  # noqa: E402
 
 from _pairs import fmt, load_now, machine_info, ms, ratio_summary, run_pairs, spread, write_json  # noqa: E402
+import _ort_training_anchor as ort_anchor  # noqa: E402
 
 IN, HIDDEN, CLASSES, BATCH = 1024, [1024] * 8, 10, 128
 # lr does not change what a step computes, only the values. 1e-4 keeps both sides finite for the
@@ -76,8 +83,8 @@ def build_bundles(out: Path) -> dict[float, Path]:
 class Worker:
     """A benchmark worker process spoken to in lines: send a command, read one JSON reply."""
 
-    def __init__(self, script: str, *args: str):
-        self.proc = subprocess.Popen([sys.executable, str(HERE / script), *args], cwd=ROOT,
+    def __init__(self, script: str, *args: str, python: str = sys.executable):
+        self.proc = subprocess.Popen([python, str(HERE / script), *args], cwd=ROOT,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.hello = self._read()
 
@@ -101,20 +108,24 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def compare(bundle: Path, momentum: float, pairs: int, warmup: int, profile_steps: int, per_turn: int) -> dict:
+def compare(bundle: Path, momentum: float, pairs: int, warmup: int, profile_steps: int, per_turn: int,
+            anchor: tuple[Path, Path] | None = None) -> dict:
+    """anchor: (python of the ort-training venv, its artifacts for this bundle), or None."""
     args = ["--bundle", str(bundle), "--threads", str(THREADS), "--seed", str(SEED)]
     runtime = Worker("_device_runtime_worker.py", *args)
     torch_w = Worker("_device_torch_worker.py", *args, "--momentum", str(momentum))
+    workers = {"runtime": runtime, "torch": torch_w}
     try:
-        results, info = run_pairs({"runtime": lambda: runtime.ask(f"step {per_turn}"),
-                                   "torch": lambda: torch_w.ask(f"step {per_turn}")},
+        if anchor:  # ORT-training's BP and edgefa's runtime on its onnxruntime, in the same pairs
+            workers.update(ort_anchor.start_workers(Worker, anchor[0], bundle, anchor[1], args))
+        results, info = run_pairs({n: (lambda w=w: w.ask(f"step {per_turn}")) for n, w in workers.items()},
                                   pairs, warmup, seed=SEED, time_of=lambda r: r["t"])
         # Peak RSS first, before the profiling engine below adds its own buffers.
-        mem = {"runtime": runtime.ask("finish"), "torch": torch_w.ask("finish")}
+        mem = {n: w.ask("finish") for n, w in workers.items()}
         profile = runtime.ask(f"profile {profile_steps}") if profile_steps else None
     finally:
-        runtime.close()
-        torch_w.close()
+        for w in workers.values():
+            w.close()
 
     rt, tc = results["runtime"], results["torch"]
     t_rt, t_tc = np.array([r["t"] for r in rt]), np.array([r["t"] for r in tc])
@@ -140,6 +151,8 @@ def compare(bundle: Path, momentum: float, pairs: int, warmup: int, profile_step
         "memory": {"runtime": mem["runtime"], "torch": mem["torch"],
                    "peak_rss_ratio_runtime_over_torch": rss_ratio},
         "ort_profile": profile,
+        "anchor_ort_training": (ort_anchor.summarize(results, mem, clean, momentum, ratio_summary, ms, spread)
+                                if anchor else None),
         "targets": {"time_ratio_max": TIME_TARGET,
                     "time_met": bool(summary["ratio_stats"].get("median", np.inf) <= TIME_TARGET),
                     "rss_ratio_max": RSS_TARGET, "rss_met": bool(rss_ratio <= RSS_TARGET)},
@@ -201,6 +214,8 @@ def report(r: dict) -> None:
     if n["runtime_refused_steps"] or not (n["runtime_all_losses_finite"] and n["torch_all_losses_finite"]
                                           and n["torch_params_finite_at_end"]):
         print(f"  WARNING: non-finite numerics or refused steps ({n}); the timings are not of a sane model")
+    if r.get("anchor_ort_training"):
+        print("\n".join(ort_anchor.report_lines(r["anchor_ort_training"], fmt)))
     if r["ort_profile"]:
         p = r["ort_profile"]
         ops = ", ".join(f"{k} {v:.2f}" for k, v in list(p["kernel_ms_per_step_by_op"].items())[:6])
@@ -215,13 +230,26 @@ def main() -> None:
     ap.add_argument("--steps-per-turn", type=int, default=2,
                     help="steps a worker runs back to back per turn; the last is timed (default 2)")
     ap.add_argument("--quick", action="store_true", help="smoke check: 4 pairs, 2 warm-up, 3 profiled")
+    ap.add_argument("--anchor", choices=("ort-training", "none"), default="ort-training",
+                    help="also pair onnxruntime-training 1.19.2's BP step (its own venv, made once: "
+                         "benchmarks/_ort_training_anchor.py); 'none' leaves it out")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default benchmarks/results/device_step.json)")
     args = ap.parse_args()
     pairs, warmup, prof = (4, 2, 3) if args.quick else (args.pairs, args.warmup, args.profile_steps)
 
+    anchor_python, anchor_info = None, {"reason": "left out (--anchor none)"}
+    if args.anchor == "ort-training":
+        anchor_python, anchor_info = ort_anchor.ensure_venv()
+        if anchor_python is None:
+            print(f"ort-training anchor absent: {anchor_info['reason']}")
     gc.collect()
     with tempfile.TemporaryDirectory(prefix="edgefa_bench_") as tmp:
         bundles = build_bundles(Path(tmp))
-        runs = [compare(bundles[m], m, pairs, warmup, prof, args.steps_per_turn) for m in MOMENTA]
+        anchors = {m: (anchor_python, Path(tmp) / f"ort_training_m{m}") for m in MOMENTA} if anchor_python else {}
+        for m, (py, art) in anchors.items():
+            anchor_info.setdefault("artifacts", ort_anchor.build_artifacts(py, bundles[m], art))
+        runs = [compare(bundles[m], m, pairs, warmup, prof, args.steps_per_turn, anchors.get(m)) for m in MOMENTA]
 
     payload = {
         "benchmark": "device_step",
@@ -238,10 +266,14 @@ def main() -> None:
                    "stall_rule": "a pair is stalled when a step took > 2x its contender's fastest step; "
                                  "headline stats use the clean pairs (see benchmarks/_pairs.py)"},
         "results": runs,
+        "anchor_ort_training": {"present": anchor_python is not None, **anchor_info},
         "targets_met": {f"momentum_{r['momentum']}": r["targets"] for r in runs},
         "load_at_end": load_now(),
     }
-    path = write_json("device_step", payload)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    path = args.out or write_json("device_step", payload)
     print(f"device step: {THREADS} threads each side, {args.steps_per_turn} steps per turn (last timed), "
           f"{warmup} warm-up pairs")
     for r in runs:

@@ -52,6 +52,7 @@ ACC = FixedFormat(40, 24)                                          # ap_fixed<40
 OUT = DATA.with_(rounding=Rounding.RND_CONV, overflow="AP_SAT")    # ap_fixed<16,8,AP_RND_CONV,AP_SAT>
 # raw ranges [-r, r) of A and B per data set; "timed" is the one the pairs run on
 DATASETS = {"timed": 2 ** 10, "full_range": 2 ** 15, "small": 2 ** 7}
+TARGET, STABLE_SPREAD = 2.5, 0.25                 # issue 20: ours/numpy per run; run-to-run
 
 
 def make_data(raw_range: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +70,33 @@ def ours_work(a, b):
 def ours_two_calls(a, b) -> np.ndarray:
     """The same work as two calls (matmul into the accumulator, then requantize): must be equal."""
     return requantize(matmul(a, DATA, b, DATA, ACC).raw, ACC.frac_bits, OUT).raw
+
+
+FLOOR_DOC = ("the exact integer work alone: int64 raw A, B copied into preallocated float64 arrays, "
+             "float64 GEMM into a preallocated result, converted to a fresh int64 array (the exact sums "
+             "of products, no requantization); ours/floor is what the bound checks and the rounding cost")
+
+
+def floor_work(a, b):
+    fa, fb, total = (np.empty(a.shape), np.empty(b.shape), np.empty((a.shape[0], b.shape[1])))
+
+    def work():
+        np.copyto(fa, a, casting="unsafe")
+        np.copyto(fb, b, casting="unsafe")
+        return np.matmul(fa, fb, out=total).astype(np.int64)
+    return work
+
+
+def int64_matmul_ms(a, b, calls: int = 5) -> dict:
+    """numpy's own int64 matmul (its integer loops, no BLAS), for the record: why ours goes through
+    float64 BLAS. A few calls, not paired: it takes ~50x the float64 GEMM."""
+    a @ b
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return spread(np.asarray(times) * 1e3)
 
 
 def numpy_work(a, b):
@@ -155,11 +183,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=5, help="calls per turn (numpy, ours, apytypes); fxpmath: 1")
+    ap.add_argument("--runs", type=int, default=3, help="paired runs of numpy, ours, floor, apytypes (stability)")
+    ap.add_argument("--reps", type=int, default=5, help="calls per turn (numpy, ours, floor, apytypes); fxpmath: 1")
     ap.add_argument("--threads", type=int, default=2, help="BLAS and apytypes thread pools")
-    ap.add_argument("--quick", action="store_true", help="smoke check: 4 pairs, 1 warm-up pair")
+    ap.add_argument("--quick", action="store_true", help="smoke check: 4 pairs, 1 warm-up pair, 2 runs")
     args = ap.parse_args()
-    pairs, warmup = (4, 1) if args.quick else (args.pairs, args.warmup)
+    pairs, warmup, runs = (4, 1, 2) if args.quick else (args.pairs, args.warmup, args.runs)
     load_start = load_now()
     threads = set_threads(args.threads)
 
@@ -171,7 +200,8 @@ def main() -> None:
     a, b = make_data(DATASETS["timed"], SEED)
     fxp_fn, fxp_settings = fxpmath_work(a, b)
     works = {"numpy": (numpy_work(a, b), args.reps), "ours": (ours_work(a, b), args.reps),
-             "apytypes": (apytypes_work(a, b), args.reps), "fxpmath": (fxp_fn, 1)}
+             "floor": (floor_work(a, b), args.reps), "apytypes": (apytypes_work(a, b), args.reps),
+             "fxpmath": (fxp_fn, 1)}
     last = {}
 
     def turn(name):
@@ -186,56 +216,94 @@ def main() -> None:
             return seconds
         return run
 
-    # Run 1: numpy, ours, apytypes. Run 2: ours and fxpmath, a third as many pairs: an fxpmath call
-    # takes ~30x ours, and in one run with the others its long turns, hit by most VM stalls,
-    # would leave almost no clean pairs for the rest.
+    def headline(s):
+        has_clean = bool(s["ratio_stats"].get("n"))
+        s["headline_pairs"] = "clean" if has_clean else "all (none clean)"
+        s["headline"] = s["ratio_stats"] if has_clean else s["all_pairs"]["ratio_stats"]
+        return s
+
+    # Runs 1..R: numpy, ours, floor, apytypes, each run with its own shuffle seed; R runs in one
+    # process give the run-to-run spread (stability) without R invocations. Last: ours and fxpmath,
+    # a third as many pairs: an fxpmath call takes ~100x ours, and in a run with the others its long
+    # turns, hit by most VM stalls, would leave almost no clean pairs for the rest.
+    timed = ("numpy", "ours", "floor", "apytypes")
+    run_results = []
+    for r in range(runs):
+        times, info = run_pairs({n: turn(n) for n in timed}, pairs, warmup, SEED + 10 * r)
+        ratios = {"ours/numpy": ratio_summary(times["ours"], times["numpy"], "ours", "numpy", info["clean"]),
+                  "floor/numpy": ratio_summary(times["floor"], times["numpy"], "floor", "numpy", info["clean"]),
+                  "ours/floor": ratio_summary(times["ours"], times["floor"], "ours", "floor", info["clean"]),
+                  "apytypes/ours": ratio_summary(times["apytypes"], times["ours"], "apytypes", "ours", info["clean"])}
+        clean = np.asarray(info["clean"], bool)
+        run_results.append({"seed": SEED + 10 * r, "load_end": load_now(),
+                            "pairs": {k: info[k] for k in ("pairs_run", "pairs_clean", "stall_factor")},
+                            "per_call_ms": {n: spread(np.asarray(t)[clean] * 1e3) for n, t in times.items()},
+                            "ratios": {k: headline(v) for k, v in ratios.items()}})
+        print(f"run {r + 1}/{runs}: ours/numpy {fmt(ratios['ours/numpy']['headline'])}; "
+              f"floor/numpy {ratios['floor/numpy']['headline'].get('median', float('nan')):.3f}; "
+              f"load {run_results[-1]['load_end'].get('loadavg')}")
+    int64_ms = int64_matmul_ms(a, b)
     fxp_pairs = max(4, pairs // 3)
-    times, info = run_pairs({n: turn(n) for n in ("numpy", "ours", "apytypes")}, pairs, warmup, SEED)
     times2, info2 = run_pairs({n: turn(n) for n in ("ours", "fxpmath")}, fxp_pairs, min(warmup, 2), SEED + 1)
     timed_identity = {"ours_eq_apytypes": bool(np.array_equal(last["ours"], apytypes_raw(last["apytypes"]))),
                       "ours_eq_fxpmath": bool(np.array_equal(last["ours"], fxpmath_raw(last["fxpmath"])))}
     assert timed_identity["ours_eq_apytypes"], "timed outputs: ours and apytypes differ"
+    fxp_ratio = headline(ratio_summary(times2["fxpmath"], times2["ours"], "fxpmath", "ours", info2["clean"]))
+    clean2 = np.asarray(info2["clean"], bool)
 
-    ratios = {"ours/numpy": ratio_summary(times["ours"], times["numpy"], "ours", "numpy", info["clean"]),
-              "apytypes/ours": ratio_summary(times["apytypes"], times["ours"], "apytypes", "ours", info["clean"]),
-              "fxpmath/ours": ratio_summary(times2["fxpmath"], times2["ours"], "fxpmath", "ours", info2["clean"])}
-    for s in ratios.values():
-        has_clean = bool(s["ratio_stats"].get("n"))
-        s["headline_pairs"] = "clean" if has_clean else "all (none clean)"
-        s["headline"] = s["ratio_stats"] if has_clean else s["all_pairs"]["ratio_stats"]
-    ratios["fxpmath/ours"]["run"] = "second run (ours vs fxpmath)"
-    clean, clean2 = np.asarray(info["clean"], bool), np.asarray(info2["clean"], bool)
-    per_call = {n: spread(np.asarray(t)[clean] * 1e3) for n, t in times.items()}
-    per_call["fxpmath"] = spread(np.asarray(times2["fxpmath"])[clean2] * 1e3)
-    per_call["ours (run 2)"] = spread(np.asarray(times2["ours"])[clean2] * 1e3)
-    targets = {"ours/numpy <= 3": ratios["ours/numpy"]["headline"]["median"] <= 3.0,
-               "apytypes/ours >= 3": ratios["apytypes/ours"]["headline"]["median"] >= 3.0}
+    # Stability: the headline of every run, and their spread (max - min of the run medians).
+    run_medians = [rr["ratios"]["ours/numpy"]["headline"].get("median", float("nan")) for rr in run_results]
+    stability = {"definition": f"ours/numpy per-pair median of each of {runs} paired runs (own shuffle seeds, "
+                               f"{pairs} clean pairs each) in one process; stable = every run <= {TARGET} and "
+                               f"max - min of the run medians <= {STABLE_SPREAD}",
+                 "run_medians": run_medians, "spread": float(np.ptp(run_medians)),
+                 "run_p25_p75": [[rr["ratios"]["ours/numpy"]["headline"].get(k) for k in ("p25", "p75")]
+                                 for rr in run_results],
+                 "floor_run_medians": [rr["ratios"]["floor/numpy"]["headline"].get("median") for rr in run_results],
+                 "ours_over_floor_run_medians": [rr["ratios"]["ours/floor"]["headline"].get("median")
+                                                 for rr in run_results]}
+    targets = {f"ours/numpy <= {TARGET} in every run": bool(max(run_medians) <= TARGET),
+               f"run-to-run spread <= {STABLE_SPREAD}": bool(stability["spread"] <= STABLE_SPREAD),
+               "apytypes/ours >= 3 in every run": bool(min(rr["ratios"]["apytypes/ours"]["headline"].get("median", 0)
+                                                           for rr in run_results) >= 3.0)}
 
-    print(f"\n{N}x{N} @ {N}x{N} {DATA} -> {ACC} -> {OUT}; {info['pairs_clean']}/{info['pairs_run']} clean pairs "
-          f"(ours vs fxpmath: {info2['pairs_clean']}/{info2['pairs_run']}), {args.reps} calls per turn (fxpmath 1), "
-          f"threads {args.threads}")
-    print(f"{'contender':13s} ms per call: median [p25-p75] (min, max)")
-    for n, s in per_call.items():
+    print(f"\n{N}x{N} @ {N}x{N} {DATA} -> {ACC} -> {OUT}; {runs} runs of {pairs} clean pairs, {args.reps} calls "
+          f"per turn (fxpmath 1), threads {args.threads}")
+    last_run = run_results[-1]
+    print(f"{'contender':13s} ms per call, last run: median [p25-p75] (min, max)")
+    for n, s in last_run["per_call_ms"].items():
         print(f"{n:13s} {fmt(s, ' ms')}")
-    for k, s in ratios.items():
+    print(f"{'int64 matmul':13s} {fmt(int64_ms, ' ms')}  (numpy's integer loops, {int64_ms['n']} calls, not paired)")
+    print(f"{'fxpmath':13s} {fmt(spread(np.asarray(times2['fxpmath'])[clean2] * 1e3), ' ms')}")
+    for k, s in last_run["ratios"].items():
         print(f"{k:14s} per pair {fmt(s['headline'])}")
+    print(f"{'fxpmath/ours':14s} per pair {fmt(fxp_ratio['headline'])}")
+    print(f"ours/numpy run medians {[round(m, 3) for m in run_medians]}, spread {stability['spread']:.3f}")
     for k, ok in targets.items():
         print(f"target {k}: {'met' if ok else 'MISSED'}")
 
     payload = {"benchmark": "fpga_matmul",
-               "target": "ours/numpy float64 <= 3 and apytypes/ours >= 3 (issue 5, section 2), bit-identical",
+               "target": f"ours/numpy float64 <= {TARGET} in every run, run medians within {STABLE_SPREAD} "
+                         "(issue 20); apytypes/ours >= 3 (issue 5); bit-identical",
                "machine": machine_info(threads),
                "versions": {d: metadata.version(d) for d in ("numpy", "apytypes", "fxpmath")},
                "config": {"shape": [N, N, N], "data": str(DATA), "accumulator": str(ACC), "output": str(OUT),
-                          "timed_data": identity["timed"]["raw_range"], "seed": SEED, "pairs": pairs,
-                          "warmup_pairs": warmup, "fxpmath_pairs": fxp_pairs, "calls_per_turn": {n: r for n, (_, r) in works.items()},
+                          "timed_data": identity["timed"]["raw_range"], "seed": SEED, "runs": runs, "pairs": pairs,
+                          "warmup_pairs": warmup, "fxpmath_pairs": fxp_pairs,
+                          "calls_per_turn": {n: r for n, (_, r) in works.items()},
                           "fxpmath_settings": fxp_settings,
-                          "apytypes_cast": "cast(int_bits=8, frac_bits=8, TIES_EVEN, SAT)"},
+                          "apytypes_cast": "cast(int_bits=8, frac_bits=8, TIES_EVEN, SAT)",
+                          "floor": FLOOR_DOC},
                "load": {"start": load_start, "end": load_now()},
-               "pairs": {"run1_numpy_ours_apytypes": {k: info[k] for k in ("pairs_run", "pairs_clean", "stall_factor")},
-                         "run2_ours_fxpmath": {k: info2[k] for k in ("pairs_run", "pairs_clean", "stall_factor")}},
                "bit_identity": {"datasets": identity, "timed_outputs": timed_identity},
-               "per_call_ms": per_call, "ratios": ratios, "targets_met": targets}
+               "stability": stability,
+               "runs": run_results,
+               "int64_matmul_ms": int64_ms,
+               "fxpmath_run": {"pairs": {k: info2[k] for k in ("pairs_run", "pairs_clean", "stall_factor")},
+                               "per_call_ms": {"fxpmath": spread(np.asarray(times2["fxpmath"])[clean2] * 1e3),
+                                               "ours": spread(np.asarray(times2["ours"])[clean2] * 1e3)},
+                               "fxpmath/ours": fxp_ratio},
+               "targets_met": targets}
     print(f"wrote {write_json('fpga_matmul', payload)}")
 
 

@@ -262,6 +262,19 @@ def next_name(tensor: str) -> str:
     return f"{tensor}.next"
 
 
+# The step-factors graph (STEP_FACTORS_GRAPH, optional: bundles written before it train by
+# ping-pong) is train_step.onnx up to the gradients: per trainable tensor grad.<param>, or for a
+# linear weight its two factors grad.<param>.delta [rows, out] and grad.<param>.input [rows, in]
+# (gradient delta^T input), and no next weights. The CPU runtime applies the update in place.
+STEP_FACTORS_GRAPH = "step_factors.onnx"
+HEAD_FACTORS_GRAPH = "head_factors.onnx"      # the same for head_step.onnx (a bundle with a trunk)
+DELTA, INPUT = "delta", "input"
+
+
+def grad_name(param: str, factor: str | None = None) -> str:
+    return f"grad.{param}" + (f".{factor}" if factor else "")
+
+
 def feedback_input_name(layer: str) -> str:
     return f"feedback.{layer}"
 

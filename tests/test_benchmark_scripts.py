@@ -29,7 +29,7 @@ def test_accuracy_table_and_step_ratio_quick(tmp_path):
     # small models, bp against dfa and usf. Most of the time is process start-up (torch), hence so
     # few runs.
     acc = _start("accuracy_table.py", "--quick", "--jobs", "2", "--models", "mlp", "--rules", "bp,hybrid",
-                 "--out", str(tmp_path / "acc"))
+                 "--device-finetune", "10", "--out", str(tmp_path / "acc"))
     step = _start("step_ratio.py", "--quick", "--threads", "1", "--rules", "bp,dfa,usf", "--models",
                   "resmlp,transformer", "--out", str(tmp_path / "step"))
     acc_out, step_out = _finish(acc), _finish(step)
@@ -45,6 +45,13 @@ def test_accuracy_table_and_step_ratio_quick(tmp_path):
         assert "error" not in row, row
         assert 0.0 <= row["final_test_accuracy"] <= 1.0 and row["wall_s"] > 0
         assert len(row["test_accuracy_per_epoch"]) == 2 and row["feedback_seed"] == row["seed"] + 1
+        # exported, fine-tuned 10 steps in the device runtime on the shifted held-out digits
+        tuned = row["device_finetune"]
+        assert "error" not in tuned, tuned
+        assert tuned["steps"] == 10 and tuned["shift"].startswith("shift (1, 0) px") and tuned["refused_steps"] == 0
+        assert tuned["n_device_train"] + tuned["n_device_test"] == row["n_test"]
+        for key in ("before", "after_device_dfa", "after_host_bp"):
+            assert 0.0 <= tuned[key] <= 1.0
     assert all(row["worker_pid"] != acc.pid for row in table["runs"])  # ran in the workers
     aggs = {(a["model"], a["rule"]): a for a in table["aggregates"]}
     assert set(aggs) == {("mlp", "bp"), ("mlp", "hybrid")}
@@ -52,7 +59,8 @@ def test_accuracy_table_and_step_ratio_quick(tmp_path):
         assert a["n"] == 1 and a["std_ddof1"] is None and a["mean"] == a["accuracies"][0]
     md = (tmp_path / "acc" / "accuracy_table_quick.md").read_text()
     assert "| data set | model | epochs | lr | bp | hybrid-10 | published BP |" in md
-    assert md.count("\n| digits |") == 1
+    assert md.count("\n| digits |") == 3                # the accuracy row, then one device row per rule
+    assert "| data set | model | pretrained by | sensor shift |" in md
 
     ratio = json.loads((tmp_path / "step" / "step_ratio_quick.json").read_text())
     assert ratio["benchmark"] == "step_ratio" and ratio["config"]["threads"] == 1

@@ -8,7 +8,7 @@ import pytest
 
 from edgefa.shared.datasets import (Dataset, Standardizer, load_dataset, load_digits, load_idx, load_mnist_dir, load_npz,
                                     save_npz, stratified_split)
-from edgefa.shared.shift import SensorShift
+from edgefa.shared.shift import SensorShift, SignalShift, device_data, device_shift, stretch_signals
 from edgefa.errors import DataError
 
 
@@ -389,3 +389,70 @@ def test_shift_needs_images_and_describes_itself():
     assert SensorShift(dx=0).describe() == "no shift"
     with pytest.raises(DataError):
         SensorShift(noise_std=-1.0)
+
+
+# --- signal shift (1-D signals, e.g. MNIST-1D) ------------------------------------------------------
+
+
+def signal_dataset(signals: np.ndarray) -> Dataset:
+    return Dataset(signals.astype(np.float32), np.arange(len(signals)) % 2, 2, "sig", None)
+
+
+@pytest.fixture
+def random_signals():
+    return np.random.default_rng(3).normal(size=(4, 12)).astype(np.float32)
+
+
+def test_signal_delay_moves_samples_later_and_zeros_the_start(random_signals):
+    later = SignalShift(delay=3).apply(signal_dataset(random_signals), 0).X
+    np.testing.assert_array_equal(later[:, 3:], random_signals[:, :-3])
+    np.testing.assert_array_equal(later[:, :3], 0.0)
+    earlier = SignalShift(delay=-2).apply(signal_dataset(random_signals), 0).X
+    np.testing.assert_array_equal(earlier[:, :-2], random_signals[:, 2:])
+    np.testing.assert_array_equal(earlier[:, -2:], 0.0)
+
+
+def test_stretch_is_linear_interpolation_about_the_centre():
+    ramp = np.arange(1, 10, dtype=np.float64)[None, :]       # value i + 1 at sample i, centre sample 4
+    np.testing.assert_allclose(stretch_signals(ramp, 1.0), ramp)
+    # twice as fast: sample i reads sample 4 + (i - 4) / 2, a ramp of slope 1/2 through the centre
+    np.testing.assert_allclose(stretch_signals(ramp, 2.0), 5 + (ramp - 5) / 2)
+    # half as fast: sample i reads sample 4 + 2 (i - 4); the event shrinks, reads outside the record are 0
+    np.testing.assert_allclose(stretch_signals(ramp, 0.5)[0], [0, 0, 1, 3, 5, 7, 9, 0, 0])
+
+
+def test_signal_shift_electronics_noise_and_description(random_signals):
+    ds = signal_dataset(random_signals)
+    out = SignalShift(gain=0.5, offset=0.25).apply(ds, 0)
+    np.testing.assert_allclose(out.X, random_signals * 0.5 + 0.25, rtol=1e-6)
+    assert out.X.dtype == np.float32 and out.image_shape is None and np.array_equal(out.y, ds.y)
+    noisy = SignalShift(noise_std=0.3)
+    np.testing.assert_array_equal(noisy.apply(ds, 7).X, noisy.apply(ds, 7).X)
+    assert not np.array_equal(noisy.apply(ds, 7).X, noisy.apply(ds, 8).X)
+    np.testing.assert_array_equal(ds.X, random_signals)                 # input untouched
+    assert (SignalShift(delay=2, stretch=1.2, gain=0.7, offset=0.3, noise_std=0.2).describe()
+            == "delay 2 samples, stretch 1.2, gain 0.7, offset 0.3, noise 0.2")
+    assert SignalShift().describe() == "no shift"
+
+
+def test_signal_shift_refuses_images_and_bad_fields(random_images):
+    with pytest.raises(DataError, match="1-D signals.*SensorShift"):
+        SignalShift(delay=1).apply(image_dataset(random_images), 0)
+    for bad in ({"stretch": 0.0}, {"stretch": float("nan")}, {"noise_std": -1.0}, {"clip": (1.0, 0.0)}):
+        with pytest.raises(DataError):
+            SignalShift(**bad)
+
+
+def test_device_data_is_the_held_out_part_shifted_and_split():
+    full = make_dataset(counts=(30, 30, 30), image_shape=(1, 12))
+    full = Dataset(full.X, full.y, full.n_classes, "sig", None)
+    shift = SignalShift(gain=2.0)
+    dev_train, dev_test = device_data(full, 0.2, shift, seed=4)
+    _, held_out = stratified_split(full, 0.2, 4)
+    assert len(dev_train) + len(dev_test) == len(held_out) == 18 and len(dev_test) == 6
+    # column 0 holds each sample's index (times the gain): exactly the held-out samples, each once
+    got = np.sort(np.concatenate([dev_train.X[:, 0], dev_test.X[:, 0]]) / 2.0)
+    np.testing.assert_array_equal(got, np.sort(held_out.X[:, 0]))
+    assert isinstance(device_shift("mnist1d"), SignalShift) and isinstance(device_shift("digits"), SensorShift)
+    with pytest.raises(DataError, match="no device sensor shift"):
+        device_shift("cifar10")

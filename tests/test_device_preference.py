@@ -133,6 +133,9 @@ def test_cli_finetune_reports_preference_accuracy_and_bad_pair_files_are_one_lin
     r = json.loads(report.read_text())
     assert r["metric"] == "preference accuracy" and r["refused_steps"] == [] and r["final_step"] == 150
     assert r["accuracy_after"] > r["accuracy_before"] + 0.1, r
+    evaluated = run_edgefa("device", "evaluate", path, "--data", test, without_torch=True)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert f"preference accuracy {100 * r['accuracy_after']:.1f}% on 200 pairs" in evaluated.stdout.replace("\n", " ")
 
     bad = {}
     with open(tmp_path / "missing.npz", "wb") as f:

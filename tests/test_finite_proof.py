@@ -42,7 +42,8 @@ def test_a_step_that_would_overflow_is_refused_and_nothing_changes(tmp_path, mom
     before = engine.state()
     rng = np.random.default_rng(1)
     result = engine.step(rng.normal(size=(5, 12)).astype(np.float32), rng.integers(0, 3, 5), lr)
-    written = engine.sides[1 - engine.current]  # what the graph wrote for the refused step
+    # what the graph wrote for the refused step (ping-pong only; in place nothing is written)
+    written = engine.sides[1 - engine.current] if len(engine.sides) == 2 else {}
     if not all(np.isfinite(a).all() for a in written.values()):
         assert not result.accepted  # the proof never lets a non-finite state through
     assert not result.accepted  # and these rates are all far past the overflow limit

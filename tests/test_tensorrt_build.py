@@ -56,9 +56,9 @@ def test_engines_build_once_and_verify(tiny_bundle):
 
 
 @pytest.mark.skipif(tensorrt_missing() is None, reason="TensorRT is installed here: the refusal cannot be shown")
-def test_export_tensorrt_without_tensorrt_writes_nothing(tiny_run, tmp_path):
+def test_export_build_engines_without_tensorrt_writes_nothing(tiny_run, tmp_path):
     from conftest import cli_in_process
 
-    proc = cli_in_process("export", tiny_run, "--out", tmp_path / "b", "--tensorrt")
-    assert_one_error_line(proc, "export --tensorrt", "not installed here")
+    proc = cli_in_process("export", tiny_run, "--out", tmp_path / "b", "--build-engines")
+    assert_one_error_line(proc, "export --build-engines", "not installed here")
     assert not (tmp_path / "b").exists()

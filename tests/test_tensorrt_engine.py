@@ -1,5 +1,6 @@
-"""The `tensorrt` backend: the refittable inference graph it is built from (checked here in
-onnxruntime), the choice of backend, the one-line refusal where TensorRT or cuda-python is absent,
+"""The `tensorrt` backend: the refittable inference graph it is built from (carried with
+`export --tensorrt`, else derived on the device from infer.onnx without the onnx package: the same
+bytes; checked here in onnxruntime), the choice of backend, the one-line refusal where TensorRT or cuda-python is absent,
 and (where TensorRT, cuda-python and a GPU are present) 10 steps against onnxruntime on the CPU and
 a refit inference engine against infer.onnx."""
 
@@ -18,9 +19,11 @@ from edgefa.errors import EdgefaError
 from edgefa.runtime.backends import TENSORRT_BACKEND, check_provider, open_engine
 from edgefa.runtime.cuda_memory import cuda_missing
 from edgefa.runtime.engine import OrtEngine
-from edgefa.runtime.tensorrt_build import engine_is_current, engine_source, engines_problem, tensorrt_missing
+from edgefa.runtime.refit_graph import refit_graph_bytes
+from edgefa.runtime.tensorrt_build import (engine_is_current, engine_source, engine_source_bytes, engines_problem,
+                                           tensorrt_missing)
 
-from conftest import assert_one_error_line, run_edgefa
+from conftest import assert_one_error_line, cli_in_process, run_edgefa
 
 WHY_NOT = tensorrt_missing() or cuda_missing()
 needs_tensorrt = pytest.mark.skipif(WHY_NOT is not None, reason=f"needs TensorRT, cuda-python and a GPU: {WHY_NOT}")
@@ -36,7 +39,29 @@ def _standardized(bundle, digits_npz):
 
 # --- the refittable inference graph (runs everywhere) -----------------------------------------
 
-def test_the_refit_graph_holds_every_weight_by_its_bundle_name_and_computes_infer(tiny_bundle, digits_npz):
+@pytest.fixture
+def refit_bundle(tiny_run, tmp_path):
+    """The tiny run exported with `--tensorrt`: it carries tensorrt/infer_refit.onnx."""
+    proc = cli_in_process("export", tiny_run, "--out", tmp_path / "with_refit", "--tensorrt")
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path / "with_refit"
+
+
+def test_only_export_tensorrt_carries_the_refit_graph_and_the_device_derives_the_same_bytes(
+        tiny_bundle, refit_bundle):
+    default, carried = read_bundle(tiny_bundle), read_bundle(refit_bundle)
+    assert REFIT_GRAPH not in default.manifest["files"] and default.manifest["tensorrt"]["refit_graph"] is None
+    assert REFIT_GRAPH in carried.manifest["files"] and carried.manifest["tensorrt"]["refit_graph"] == REFIT_GRAPH
+    # the weights travel once by default: the refit graph is a second copy of them
+    assert carried.size_bytes() - default.size_bytes() >= sum(a.nbytes for a in default.weights.values())
+    # derived from infer.onnx + weights.npz (the same run, so the same weights): the exporter's bytes
+    assert engine_source(default, "infer") == REFIT_GRAPH
+    assert engine_source_bytes(default, REFIT_GRAPH) == (refit_bundle / REFIT_GRAPH).read_bytes()
+    assert engine_source_bytes(carried, REFIT_GRAPH) == (refit_bundle / REFIT_GRAPH).read_bytes()
+
+
+def test_the_refit_graph_holds_every_weight_by_its_bundle_name_and_computes_infer(refit_bundle, digits_npz):
+    tiny_bundle = refit_bundle
     bundle = read_bundle(tiny_bundle)
     model = onnx.load(str(tiny_bundle / REFIT_GRAPH))
     assert [i.name for i in model.graph.input] == ["x"]
@@ -53,14 +78,28 @@ def test_the_refit_graph_holds_every_weight_by_its_bundle_name_and_computes_infe
     assert engine_source(bundle, "infer") == REFIT_GRAPH and engine_source(bundle, "train_step") == "train_step.onnx"
 
 
-def test_a_resmlp_refit_graph_computes_infer(tmp_path):
+def test_a_resmlp_refit_graph_computes_infer_and_is_derived_byte_for_byte(tmp_path):
     from edgefa.exporters.export import export_bundle
     from test_device_resmlp import make_run
 
-    bundle = read_bundle(export_bundle(make_run("gelu", 0.9), tmp_path / "b"))
+    bundle = read_bundle(export_bundle(make_run("gelu", 0.9), tmp_path / "b", refit_graph=True))
     x = np.random.default_rng(0).normal(size=(7, bundle.model["in_features"])).astype(np.float32)
     expected = ort.InferenceSession(str(bundle.path / "infer.onnx")).run(None, {"x": x, **bundle.weights})[0]
     got = ort.InferenceSession(str(bundle.path / REFIT_GRAPH)).run(None, {"x": x})[0]
+    assert np.array_equal(got, expected)
+    derived = refit_graph_bytes((bundle.path / "infer.onnx").read_bytes(), bundle.weights)
+    assert derived == (bundle.path / REFIT_GRAPH).read_bytes()
+
+
+def test_a_derived_refit_graph_with_new_weights_computes_infer_on_them(tiny_bundle):
+    bundle = read_bundle(tiny_bundle)
+    rng = np.random.default_rng(1)
+    new = {n: rng.normal(size=a.shape).astype(np.float32) for n, a in bundle.weights.items()}
+    derived = refit_graph_bytes((tiny_bundle / "infer.onnx").read_bytes(), new)
+    onnx.checker.check_model(onnx.ModelProto.FromString(derived), full_check=True)
+    x = rng.normal(size=(5, bundle.model["in_features"])).astype(np.float32)
+    expected = ort.InferenceSession(str(tiny_bundle / "infer.onnx")).run(None, {"x": x, **new})[0]
+    got = ort.InferenceSession(derived).run(None, {"x": x})[0]
     assert np.array_equal(got, expected)
 
 

@@ -30,7 +30,7 @@ from edgefa.exporters.tensorrt_ready import (DATA_FILE, check_graph, check_profi
 
 TARGETS = ("8.5", "10.3")
 PROFILE = {"min": 1, "opt": 32, "max": 256}
-TRT_FILES = ("tensorrt/trtexec.sh", "tensorrt/readiness.json", "tensorrt/infer_refit.onnx")
+TRT_FILES = ("tensorrt/trtexec.sh", "tensorrt/readiness.json")   # infer_refit.onnx only with --tensorrt
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -305,13 +305,13 @@ def test_the_bundle_lists_hashes_and_verifies_the_tensorrt_files(tiny_bundle):
     assert manifest["tensorrt"] == {"target": "10.3", "ready": True, "problems": [], "profile": PROFILE,
                                     "fp16_infer": True, "fp16_train_step": False,
                                     "trtexec": "tensorrt/trtexec.sh", "readiness": "tensorrt/readiness.json",
-                                    "refit_graph": "tensorrt/infer_refit.onnx"}
+                                    "refit_graph": None}      # not carried: the device derives it
     record = json.loads((tiny_bundle / "tensorrt/readiness.json").read_text())
     assert record["ready"] and record["target"] == "10.3" and record["fp16_train_step"] is False
     assert set(record["graphs"]) == {"infer.onnx", "train_step.onnx"}
     assert "onnx/onnx-tensorrt" in record["source"]
     bundle = read_bundle(tiny_bundle)
-    assert set(TRT_FILES) <= set(bundle.manifest["files"])
+    assert set(TRT_FILES) <= set(bundle.manifest["files"]) and "tensorrt/infer_refit.onnx" not in bundle.manifest["files"]
 
 
 @pytest.mark.parametrize("name", TRT_FILES)

@@ -18,7 +18,7 @@ from edgefa.bundle import MANIFEST, REFIT_GRAPH, read_bundle, sha256_file
 from edgefa.errors import EdgefaError
 from edgefa.runtime.backends import TENSORRT_BACKEND, open_engine
 from edgefa.runtime.engine import OrtEngine
-from edgefa.runtime.tensorrt_build import bundle_profile, engine_plan, engines_problem
+from edgefa.runtime.tensorrt_build import bundle_profile, engine_plan, engine_source_bytes, engines_problem
 
 from stand_in_tensorrt import StandInCudart, stand_in_tensorrt
 
@@ -44,15 +44,17 @@ def stand_in(monkeypatch):
 
 def with_engines(bundle_dir, version: str, infer_source: str = REFIT_GRAPH):
     """Record "engines" in the bundle as build-engine would (hashed, with what they were built
-    for); for the stand-in an engine's bytes are its ONNX source's."""
+    for); for the stand-in an engine's bytes are its ONNX source's (the refit graph derived where the
+    bundle does not carry it, as build-engine derives it)."""
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
-    plan = engine_plan(read_bundle(bundle_dir))
+    bundle = read_bundle(bundle_dir)
+    plan = engine_plan(bundle)
     (bundle_dir / "engines").mkdir(exist_ok=True)
     manifest["engines"] = {}
     for graph, (precision, source) in plan.items():
         source = infer_source if graph == "infer" else source
         name = f"engines/{graph}.engine"
-        shutil.copyfile(bundle_dir / source, bundle_dir / name)
+        (bundle_dir / name).write_bytes(engine_source_bytes(bundle, source))
         manifest["files"][name] = {"sha256": sha256_file(bundle_dir / name), "bytes": (bundle_dir / name).stat().st_size}
         manifest["engines"][graph] = {"file": name, "onnx": source, "tensorrt": version, "gpu": GPU,
                                       "compute_capability": "8.7", "precision": precision,
@@ -121,8 +123,9 @@ def test_a_refused_step_keeps_the_weights_and_needs_no_refit(stand_in, tiny_bund
 
 def test_an_infer_engine_with_weights_as_inputs_reads_the_live_buffers(stand_in, tiny_bundle, tmp_path, digits_npz):
     trt = stand_in()
-    gpu = open_engine(with_engines(tiny_bundle, "10.3.0", infer_source="infer.onnx"))
+    gpu = open_engine(with_engines(tiny_bundle, "10.3.0", infer_source="infer.onnx"))   # an older edgefa's
     cpu = reference(tiny_bundle, tmp_path)
+    assert gpu.providers == [TENSORRT_BACKEND] and not gpu.refittable
     X, y = digits(cpu.bundle, digits_npz)
     for engine in (gpu, cpu):
         engine.step(X[:32], y[:32], 0.05)
@@ -184,6 +187,7 @@ def test_build_engine_builds_records_and_keeps_current_engines(stand_in, tiny_bu
     from edgefa.runtime.tensorrt_engine import TensorRTEngine
 
     trt = stand_in("10.3.0")
+    assert not (tiny_bundle / REFIT_GRAPH).exists()      # a default export: the device derives the refit graph
     proc = cli_in_process("device", "build-engine", tiny_bundle)
     assert proc.returncode == 0, proc.stderr
     assert "infer: engines/infer.engine (TensorRT 10.3.0" in proc.stdout and "refittable" in proc.stdout

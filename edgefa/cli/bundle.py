@@ -42,7 +42,7 @@ def bundle_group() -> None:
 @tensorrt_options
 @force_option
 def from_onnx_command(model_path, features, head, out, trainable, activation, momentum, lr, seed, feedback_seed,
-                      standardize, trt_target, batch_profile, require_tensorrt, force):
+                      standardize, trt_target, batch_profile, require_tensorrt, refit_graph, force):
     """A bundle from your ONNX model (one float input, a dynamic batch): the model up to --features,
     frozen, under a new --head the device trains by DFA."""
     target, profile = check_bundle_options("bundle from-onnx", trainable, trt_target, batch_profile)
@@ -52,7 +52,7 @@ def from_onnx_command(model_path, features, head, out, trainable, activation, mo
     path = bundle_from_onnx(model_path, features, out, head=list(head), trainable=trainable, activation=activation,
                             momentum=momentum, lr=lr, seed=seed, feedback_seed=feedback_seed,
                             standardize=standardize, trt_target=target.version, batch_profile=profile,
-                            require_tensorrt=require_tensorrt)
+                            require_tensorrt=require_tensorrt, refit_graph=refit_graph)
     _print_summary(path)
     print_bundle(path)
 

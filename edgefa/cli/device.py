@@ -98,15 +98,18 @@ def finetune_command(bundle, data_spec, steps, batch_size, lr, checkpoint_every,
 
 @device_group.command("evaluate")
 @click.argument("bundle", type=click.Path())
-@click.option("--data", "data_spec", required=True, help="FILE.npz (X, y) or mnist:DIR")
+@click.option("--data", "data_spec", required=True,
+              help="FILE.npz (X, y) or mnist:DIR; for a bradley-terry scorer FILE.npz of pairs (chosen, rejected)")
 def evaluate_command(bundle, data_spec):
-    """Accuracy of the bundle's current weights (its device state when present)."""
+    """Accuracy of the bundle's current weights (its device state when present); a scorer's
+    preference accuracy on pairs."""
     from ..bundle import read_bundle
-    from ..runtime.finetune import evaluate
-    from ..shared.datasets import load_dataset
+    from ..runtime.finetune import evaluate, is_preference, load_finetune_data
 
-    result = evaluate(read_bundle(bundle), load_dataset(data_spec))
-    console.print(f"accuracy [bold]{fmt_pct(result['accuracy'])}[/] on {result['samples']} samples "
+    b = read_bundle(bundle)
+    result = evaluate(b, load_finetune_data(b, data_spec))
+    what = ("preference accuracy", "pairs") if is_preference(b) else ("accuracy", "samples")
+    console.print(f"{what[0]} [bold]{fmt_pct(result['accuracy'])}[/] on {result['samples']} {what[1]} "
                   f"(device state at step {result['step']})")
 
 

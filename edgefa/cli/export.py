@@ -17,7 +17,7 @@ def trainable_option(help: str):
 
 
 def tensorrt_options(f):
-    """--trt-target, --batch-profile, --require-tensorrt."""
+    """--trt-target, --batch-profile, --require-tensorrt, --tensorrt."""
     for option in reversed([
         click.option("--trt-target", default="10.3", show_default=True,
                      help="TensorRT release the graphs are checked against: 8.5 (JetPack 5.1) or 10.3 (JetPack 6.1/6.2)"),
@@ -26,6 +26,10 @@ def tensorrt_options(f):
                           "(tensorrt/trtexec.sh, the device's TensorRT provider)"),
         click.option("--require-tensorrt", is_flag=True,
                      help="fail, writing nothing, when a graph would not build into a TensorRT engine for --trt-target"),
+        click.option("--tensorrt", "refit_graph", is_flag=True,
+                     help="carry tensorrt/infer_refit.onnx (infer.onnx with the weights as initializers, what "
+                          "TensorRT's refittable inference engine is built from): a second copy of every weight, "
+                          "so left out by default; the device derives it when it builds its engines"),
     ]):
         f = option(f)
     return f
@@ -58,11 +62,11 @@ def check_bundle_options(command: str, trainable: str, trt_target: str, batch_pr
                   "conv stage at a time; the stages below: a frozen torch trunk), head; vit, transformer: head "
                   "only (the rest a frozen torch trunk)")
 @tensorrt_options
-@click.option("--tensorrt", "build_engines", is_flag=True,
+@click.option("--build-engines", is_flag=True,
               help="also build the TensorRT engines here (a host with TensorRT and the device's GPU)")
 @force_option
-def export_command(run_dir, out, momentum, lr, trainable, trt_target, batch_profile, require_tensorrt, build_engines,
-                   force):
+def export_command(run_dir, out, momentum, lr, trainable, trt_target, batch_profile, require_tensorrt, refit_graph,
+                   build_engines, force):
     """Export a trained run as a bundle: infer.onnx, train_step.onnx, weights, feedback, manifest,
     and tensorrt/ (readiness.json, trtexec.sh: the engine builds to run on the device)."""
     target, profile = check_bundle_options("export", trainable, trt_target, batch_profile)
@@ -70,13 +74,14 @@ def export_command(run_dir, out, momentum, lr, trainable, trt_target, batch_prof
         from ..runtime.tensorrt_build import tensorrt_missing
 
         if tensorrt_missing():                       # before anything is written
-            raise EdgefaError(f"export --tensorrt: {tensorrt_missing()}; export without it and build on the device")
+            raise EdgefaError(f"export --build-engines: {tensorrt_missing()}; export without it and build on the device")
     check_out(out, "bundle", force)                  # a folder that is not a bundle: before torch
     from ..exporters.export import export_bundle
     from ..training.trainer import load_run
 
     path = export_bundle(load_run(run_dir), out, momentum=momentum, lr=lr, trainable=trainable,
-                         trt_target=target.version, batch_profile=profile, require_tensorrt=require_tensorrt)
+                         trt_target=target.version, batch_profile=profile, require_tensorrt=require_tensorrt,
+                         refit_graph=refit_graph)
     if build_engines:
         from ..runtime.tensorrt_build import build_bundle_engines
 

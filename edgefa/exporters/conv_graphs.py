@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from onnx import TensorProto
 
-from ..bundle import conv_spatial, feedback_input_name, momentum_name, next_name
+from ..bundle import conv_spatial, feedback_input_name, grad_name, momentum_name, next_name
 from .graph_builder import Forward, Graph, activation_derivative, apply_activation
 
 
@@ -135,8 +135,9 @@ def _weight_grad(g: Graph, stage: ConvStage, delta: str) -> str:
     return g.op("Reshape", g.op("Transpose", grad, perm=[0, 2, 1]), _ints(g, [out, channels, *[k] * dims]))
 
 
-def update(g: Graph, stage: ConvStage, delta: str, momentum: float, rows: str) -> str:
+def update(g: Graph, stage: ConvStage, delta: str, momentum: float, rows: str, factors: bool = False) -> str:
     """SGD (torch semantics, as onnx_graphs._updates) on one conv layer; returns its update bound [1].
+    `factors` (the step-factors graph): no update; the gradients go out as grad.<param> instead.
 
     Bound: every dW[o, c, k] = sum_{n, p} delta[n, o, p] x[n, c, p s + k - pad] pairs each delta
     element with a distinct input element (or a padding zero), so by Cauchy-Schwarz
@@ -147,7 +148,11 @@ def update(g: Graph, stage: ConvStage, delta: str, momentum: float, rows: str) -
     grads = {f"{name}.weight": _weight_grad(g, stage, delta),
              f"{name}.bias": g.op("ReduceSum", delta, _ints(g, [0, *range(2, dims + 2)]), keepdims=0)}
     for param, grad in grads.items():
-        if momentum:
+        if factors:
+            g.op("Identity", grad, out=grad_name(param))
+            g.output(grad_name(param), [conv["out_channels"], *([None] * (dims + 1))] if param.endswith(".weight")
+                     else [conv["out_channels"]])
+        elif momentum:
             v = g.op("Add", grad, g.op("Mul", momentum_name(param), g.const("mu", float(momentum))),
                      out=next_name(momentum_name(param)))
             g.op("Sub", param, g.op("Mul", v, "lr"), out=next_name(param))

@@ -13,8 +13,10 @@ attention blocks have no DFA graph here).
 Both graphs are also checked for TensorRT (tensorrt_ready: operators, opset, static ranks, the
 batch profile) against the targeted TensorRT release; the bundle records the verdict in its
 manifest ("tensorrt") and carries tensorrt/readiness.json and tensorrt/trtexec.sh, the engine
-builds to run on the device, and tensorrt/infer_refit.onnx, the forward pass with the weights as
-initializers that the device builds its refittable inference engine from.
+builds to run on the device. `refit_graph=True` (`export --tensorrt`) adds tensorrt/infer_refit.onnx,
+the forward pass with the weights as initializers that TensorRT's refittable inference engine is
+built from; it is a second copy of every weight, so by default the bundle leaves it out and the
+device derives the same bytes when it builds its engines (runtime/refit_graph.py).
 `require_tensorrt=True` refuses to write a bundle that is not ready.
 """
 
@@ -29,8 +31,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..bundle import (HEAD_STEP_GRAPH, LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, REFIT_GRAPH, TRUNK_GRAPH,
-                      check_trainable_syntax, feedback_shapes, param_shapes, parse_trainable, part_topology,
+from ..bundle import (HEAD_FACTORS_GRAPH, HEAD_STEP_GRAPH, LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, REFIT_GRAPH,
+                      STEP_FACTORS_GRAPH, TRUNK_GRAPH, check_trainable_syntax, feedback_shapes, param_shapes, parse_trainable, part_topology,
                       write_bundle)
 from ..errors import EdgefaError
 from ..models.rules import dfa_feedback_std, draw_feedback
@@ -330,13 +332,14 @@ def _example(net) -> torch.Tensor:
 def export_bundle(run: Run, out_dir: str | os.PathLike, momentum: float | None = None,
                   lr: float | None = None, trainable: str = "all", loss: str | None = None,
                   trt_target: str = "10.3", batch_profile=DEFAULT_PROFILE, fp16_infer: bool = True,
-                  require_tensorrt: bool = False) -> Path:
+                  require_tensorrt: bool = False, refit_graph: bool = False) -> Path:
     """`trainable`: "all", "last:K" or "head" (see the module doc). `loss`: None (the run's),
     "cross_entropy" or "bradley-terry" (an MLP scorer with one output, trained on pairs).
     `trt_target`: the TensorRT release the graphs are checked against ("8.5": JetPack 5.1,
     "10.3": JetPack 6.1/6.2); `batch_profile`: (min, opt, max) batch of the engines' optimization
     profile; `fp16_infer`: let infer.onnx build in FP16 (train_step never does);
-    `require_tensorrt`: a graph that is not ready is an EdgefaError and nothing is written."""
+    `require_tensorrt`: a graph that is not ready is an EdgefaError and nothing is written;
+    `refit_graph`: carry tensorrt/infer_refit.onnx (see the module doc)."""
     check_exportable(run.model)
     try:
         load_target(trt_target), check_profile(batch_profile)
@@ -352,35 +355,43 @@ def export_bundle(run: Run, out_dir: str | os.PathLike, momentum: float | None =
                           f"not a {run.model.kind} with {topo['n_classes']}")
     manifest = build_manifest(run, topo, split.feedback_info, momentum, lr, loss)
     return write_device_bundle(out_dir, manifest, split, momentum, loss, trt_target, batch_profile,
-                               fp16_infer, require_tensorrt)
+                               fp16_infer, require_tensorrt, refit_graph)
 
 
 def write_device_bundle(out_dir, manifest: dict, split: DeviceSplit, momentum: float, loss: str,
                         trt_target: str = "10.3", batch_profile=DEFAULT_PROFILE, fp16_infer: bool = True,
-                        require_tensorrt: bool = False) -> Path:
+                        require_tensorrt: bool = False, refit_graph: bool = False) -> Path:
     """Build the graphs of a split (composed with its trunk where it has one), check them for
     TensorRT, and write the bundle. Shared by export_bundle and the bring-your-own-model paths."""
     target, profile = load_target(trt_target), check_profile(batch_profile)
     part = part_topology(split.model)
-    infer, step = infer_graph(part), train_step_graph(part, momentum, loss,
-                                                       manifest["optimizer"].get("residual_penalty", 0.0))
+    penalty = manifest["optimizer"].get("residual_penalty", 0.0)
+    infer, step = infer_graph(part), train_step_graph(part, momentum, loss, penalty)
+    # The same step up to its gradients, for the CPU runtime's in-place update (bundle.STEP_FACTORS_GRAPH)
+    factors = train_step_graph(part, momentum, loss, penalty, factors=True)
     extra = {}
     if split.trunk is None:
         graphs = {"infer.onnx": serialize_checked(infer), "train_step.onnx": serialize_checked(step)}
-        refit = refittable_infer_graph(part, split.weights)
+        refit = refittable_infer_graph(part, split.weights) if refit_graph else None
+        extra[STEP_FACTORS_GRAPH] = serialize_checked(factors)
+        manifest["graphs"].update(step_factors=STEP_FACTORS_GRAPH)
     else:
+        extra[STEP_FACTORS_GRAPH] = serialize_checked(trunks.compose(split.trunk, factors, "edgefa_dfa_step_factors"))
+        extra[HEAD_FACTORS_GRAPH] = serialize_checked(factors)
+        manifest["graphs"].update(step_factors=STEP_FACTORS_GRAPH, head_factors=HEAD_FACTORS_GRAPH)
         whole_infer = trunks.compose(split.trunk, infer, "edgefa_infer")
         graphs = {"infer.onnx": serialize_checked(whole_infer),
                   "train_step.onnx": serialize_checked(trunks.compose(split.trunk, step, "edgefa_dfa_train_step")),
                   TRUNK_GRAPH: serialize_checked(split.trunk.graph), HEAD_STEP_GRAPH: serialize_checked(step)}
-        refit = refittable_infer_graph(split.model, split.weights, infer=whole_infer)
+        refit = refittable_infer_graph(split.model, split.weights, infer=whole_infer) if refit_graph else None
         manifest["graphs"].update(trunk=TRUNK_GRAPH, head_step=HEAD_STEP_GRAPH)
     trt = readiness(graphs, target, profile)
     if require_tensorrt and not trt["ready"]:
         raise EdgefaError(f"export: tensorrt {target.version}: {summary_line(trt)}; no bundle written")
-    manifest["tensorrt"] = manifest_section(trt, fp16_infer)
+    manifest["tensorrt"] = manifest_section(trt, fp16_infer, refit_graph=refit is not None)
     extra.update(bundle_files(trt, graphs, fp16_infer))
-    extra[REFIT_GRAPH] = serialize_checked(refit)
+    if refit is not None:
+        extra[REFIT_GRAPH] = serialize_checked(refit)
     payload = {name: data for name, data in graphs.items() if name in ("infer.onnx", "train_step.onnx")}
     extra.update({name: data for name, data in graphs.items() if name not in payload})
     return write_bundle(out_dir, manifest, payload, split.weights, split.feedback, extra_files=extra)

@@ -34,8 +34,9 @@ from onnx import TensorProto, numpy_helper
 from . import conv_graphs
 from .graph_builder import (OPSET, BATCH, Forward, Graph, activation_derivative,  # noqa: F401 (OPSET: re-exported)
                             apply_activation)
-from ..bundle import (LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, feedback_input_name, feedback_shapes,
-                      model_kind, momentum_name, next_name, param_shapes, trainable_layers, trainable_params)
+from ..bundle import (DELTA, INPUT, LOSS_BRADLEY_TERRY, LOSS_CROSS_ENTROPY, feedback_input_name, feedback_shapes,
+                      grad_name, model_kind, momentum_name, next_name, param_shapes, trainable_layers,
+                      trainable_params)
 
 
 def _layer_norm(g: Graph, x: str, layer: str, eps: float, fused: bool) -> tuple[str, str | None]:
@@ -170,22 +171,38 @@ def _is_norm(model: dict, layer: str) -> bool:
 
 
 def _updates(g: Graph, model: dict, fwd: Forward, deltas: dict[str, str], trained: list[str],
-             momentum: float, rows: str) -> None:
+             momentum: float, rows: str, factors: bool = False) -> None:
     """SGD (with momentum) on every trainable layer, and the per-layer update bounds.
 
     A linear layer's gradient is delta^T h_in (one Gemm); a LayerNorm's gamma gets
     sum_batch(delta * x-hat) and its beta sum_batch(delta). Both are bounded elementwise by
-    ||delta||_F * sqrt(||input||_F^2 + rows) (Cauchy-Schwarz), `rows` the number of samples."""
+    ||delta||_F * sqrt(||input||_F^2 + rows) (Cauchy-Schwarz), `rows` the number of samples.
+
+    `factors` (the step-factors graph): no update at all; the gradients go out instead, a linear
+    weight's as its two small factors delta [rows, out] and h_in [rows, in] (bundle.grad_name), so
+    the runtime can apply the update in place once the bounds prove the step finite."""
     axis0 = g.const("axis0", [0], TensorProto.INT64, (1,))
     bounds = []
     for name in trained:
         d, h_in = deltas[name], fwd.inputs[name]
         if name in fwd.convs:          # a cnn conv layer: its gradient, update and bound
-            bounds.append(conv_graphs.update(g, fwd.convs[name], d, momentum, rows))
+            bounds.append(conv_graphs.update(g, fwd.convs[name], d, momentum, rows, factors))
             continue
         w, b = f"{name}.weight", f"{name}.bias"
         norm = _is_norm(model, name)
-        if momentum:
+        if factors:
+            shape = param_shapes(model)[w]
+            if norm:
+                g.op("ReduceSum", g.op("Mul", d, h_in), axis0, keepdims=0, out=grad_name(w))
+                g.output(grad_name(w), shape)
+            else:
+                g.op("Identity", d, out=grad_name(w, DELTA))
+                g.op("Identity", h_in, out=grad_name(w, INPUT))
+                g.output(grad_name(w, DELTA), [None, shape[0]])
+                g.output(grad_name(w, INPUT), [None, shape[1]])
+            g.op("ReduceSum", d, axis0, keepdims=0, out=grad_name(b))
+            g.output(grad_name(b), [shape[0]])
+        elif momentum:
             if norm:
                 vw = g.op("Add", g.op("ReduceSum", g.op("Mul", d, h_in), axis0, keepdims=0),
                           g.op("Mul", momentum_name(w), g.const("mu", float(momentum))),
@@ -218,17 +235,17 @@ def _batch_size(g: Graph, x: str) -> str:
                 to=TensorProto.FLOAT)
 
 
-def _declare_state(g: Graph, model: dict, momentum: float) -> None:
+def _declare_state(g: Graph, model: dict, momentum: float, factors: bool = False) -> None:
     _declare_params(g, model)
-    if momentum:
+    if momentum and not factors:       # the step-factors graph never reads the momentum
         for name, shape in trainable_params(model).items():
             g.input(momentum_name(name), shape)
     for layer, shape in feedback_shapes(model).items():
         g.input(feedback_input_name(layer), shape)
 
 
-def _declare_next(g: Graph, model: dict, momentum: float) -> None:
-    for name, shape in trainable_params(model).items():
+def _declare_next(g: Graph, model: dict, momentum: float, factors: bool = False) -> None:
+    for name, shape in ({} if factors else trainable_params(model)).items():
         g.output(next_name(name), shape)
         if momentum:
             g.output(next_name(momentum_name(name)), shape)
@@ -236,21 +253,23 @@ def _declare_next(g: Graph, model: dict, momentum: float) -> None:
 
 
 def train_step_graph(model: dict, momentum: float, loss: str = LOSS_CROSS_ENTROPY,
-                     penalty: float = 0.0) -> onnx.ModelProto:
+                     penalty: float = 0.0, factors: bool = False) -> onnx.ModelProto:
     """One DFA step of `model` (only its trainable layers, see bundle.trainable_layers).
+    `factors`: the step-factors graph instead (see _updates): the same step up to its gradients,
+    which it returns in place of the next weights and momentum.
     `penalty`: lambda of a resmlp's residual-stream penalty (models/feedback_net.py): the loss adds
     lambda * sum_blocks mean_n ||r_i||^2 (r_i = fc2(...), each block's residual branch), and each
     trained block's error at its output adds that term's own gradient 2 lambda r_i / batch."""
     if penalty and model_kind(model) != "resmlp":
         raise ValueError("a residual-stream penalty needs residual blocks (a resmlp model)")
     if loss == LOSS_BRADLEY_TERRY:
-        return preference_step_graph(model, momentum)
+        return preference_step_graph(model, momentum, factors)
     g = Graph()
     classes = model["n_classes"]
     g.input("x", [BATCH, model["in_features"]])
     g.input("labels", [BATCH], TensorProto.INT64)
     g.input("lr", [])
-    _declare_state(g, model, momentum)
+    _declare_state(g, model, momentum, factors)
 
     fwd = _forward(g, model, "x", train=True)
 
@@ -276,15 +295,19 @@ def train_step_graph(model: dict, momentum: float, loss: str = LOSS_CROSS_ENTROP
             penalty_scale = g.op("Mul", penalty_scale, "lr")
 
     trained = trainable_layers(model)
-    _updates(g, model, fwd, _local_errors(g, model, fwd, e, trained, penalty_scale), trained, momentum, batch)
-    _declare_next(g, model, momentum)
+    _updates(g, model, fwd, _local_errors(g, model, fwd, e, trained, penalty_scale), trained, momentum, batch,
+             factors)
+    _declare_next(g, model, momentum, factors)
     g.output("loss", [])
     g.output("logits", [BATCH, classes])
+    if factors:
+        return g.model("edgefa_dfa_step_factors",
+                       f"edgefa DFA step up to its gradients, SGD momentum {momentum}: weights, batch, lr -> gradients")
     return g.model("edgefa_dfa_train_step",
                    f"edgefa DFA training step, SGD momentum {momentum}: weights, batch, lr -> next weights")
 
 
-def preference_step_graph(model: dict, momentum: float) -> onnx.ModelProto:
+def preference_step_graph(model: dict, momentum: float, factors: bool = False) -> onnx.ModelProto:
     """One DFA step of a scorer (one output) on Bradley-Terry pairs: both items of every pair go
     through the same weights in one pass of 2 x batch rows (chosen first), so the update is
     delta_w^T h_w + delta_l^T h_l with e_w = -sigmoid(-(s_w - s_l)) / batch and e_l = -e_w."""
@@ -294,7 +317,7 @@ def preference_step_graph(model: dict, momentum: float) -> onnx.ModelProto:
     g.input("x_chosen", [BATCH, model["in_features"]])
     g.input("x_rejected", [BATCH, model["in_features"]])
     g.input("lr", [])
-    _declare_state(g, model, momentum)
+    _declare_state(g, model, momentum, factors)
 
     x = g.op("Concat", "x_chosen", "x_rejected", axis=0)
     fwd = _forward(g, model, x, train=True)
@@ -310,11 +333,14 @@ def preference_step_graph(model: dict, momentum: float) -> onnx.ModelProto:
 
     trained = trainable_layers(model)
     rows = g.op("Mul", batch, g.const("two", 2.0))
-    _updates(g, model, fwd, _local_errors(g, model, fwd, e, trained), trained, momentum, rows)
-    _declare_next(g, model, momentum)
+    _updates(g, model, fwd, _local_errors(g, model, fwd, e, trained), trained, momentum, rows, factors)
+    _declare_next(g, model, momentum, factors)
     g.output("loss", [])
     g.output("score_chosen", [BATCH])
     g.output("score_rejected", [BATCH])
+    if factors:
+        return g.model("edgefa_dfa_preference_step_factors",
+                       f"edgefa DFA Bradley-Terry step up to its gradients, SGD momentum {momentum}")
     return g.model("edgefa_dfa_preference_step",
                    f"edgefa DFA Bradley-Terry step, SGD momentum {momentum}: weights, pairs, lr -> next weights")
 

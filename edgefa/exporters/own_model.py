@@ -59,7 +59,8 @@ def _new_head(features: int, hidden: list[int], classes: int, activation: str, s
 def _bundle(trunk: trunks.Trunk, out, head: list[int], trainable: str = "all", activation: str = "relu",
             momentum: float = 0.9, lr: float = 0.01, seed: int = 0, feedback_seed: int = 1,
             standardize: tuple[float, float] = (0.0, 1.0), trt_target: str = "10.3",
-            batch_profile=DEFAULT_PROFILE, fp16_infer: bool = True, require_tensorrt: bool = False) -> Path:
+            batch_profile=DEFAULT_PROFILE, fp16_infer: bool = True, require_tensorrt: bool = False,
+            refit_graph: bool = False) -> Path:
     widths = [int(w) for w in head]
     if not widths or any(w < 1 for w in widths):
         raise EdgefaError(f"head {head}: needs positive widths, the last one the number of classes")
@@ -88,4 +89,4 @@ def _bundle(trunk: trunks.Trunk, out, head: list[int], trainable: str = "all", a
                             host_run={"method": "frozen trunk + new head", "dataset": None,
                                       "final_test_accuracy": None})
     return write_device_bundle(out, manifest, split, momentum, LOSS_CROSS_ENTROPY, trt_target, batch_profile,
-                               fp16_infer, require_tensorrt)
+                               fp16_infer, require_tensorrt, refit_graph)

@@ -338,8 +338,11 @@ def bundle_files(summary: dict, graphs: dict, fp16_infer: bool) -> dict[str, byt
     return {TRTEXEC_SCRIPT: script.encode(), READINESS_FILE: (json.dumps(record, indent=2) + "\n").encode()}
 
 
-def manifest_section(summary: dict, fp16_infer: bool) -> dict:
-    """The manifest's "tensorrt" table (the device runtime reads profile and fp16_infer)."""
+def manifest_section(summary: dict, fp16_infer: bool, refit_graph: bool = False) -> dict:
+    """The manifest's "tensorrt" table (the device runtime reads profile and fp16_infer).
+    "refit_graph": the bundle's tensorrt/infer_refit.onnx, or None where it does not carry one
+    (the device then derives it: runtime/refit_graph.py)."""
     return {"target": summary["target"], "ready": summary["ready"], "problems": list(summary["problems"]),
             "profile": dict(summary["profile"]), "fp16_infer": bool(fp16_infer), "fp16_train_step": False,
-            "trtexec": TRTEXEC_SCRIPT, "readiness": READINESS_FILE, "refit_graph": REFIT_GRAPH}
+            "trtexec": TRTEXEC_SCRIPT, "readiness": READINESS_FILE,
+            "refit_graph": REFIT_GRAPH if refit_graph else None}

@@ -312,17 +312,23 @@ def quantize(values, fmt: FixedFormat, rng: np.random.Generator | None = None) -
     # With F < 0 a tiny x can underflow to (-)0, which would round as an exact zero; the smallest
     # subnormal of the same sign takes every rounding decision the true value would.
     y = np.where((y == 0) & (x != 0), np.copysign(5e-324, x), y)
-    return round_scaled(y, fmt, rng)
+    return round_scaled(y, fmt, rng, overwrite=True)                  # y is our own temporary
 
 
-def round_scaled(y: np.ndarray, fmt: FixedFormat, rng: np.random.Generator | None = None) -> Quantized:
+def round_scaled(y: np.ndarray, fmt: FixedFormat, rng: np.random.Generator | None = None,
+                 overwrite: bool = False) -> Quantized:
     """Finite float64 values already scaled by 2**F (so one LSB is 1.0) -> raw values in `fmt`:
-    rounded by its rule, then overflowed. Exact for any float64 input and W <= 52."""
+    rounded by its rule, then overflowed. Exact for any float64 input and W <= 52.
+
+    `overwrite=True` lets it round a float64 `y` in place (the caller's scratch, e.g. a matmul
+    result): every fresh 0.5 MB temporary costs page faults on each call, which for a 256x256
+    matmul cost more than the rounding itself."""
     mode = fmt.rounding
+    scratch = y if overwrite and y.dtype == np.float64 else None
     if mode is Rounding.RND_CONV:
-        rounded = np.rint(y)                                 # IEEE round half to even: exact
+        rounded = np.rint(y, out=scratch)                    # IEEE round half to even: exact
     elif mode is Rounding.TRN:
-        rounded = np.floor(y)
+        rounded = np.floor(y, out=scratch)
     else:
         # Every decision compares y itself with an exact float, never the remainder y - floor:
         # that is inexact for y in (-1/2, 0) (1 + y needs more bits than float64 has; the one
@@ -355,6 +361,10 @@ def round_scaled(y: np.ndarray, fmt: FixedFormat, rng: np.random.Generator | Non
     lo, hi = float(fmt.raw_min), float(fmt.raw_max)
     if rounded.size == 0 or (rounded.min() >= lo and rounded.max() <= hi):   # two cheap reductions
         return Quantized(rounded.astype(np.int64), fmt, 0)
+    if fmt.overflow in (Overflow.SAT, Overflow.SAT_SYM):    # clamp and convert in one pass
+        n_over = int(np.count_nonzero(rounded < lo)) + int(np.count_nonzero(rounded > hi))
+        return Quantized(np.clip(rounded, lo, hi, out=np.empty(rounded.shape, np.int64), casting="unsafe"),
+                         fmt, n_over)
     over = (rounded < lo) | (rounded > hi)
     n_over = int(np.count_nonzero(over))
     if fmt.overflow is Overflow.WRAP:
@@ -363,8 +373,6 @@ def round_scaled(y: np.ndarray, fmt: FixedFormat, rng: np.random.Generator | Non
         if fmt.signed:
             wrapped = np.where(wrapped >= modulus / 2, wrapped - modulus, wrapped)
         rounded = wrapped
-    elif fmt.overflow is Overflow.SAT_ZERO:
+    else:                                                    # AP_SAT_ZERO
         rounded = np.where(over, 0.0, rounded)
-    else:
-        rounded = np.clip(rounded, lo, hi)
     return Quantized(rounded.astype(np.int64), fmt, n_over)

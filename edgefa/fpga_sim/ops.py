@@ -18,6 +18,7 @@ accumulated step by step.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -163,6 +164,32 @@ def _shift_left(raw: np.ndarray, bits: int) -> np.ndarray:
     return raw << np.int64(bits) if bits else raw
 
 
+# Scratch for _float_matmul, one per thread: the float64 copies of A and B and the GEMM result.
+# Fresh temporaries of this size come from the OS on every call (glibc hands freed ones back), and
+# the page faults cost more than the rounding and the conversions together: at 256x256x256 they
+# took a third of matmul_requantize's time. Bounded: it grows to the largest call below the cap.
+_SCRATCH = threading.local()
+SCRATCH_MAX_ELEMENTS = 1 << 22                         # 32 MB; beyond it the GEMM dominates anyway
+
+
+def _float_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b in float64 for int64 a [M,K] and b [K,N], as a.astype(float64) @ b.astype(float64).
+    The result is a view of this thread's scratch (valid until its next call) for calls up to
+    SCRATCH_MAX_ELEMENTS in all, else a fresh array; callers may overwrite it."""
+    (m, k), n = a.shape, b.shape[1]
+    need = m * k + k * n + m * n
+    if need > SCRATCH_MAX_ELEMENTS:
+        return a.astype(np.float64) @ b.astype(np.float64)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < need:
+        buf = _SCRATCH.buf = np.empty(need, np.float64)
+    fa, fb, total = (buf[:m * k].reshape(m, k), buf[m * k:m * k + k * n].reshape(k, n),
+                     buf[m * k + k * n:need].reshape(m, n))
+    np.copyto(fa, a, casting="unsafe")                 # the same conversion as astype
+    np.copyto(fb, b, casting="unsafe")
+    return np.matmul(fa, fb, out=total)
+
+
 def matmul_requantize(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: FixedFormat,
                       acc: FixedFormat, out: FixedFormat, rng: np.random.Generator | None = None,
                       init: np.ndarray | None = None) -> tuple[Quantized, int]:
@@ -186,11 +213,11 @@ def matmul_requantize(a: np.ndarray, a_fmt: FixedFormat, b: np.ndarray, b_fmt: F
                 and not np.any(out_of_range(start, acc)):
             # Every value here is a multiple of the accumulator's LSB below bound < 2**53 of them,
             # so the sum and the power-of-two scalings are exact in float64.
-            total = a.astype(np.float64) @ b.astype(np.float64)           # in product LSBs
+            total = _float_matmul(a, b)                                   # in product LSBs
             if init is not None:
                 total += start * 2.0 ** shift
             total *= 2.0 ** (out.frac_bits - a_fmt.frac_bits - b_fmt.frac_bits)
-            return round_scaled(total, out, rng), 0
+            return round_scaled(total, out, rng, overwrite=True), 0
     q = matmul(a, a_fmt, b, b_fmt, acc, rng, init)
     return requantize(q.raw, acc.frac_bits, out, rng), q.overflows
 

@@ -85,12 +85,14 @@ class MLP(nn.Module):
     def feedback(self) -> list[Tensor]:
         return [getattr(self, n) for n in self.feedback_names()]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, hidden_out: list[Tensor] | None = None) -> Tensor:
+        """The logits. Under dfa, `hidden_out` (a list) also receives every hidden output h_l:
+        training/dfa_step.py's explicit step reads them."""
         rule = self.config.rule
         if rule == "hybrid":
             rule = "bp" if self.bp_step else "dfa"
         if rule == "dfa":
-            hidden, h = [], x
+            hidden, h = [] if hidden_out is None else hidden_out, x
             for lin in self.hidden_layers:
                 h = self.act(lin(h.detach()))  # cut: no input gradient is ever computed
                 hidden.append(h)

@@ -1,6 +1,12 @@
-"""Run a bundle's graphs in onnxruntime with the weights in ping-pong buffers.
+"""Run a bundle's graphs in onnxruntime: the weights updated in place, or in ping-pong buffers.
 
-Every trainable tensor (weights, biases, momentum) has two preallocated buffers, A and B. Step k
+In place (on the CPU, for a bundle that carries the step-factors graph, bundle.STEP_FACTORS_GRAPH):
+the state is held once. The graph runs the step up to its gradients (small factors for the linear
+weights); the step is proven finite from its update bounds, and only then does numpy apply SGD to
+the weights and momentum in place (runtime/in_place.py). A refused step has touched nothing.
+
+Ping-pong (on a GPU provider, and for bundles written before the step-factors graph existed):
+every trainable tensor (weights, biases, momentum) has two preallocated buffers, A and B. Step k
 reads side k%2 and writes the other through IOBinding, so a step allocates and copies nothing
 weight-sized; accepting a step is flipping which side is current, and refusing one (NaN/Inf) is
 simply not flipping. Feedback matrices are bound once and never change. Whether a step is finite
@@ -20,11 +26,13 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from ..bundle import (HEAD_STEP_GRAPH, LOSS_BRADLEY_TERRY, TRUNK_GRAPH, Bundle, feedback_input_name, momentum_name,
-                      next_name, param_shapes, trainable_layers, trainable_params, trunk_of)
+from ..bundle import (HEAD_FACTORS_GRAPH, HEAD_STEP_GRAPH, LOSS_BRADLEY_TERRY, STEP_FACTORS_GRAPH, TRUNK_GRAPH, Bundle,
+                      feedback_input_name, momentum_name, next_name, param_shapes, trainable_layers,
+                      trainable_params, trunk_of)
 from ..device_profiles.profile import AUTO_PROVIDERS
 from ..errors import BundleError, EdgefaError
 from ..bundle import TRT_CACHE
+from .in_place import GradOutputs, apply_sgd, scratch_for
 from .step_bounds import StepBounds
 from .tensorrt_build import DEFAULT_PROFILE
 
@@ -206,8 +214,12 @@ class DeviceEngine:
         loss, update_bound, rest = (run or self._run_step)(inputs, lr, per_sample)
         accepted = self.bounds.advance(loss, update_bound, lr)
         if accepted:
-            self.current = 1 - self.current
+            self._accept(lr)
         return loss, accepted, rest
+
+    def _accept(self, lr: float) -> None:
+        """Make the step just run (and proven finite) the current state: flip the ping-pong sides."""
+        self.current = 1 - self.current
 
     def predict_logits(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         batch_size = min(batch_size, self.max_batch or batch_size)
@@ -238,23 +250,39 @@ class OrtEngine(DeviceEngine):
         # "cuda"): a step moves only the batch in and the loss, bounds and logits out, and the
         # weights come back to the host only when read (a checkpoint, a pull, `state()`).
         self.on_gpu = on_gpu(tuple(providers))
-        self.train_session = _session(bundle, "train_step", providers, threads)
+        # In place on the CPU when the bundle carries the step-factors graph(s); on a GPU the
+        # state stays in GPU memory, in ping-pong sides, as for bundles written before them.
+        graphs = bundle.manifest.get("graphs") or {}
+        self.in_place = not self.on_gpu and "step_factors" in graphs and (
+            not self.caches_features or "head_factors" in graphs)
+        step_graph = STEP_FACTORS_GRAPH if self.in_place else "train_step.onnx"
+        self.train_session = _session(bundle, step_graph.removesuffix(".onnx"), providers, threads)
         self.infer_session = _session(bundle, "infer", providers, threads)
         side_a = self.initial_side()
-        self.sides = [side_a, {n: np.empty_like(a) for n, a in side_a.items()}]
+        self.sides = [side_a] if self.in_place else [side_a, {n: np.empty_like(a) for n, a in side_a.items()}]
+        self._grads = self._grad_outputs(self.train_session) if self.in_place else None
+        self._scratch = (scratch_for([side_a[p].shape for p in self._grads.factored]) if self.in_place
+                         else None)
+        self._pending: dict[str, np.ndarray] = {}     # the last step's gradient outputs, until accepted
         if self.on_gpu:             # copied to the GPU once; the host copies are let go
             self.sides = [{n: self._value(a) for n, a in side.items()} for side in self.sides]
             self.feedback = {n: self._value(a) for n, a in self.feedback.items()}
             self.frozen = {n: self._value(a) for n, a in self.frozen.items()}
         self.bounds.reset(self._host(self.current))
-        self._train_bindings = [self._bind_train(k) for k in (0, 1)]
-        self._infer_bindings = [self._bind_infer(k) for k in (0, 1)]
+        self._train_bindings = [self._bind_train(k) for k in range(len(self.sides))]
+        self._infer_bindings = [self._bind_infer(k) for k in range(len(self.sides))]
         self._providers, self._threads = providers, threads
         self.trunk_session = self.head_session = None   # opened on first use (features, step_features)
 
     @property
     def caches_features(self) -> bool:
         return trunk_of(self.bundle.model) is not None
+
+    def _grad_outputs(self, session: ort.InferenceSession) -> GradOutputs:
+        grads = GradOutputs.of(self.params, {o.name for o in session.get_outputs()})
+        if grads is None:
+            raise BundleError(f"{self.bundle.path}: the step-factors graph lacks the gradient of a trainable tensor")
+        return grads
 
     def _open_trunk_graphs(self) -> None:
         """The trunk and head-step sessions, bound once: the trunk to its frozen weights, the head
@@ -265,12 +293,14 @@ class OrtEngine(DeviceEngine):
             raise self._no_trunk_graphs()
         # (_session takes a graph's name without ".onnx")
         self.trunk_session = _session(self.bundle, TRUNK_GRAPH.removesuffix(".onnx"), self._providers, self._threads)
-        self.head_session = _session(self.bundle, HEAD_STEP_GRAPH.removesuffix(".onnx"), self._providers,
-                                     self._threads)
+        head_graph = HEAD_FACTORS_GRAPH if self.in_place else HEAD_STEP_GRAPH
+        self.head_session = _session(self.bundle, head_graph.removesuffix(".onnx"), self._providers, self._threads)
+        if self.in_place and self._grad_outputs(self.head_session) != self._grads:
+            raise BundleError(f"{self.bundle.path}: {HEAD_FACTORS_GRAPH} and {STEP_FACTORS_GRAPH} return different gradients")
         self._trunk_binding = self.trunk_session.io_binding()
         for name in {i.name for i in self.trunk_session.get_inputs()} - {"x"}:
             self._trunk_binding.bind_ortvalue_input(name, self._value(self.frozen[name]))
-        self._head_bindings = [self._bind_train(k, self.head_session) for k in (0, 1)]
+        self._head_bindings = [self._bind_train(k, self.head_session) for k in range(len(self.sides))]
 
     def features(self, x: np.ndarray) -> np.ndarray:
         self._open_trunk_graphs()
@@ -294,16 +324,19 @@ class OrtEngine(DeviceEngine):
 
     def _bind_train(self, k: int, session: ort.InferenceSession | None = None):
         """Bind side k as the input and the other side as the output of the step graph `session`
-        (the whole train step unless given), with the feedback and the frozen weights it takes."""
+        (the whole train step unless given), with the feedback and the frozen weights it takes.
+        In place there is one side and a step-factors graph: inputs only (no momentum)."""
         session = session or self.train_session
         b = session.io_binding()
-        src, dst = self.sides[k], self.sides[1 - k]
+        src, dst = self.sides[k], (None if self.in_place else self.sides[1 - k])
+        takes = {i.name for i in session.get_inputs()}    # the head step takes no trunk weights
         for n in self.state_names:
-            b.bind_ortvalue_input(n, self._value(src[n]))
-            b.bind_ortvalue_output(next_name(n), self._value(dst[n]))
+            if n in takes:
+                b.bind_ortvalue_input(n, self._value(src[n]))
+            if dst is not None:
+                b.bind_ortvalue_output(next_name(n), self._value(dst[n]))
         for layer, arr in self.feedback.items():
             b.bind_ortvalue_input(feedback_input_name(layer), self._value(arr))
-        takes = {i.name for i in session.get_inputs()}    # the head step takes no trunk weights
         for n, arr in self.frozen.items():
             if n in takes:
                 b.bind_ortvalue_input(n, self._value(arr))
@@ -326,12 +359,20 @@ class OrtEngine(DeviceEngine):
         b.bind_cpu_input("lr", np.array(lr, dtype=np.float32))
         # Outputs whose shape follows the batch are bound afresh each run: a binding reuses the
         # previous run's buffer, which fails when the batch size changes.
-        names = ("update_bound", "loss", *per_sample)
+        grad_names = self._grads.names if self.in_place else []
+        names = ("update_bound", "loss", *per_sample, *grad_names)
         for name in names:  # get_outputs() keeps this binding order
             b.bind_output(name)
         session.run_with_iobinding(b)
-        bound_value, loss_value, *rest = b.get_outputs()[-len(names):]
-        return float(loss_value.numpy()), bound_value.numpy(), [r.numpy() for r in rest]
+        bound_value, loss_value, *rest = (v.numpy() for v in b.get_outputs()[-len(names):])
+        self._pending = dict(zip(grad_names, rest[len(per_sample):]))
+        return float(loss_value), bound_value, rest[:len(per_sample)]
+
+    def _accept(self, lr: float) -> None:
+        if not self.in_place:
+            return super()._accept(lr)
+        apply_sgd(self.sides[0], self._grads, self._pending, lr, self.momentum, self._scratch)
+        self._pending = {}
 
     def _run_head_step(self, inputs: dict[str, np.ndarray], lr: float, per_sample: tuple[str, ...]):
         self._open_trunk_graphs()

@@ -4,7 +4,10 @@ Device side: numpy, the `tensorrt` Python bindings (JetPack's python3-libnvinfer
 for the GPU's name, imported only when a build runs; never torch, never onnx.
 
     BUNDLE/engines/infer.engine        from tensorrt/infer_refit.onnx (the weights as initializers),
-                                       refittable; FP16 where the manifest allows it (fp16_infer)
+                                       refittable; FP16 where the manifest allows it (fp16_infer).
+                                       A bundle exported without --tensorrt does not carry that
+                                       graph: it is derived here from infer.onnx and weights.npz
+                                       (runtime/refit_graph.py, no onnx package needed)
     BUNDLE/engines/train_step.engine   always FP32: the DFA update is not built in half precision
     BUNDLE/state/trt_cache/timing.cache   the builder's timing cache, reused by every later build
 
@@ -32,6 +35,7 @@ from typing import Callable
 from ..bundle import MANIFEST, REFIT_GRAPH, STATE_DIR, read_bundle, sha256_file, write_atomically
 from ..errors import EdgefaError
 from .cuda_memory import check, cuda_missing, cudart
+from .refit_graph import refit_graph_bytes
 
 ENGINE_DIR = "engines"
 GRAPHS = ("infer", "train_step")
@@ -69,10 +73,12 @@ def engine_is_current(record: dict | None, identity: dict, precision: str, profi
 
 
 def build_engine(onnx_path: Path, profile: dict, fp16: bool, timing_cache: Path,
-                 workspace_bytes: int | None = None, refittable: bool = False) -> bytes:
+                 workspace_bytes: int | None = None, refittable: bool = False,
+                 onnx_bytes: bytes | None = None) -> bytes:
     """One serialized engine from one ONNX graph (TensorRT's Builder, OnnxParser and
     build_serialized_network), with the batch profile and the timing cache; `refittable`: its
-    weights (the graph's initializers) can be replaced later by name (trt.Refitter)."""
+    weights (the graph's initializers) can be replaced later by name (trt.Refitter).
+    `onnx_bytes`: the graph's bytes where they are not a file (`onnx_path` then names it)."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -82,7 +88,7 @@ def build_engine(onnx_path: Path, profile: dict, fp16: bool, timing_cache: Path,
     flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
+    if not parser.parse(Path(onnx_path).read_bytes() if onnx_bytes is None else onnx_bytes):
         reason = str(parser.get_error(0)) if parser.num_errors else "no reason given"
         raise EdgefaError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse it ({reason.splitlines()[0]})")
     config = builder.create_builder_config()
@@ -109,12 +115,30 @@ def build_engine(onnx_path: Path, profile: dict, fp16: bool, timing_cache: Path,
     return bytes(serialized)
 
 
+def engine_is_usable(record: dict | None, identity: dict, precision: str, profile: dict, source: str,
+                     bundle) -> bool:
+    """engine_is_current for the planned source, or for an infer engine an older edgefa built from
+    infer.onnx itself (weights as inputs: valid, bound to the live buffers instead of refit)."""
+    return (engine_is_current(record, identity, precision, profile, source)
+            or (source == REFIT_GRAPH
+                and engine_is_current(record, identity, precision, profile, bundle.manifest["graphs"]["infer"])))
+
+
 def engine_source(bundle, graph: str) -> str:
-    """The ONNX file an engine for `graph` is built from: the infer engine from the refit graph
-    (weights as initializers) where the bundle has one, else the graph itself."""
-    if graph == "infer" and REFIT_GRAPH in bundle.manifest.get("files", {}):
+    """The ONNX graph an engine for `graph` is built from: the infer engine from the refit graph
+    (weights as initializers; the bundle's file, or derived here where it has none), the
+    train-step engine from train_step.onnx."""
+    if graph == "infer":
         return REFIT_GRAPH
     return bundle.manifest["graphs"][graph]
+
+
+def engine_source_bytes(bundle, source: str) -> bytes:
+    """The bytes of an engine's ONNX source: the bundle's file (hashed by read_bundle), or for a
+    refit graph the bundle does not carry, infer.onnx with the bundle's weights as initializers."""
+    if source == REFIT_GRAPH and REFIT_GRAPH not in bundle.manifest.get("files", {}):
+        return refit_graph_bytes((bundle.path / bundle.manifest["graphs"]["infer"]).read_bytes(), bundle.weights)
+    return (bundle.path / source).read_bytes()
 
 
 def bundle_profile(manifest: dict) -> dict:
@@ -148,7 +172,7 @@ def engines_problem(bundle) -> str | None:
     identity, profile = this_device(), bundle_profile(bundle.manifest)
     for graph, (precision, source) in engine_plan(bundle).items():
         record = engines[graph]
-        if not engine_is_current(record, identity, precision, profile, source):
+        if not engine_is_usable(record, identity, precision, profile, source, bundle):
             built = ", ".join(f"{k} {record.get(k)}" for k in ("tensorrt", "gpu", "precision", "onnx"))
             return (f"the {graph} engine was built for {built}; this device has TensorRT {identity['tensorrt']} "
                     f"on {identity['gpu']}: rebuild it (edgefa device build-engine {bundle.path} --force)")
@@ -173,14 +197,15 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, force: bool = False,
     built = False
     for graph, (precision, source) in engine_plan(bundle).items():
         name = f"{ENGINE_DIR}/{graph}.engine"
-        current = (engine_is_current(engines.get(graph), identity, precision, profile, source)
+        current = (engine_is_usable(engines.get(graph), identity, precision, profile, source, bundle)
                    and (root / name).is_file())
         if current and not force:
             continue
         if on_build:
             on_build(graph)
         refittable = source == REFIT_GRAPH
-        data = build_engine(root / source, profile, precision == "fp16", timing_cache, refittable=refittable)
+        data = build_engine(root / source, profile, precision == "fp16", timing_cache, refittable=refittable,
+                            onnx_bytes=engine_source_bytes(bundle, source))
         write_atomically(root / name, data)
         manifest["files"][name] = {"sha256": sha256_file(root / name), "bytes": len(data)}
         engines[graph] = {"file": name, "onnx": source, **identity, "precision": precision, "profile": profile,

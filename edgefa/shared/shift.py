@@ -1,5 +1,9 @@
 """A simulated device sensor that differs from the host's: misaligned, rotated, dimmer, noisier.
 
+`SensorShift` is the camera's (one-channel images: pixels moved, rotation, gain, offset, noise,
+ADC clipping); `SignalShift` is the same idea for 1-D signals such as MNIST-1D (a delay, a
+different sampling rate, then the same electronics). `device_data` makes a device's data: the
+samples the host held out, seen through a shift, split into device-train and device-test.
 numpy only, so the same shift can be applied on the device side.
 """
 
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError
-from .datasets import Dataset
+from .datasets import Dataset, stratified_split
 
 
 def _spans(d: int, size: int) -> tuple[slice, slice]:
@@ -65,6 +69,60 @@ def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
     return out.reshape(n, h, w).astype(images.dtype)
 
 
+def stretch_signals(signals: np.ndarray, factor: float) -> np.ndarray:
+    """Stretch (N, L) signals in time by `factor` about their centre, linearly interpolated: what a
+    sensor sampling `factor` times faster records of the same event (factor < 1: slower, the
+    event shrinks). Samples read from outside the record are 0."""
+    n, length = signals.shape
+    centre = (length - 1) / 2.0
+    source = centre + (np.arange(length, dtype=np.float64) - centre) / factor
+    left = np.floor(source).astype(np.int64)
+    frac = source - left
+    out = np.zeros((n, length), dtype=np.float64)
+    for at, weight in ((left, 1.0 - frac), (left + 1, frac)):
+        inside = (at >= 0) & (at < length) & (weight > 0)
+        out[:, inside] += signals[:, at[inside]].astype(np.float64) * weight[inside]
+    return out
+
+
+def electronics(X: np.ndarray, gain: float, offset: float, noise_std: float,
+                clip: tuple[float, float] | None, seed: int) -> np.ndarray:
+    """After the optics, the sensor's electronics: gain and offset, Gaussian read noise (seeded),
+    ADC clipping; float32 out."""
+    X = X * gain + offset
+    if noise_std > 0:
+        X = X + np.random.default_rng(seed).normal(0.0, noise_std, size=X.shape)
+    if clip is not None:
+        X = np.clip(X, clip[0], clip[1])
+    return X.astype(np.float32)
+
+
+def check_electronics(shift, finite: tuple[str, ...]) -> None:
+    """A shift's fields are usable: noise >= 0, gain/offset and `finite` finite, clip ordered."""
+    if shift.noise_std < 0 or not math.isfinite(shift.noise_std):
+        raise DataError(f"noise_std must be a finite number >= 0, got {shift.noise_std}")
+    for name in (*finite, "gain", "offset"):
+        if not math.isfinite(getattr(shift, name)):
+            raise DataError(f"{name} must be finite, got {getattr(shift, name)}")
+    if shift.clip is not None:
+        lo, hi = shift.clip
+        if not lo <= hi:
+            raise DataError(f"clip must be (low, high) with low <= high, got {shift.clip}")
+
+
+def describe_parts(parts: list[str], shift) -> str:
+    """`parts` (the optics), then the electronics' fields that differ from an ideal sensor."""
+    if shift.gain != 1.0:
+        parts.append(f"gain {shift.gain:g}")
+    if shift.offset:
+        parts.append(f"offset {shift.offset:g}")
+    if shift.noise_std:
+        parts.append(f"noise {shift.noise_std:g}")
+    if shift.clip is not None:
+        parts.append(f"clip [{shift.clip[0]:g}, {shift.clip[1]:g}]")
+    return ", ".join(parts) if parts else "no shift"
+
+
 @dataclass
 class SensorShift:
     """How the device's sensor differs from the host's. Applied in the order of the fields."""
@@ -78,15 +136,7 @@ class SensorShift:
     clip: tuple[float, float] | None = None  # e.g. (0, 16) for digits
 
     def __post_init__(self) -> None:
-        if self.noise_std < 0 or not math.isfinite(self.noise_std):
-            raise DataError(f"noise_std must be a finite number >= 0, got {self.noise_std}")
-        for name in ("rotation_deg", "gain", "offset"):
-            if not math.isfinite(getattr(self, name)):
-                raise DataError(f"{name} must be finite, got {getattr(self, name)}")
-        if self.clip is not None:
-            lo, hi = self.clip
-            if not lo <= hi:
-                raise DataError(f"clip must be (low, high) with low <= high, got {self.clip}")
+        check_electronics(self, ("rotation_deg",))
 
     def apply(self, ds: Dataset, seed: int) -> Dataset:
         """A shifted copy of ds; the same seed gives the same noise."""
@@ -102,12 +152,8 @@ class SensorShift:
             images = translate_images(images, int(self.dx), int(self.dy))
         if self.rotation_deg:
             images = rotate_images(images, self.rotation_deg)
-        X = images.reshape(len(ds), h * w) * self.gain + self.offset
-        if self.noise_std > 0:
-            X = X + np.random.default_rng(seed).normal(0.0, self.noise_std, size=X.shape)
-        if self.clip is not None:
-            X = np.clip(X, self.clip[0], self.clip[1])
-        return Dataset(X.astype(np.float32), ds.y.copy(), ds.n_classes, ds.name, ds.image_shape)
+        X = electronics(images.reshape(len(ds), h * w), self.gain, self.offset, self.noise_std, self.clip, seed)
+        return Dataset(X, ds.y.copy(), ds.n_classes, ds.name, ds.image_shape)
 
     def describe(self) -> str:
         """One line for logs, e.g. "shift (1, 0) px, gain 0.75, noise 1.5"."""
@@ -116,12 +162,66 @@ class SensorShift:
             parts.append(f"shift ({self.dx}, {self.dy}) px")
         if self.rotation_deg:
             parts.append(f"rotate {self.rotation_deg:g} deg")
-        if self.gain != 1.0:
-            parts.append(f"gain {self.gain:g}")
-        if self.offset:
-            parts.append(f"offset {self.offset:g}")
-        if self.noise_std:
-            parts.append(f"noise {self.noise_std:g}")
-        if self.clip is not None:
-            parts.append(f"clip [{self.clip[0]:g}, {self.clip[1]:g}]")
-        return ", ".join(parts) if parts else "no shift"
+        return describe_parts(parts, self)
+
+
+@dataclass
+class SignalShift:
+    """How the device's sensor differs from the host's for 1-D signals (N, L), e.g. MNIST-1D.
+    Applied in the order of the fields: the timing (delay, then sampling rate), then the electronics."""
+
+    delay: int = 0                # samples later (positive) or earlier; vacated samples become 0
+    stretch: float = 1.0          # time scale about the centre (stretch_signals): > 1 a faster sampling rate
+    gain: float = 1.0
+    offset: float = 0.0           # a DC offset, in the signal's units
+    noise_std: float = 0.0        # additive Gaussian noise, in the signal's units
+    clip: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        check_electronics(self, ("stretch",))
+        if not self.stretch > 0:
+            raise DataError(f"stretch must be > 0, got {self.stretch}")
+
+    def apply(self, ds: Dataset, seed: int) -> Dataset:
+        """A shifted copy of ds; the same seed gives the same noise."""
+        if ds.image_shape is not None and len(ds.image_shape) != 1:
+            raise DataError(f"{ds.name}: a signal shift needs 1-D signals, got samples shaped {ds.image_shape} "
+                            "(images take a SensorShift)")
+        signals = ds.X.astype(np.float64)
+        if self.delay:
+            signals = translate_images(signals[:, None, :], int(self.delay), 0)[:, 0, :]
+        if self.stretch != 1.0:
+            signals = stretch_signals(signals, self.stretch)
+        X = electronics(signals, self.gain, self.offset, self.noise_std, self.clip, seed)
+        return Dataset(X, ds.y.copy(), ds.n_classes, ds.name, ds.image_shape)
+
+    def describe(self) -> str:
+        """One line for logs, e.g. "delay 3 samples, stretch 1.2, gain 0.8, offset 0.5"."""
+        parts = []
+        if self.delay:
+            parts.append(f"delay {self.delay} samples")
+        if self.stretch != 1.0:
+            parts.append(f"stretch {self.stretch:g}")
+        return describe_parts(parts, self)
+
+
+def device_shift(dataset: str) -> SensorShift | SignalShift:
+    """The device sensor that edgefa's demo and accuracy table use for a built-in data set."""
+    if dataset == "digits":
+        # one pixel to the right, 30 % less gain, read noise of 1.5 grey levels, the 0..16 ADC range
+        return SensorShift(dx=1, gain=0.7, noise_std=1.5, clip=(0.0, 16.0))
+    if dataset == "mnist1d":
+        # 2 samples of latency, sampled 1.2x faster, 30 % less gain, a DC offset of 0.3 and noise of
+        # 0.2 (MNIST-1D signals have unit std): host DFA CNN 65 % clean -> 40 % through this sensor
+        return SignalShift(delay=2, stretch=1.2, gain=0.7, offset=0.3, noise_std=0.2)
+    raise DataError(f"no device sensor shift is defined for the data set {dataset!r} (digits, mnist1d)")
+
+
+def device_data(full: Dataset, host_test_fraction: float, shift: SensorShift | SignalShift, seed: int,
+                 device_test_fraction: float = 1 / 3) -> tuple[Dataset, Dataset]:
+    """A device's data: the part of `full` a host run with `seed` held out (the trainer's own
+    stratified split), seen through `shift` (noise seed + 1), split into (device-train,
+    device-test) (seed + 2). The host never trained on any of it."""
+    _, held_out = stratified_split(full, host_test_fraction, seed)
+    shifted = shift.apply(held_out, seed=seed + 1)
+    return stratified_split(shifted, device_test_fraction, seed + 2)

@@ -23,6 +23,7 @@ from ..models.rules import is_bp_step
 from ..shared.batches import batch_indices
 from ..shared.datasets import Dataset, Standardizer, load_dataset, stratified_split
 from .alignment import measure_alignment
+from .dfa_step import explicit_dfa_applies, explicit_dfa_step
 from .config import TrainConfig  # its home is training/config.py (no torch); imported from here too
 
 CHECKPOINT = "checkpoint.pt"
@@ -132,6 +133,8 @@ def train_steps(model: torch.nn.Module, optimizer, X: torch.Tensor, y: torch.Ten
     """
     net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     rank, world = shard
+    # DFA on an MLP, trained alone with plain SGD: the step written out, no autograd (dfa_step.py)
+    explicit = model is net and world == 1 and explicit_dfa_applies(net, optimizer, penalty)
     losses = []
     for step in range(first_step, first_step + steps):
         net.bp_step = is_bp_step(net.config, step)
@@ -142,6 +145,13 @@ def train_steps(model: torch.nn.Module, optimizer, X: torch.Tensor, y: torch.Ten
             part = len(idx) // world
             idx = idx[rank * part:(rank + 1) * part]
         idx = torch.from_numpy(idx).to(X.device)
+        if explicit and not net.bp_step:
+            losses.append(explicit_dfa_step(net, optimizer, X[idx], y[idx]))
+            if not np.isfinite(losses[-1]):
+                break           # the step left the weights as they were
+            if on_step:
+                on_step(losses[-1])
+            continue
         loss = task_loss(net, model(X[idx]), y[idx], penalty)
         losses.append(loss.item())
         if world == 1 and not np.isfinite(losses[-1]):
@@ -153,6 +163,21 @@ def train_steps(model: torch.nn.Module, optimizer, X: torch.Tensor, y: torch.Ten
             on_step(losses[-1])
     net.bp_step = False
     return losses
+
+
+def finetune_bp(run: Run, train_ds: Dataset, test_ds: Dataset, steps: int, batch_size: int, lr: float,
+                momentum: float, seed: int, on_step: Callable[[float], None] | None = None) -> float:
+    """Test accuracy after BP fine-tuning a copy of `run`'s model on `train_ds`: the host reference
+    for device DFA fine-tuning, from the same weights, on the same batches (`train_steps`, the device
+    runtime's order), with the same optimizer. `run` itself is left as it is."""
+    model = model_from_config({**run.model.config.to_dict(), "rule": "bp"})
+    state = run.model.state_dict()
+    model.load_state_dict({k: state[k] for k in model.state_dict()})      # the feedback buffers stay out
+    device = next(run.model.parameters()).device
+    model.to(device)
+    X, y = to_tensors(train_ds, run.standardizer, device)
+    train_steps(model, make_optimizer(model, lr, momentum), X, y, steps, batch_size, seed, on_step=on_step)
+    return evaluate(model, *to_tensors(test_ds, run.standardizer, device))[1]
 
 
 class SingleProcess:
