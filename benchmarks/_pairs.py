@@ -30,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# run_all.py --quick points this at results/quick/ so that smoke runs never overwrite full results
+RESULTS_DIR = Path(os.environ.get("EDGEFA_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 STALL_FACTOR = 2.0     # a step over 2x its contender's fastest step was hit by a VM stall
 MAX_EXTRA_FACTOR = 4   # give up after pairs * 4 pairs in all, clean or not
 

@@ -1,13 +1,17 @@
 """Fixed-point matmul speed: edgefa.fpga_sim against numpy float64, apytypes and fxpmath.
 
-    .venv/bin/python benchmarks/fpga_matmul.py [--pairs N] [--reps K] [--threads T] [--quick]
+    .venv/bin/python benchmarks/fpga_matmul.py [--runs R] [--pairs N] [--reps K] [--threads T] [--quick]
 
 The work (issue 5, section 2 "Speed"): A, B are 256x256 Q8.8 (ap_fixed<16,8>) raw values from a
 seeded generator; C = A @ B is accumulated exactly in ap_fixed<40,24> (16 fraction bits, the
 products' own, and 40 bits: 256 * 2**15 * 2**15 = 2**38 needs 39 bits and a sign), then requantized
-to Q8.8 with AP_RND_CONV (half to even) and AP_SAT. Four contenders, on the same raw values:
+to Q8.8 with AP_RND_CONV (half to even) and AP_SAT. Five contenders, on the same raw values:
 
-    numpy     A_float @ B_float in float64 on the real values: the floor (no requantization)
+    numpy     A_float @ B_float in float64 on the real values (no int64 in or out, no requantization)
+    floor     the exact integer work alone: int64 A, B copied into preallocated float64 arrays, the
+              GEMM, the exact sums converted to a fresh int64 array (no bound checks, no rounding);
+              ours/floor is what proving exactness and requantizing cost. numpy's own int64 matmul
+              (integer loops, ~50x the GEMM) is timed a few times beside it, unpaired, for the record
     ours      edgefa.fpga_sim.ops.matmul_requantize (accumulate, then requantize: its fused route
               rounds the exact float64 BLAS sum straight into Q8.8; checked equal to the two calls
               matmul + requantize on every data set)
@@ -18,9 +22,16 @@ to Q8.8 with AP_RND_CONV (half to even) and AP_SAT. Four contenders, on the same
 
 Inputs are built outside the timed region (raw -> float64 for numpy, APyFixedArray / Fxp objects
 for the others); inside it is exactly the work above. Each turn runs the work --reps times (1 for
-fxpmath, ~30x slower) and reports the time per call; turns alternate in a seeded shuffled order,
+fxpmath, ~100x slower) and reports the time per call; turns alternate in a seeded shuffled order,
 pairs with a VM stall are replaced (benchmarks/_pairs.py), and the headlines are medians of
-per-pair ratios: ours/numpy (target <= 3), apytypes/ours (target >= 3), fxpmath/ours.
+per-pair ratios: ours/numpy (issue 20: <= 2.5), ours/floor, floor/numpy, apytypes/ours (issue 5:
+>= 3), fxpmath/ours.
+
+Stability: numpy, ours, floor and apytypes run --runs (3) paired runs in one process, each with its
+own shuffle seed; "stable" means every run's ours/numpy median <= 2.5 and the run medians within
+0.25 of each other (JSON "stability"). A run that could not collect --pairs clean pairs (a machine
+so busy that most pairs catch a VM stall) is not judged: the targets are then null, with the reason.
+fxpmath runs once, against ours, with a third as many pairs.
 
 Bit identity: ours against apytypes (asserted) and fxpmath (recorded) on the timed outputs and on
 three data sets: the timed one (values in [-4, 4): a mix of rounded and saturated outputs, ~1/256
@@ -236,7 +247,8 @@ def main() -> None:
                   "apytypes/ours": ratio_summary(times["apytypes"], times["ours"], "apytypes", "ours", info["clean"])}
         clean = np.asarray(info["clean"], bool)
         run_results.append({"seed": SEED + 10 * r, "load_end": load_now(),
-                            "pairs": {k: info[k] for k in ("pairs_run", "pairs_clean", "stall_factor")},
+                            "pairs": {k: info[k] for k in ("pairs_run", "pairs_clean", "stall_factor", "no_clean_pairs")
+                                      if k in info},
                             "per_call_ms": {n: spread(np.asarray(t)[clean] * 1e3) for n, t in times.items()},
                             "ratios": {k: headline(v) for k, v in ratios.items()}})
         print(f"run {r + 1}/{runs}: ours/numpy {fmt(ratios['ours/numpy']['headline'])}; "
@@ -262,10 +274,16 @@ def main() -> None:
                  "floor_run_medians": [rr["ratios"]["floor/numpy"]["headline"].get("median") for rr in run_results],
                  "ours_over_floor_run_medians": [rr["ratios"]["ours/floor"]["headline"].get("median")
                                                  for rr in run_results]}
-    targets = {f"ours/numpy <= {TARGET} in every run": bool(max(run_medians) <= TARGET),
-               f"run-to-run spread <= {STABLE_SPREAD}": bool(stability["spread"] <= STABLE_SPREAD),
-               "apytypes/ours >= 3 in every run": bool(min(rr["ratios"]["apytypes/ours"]["headline"].get("median", 0)
-                                                           for rr in run_results) >= 3.0)}
+    # A run whose clean pairs fell short of --pairs (a machine too busy: VM stalls in most pairs)
+    # measures the load, not the code: then the targets are not judged (None), and the JSON says why.
+    short = [i + 1 for i, rr in enumerate(run_results) if rr["pairs"]["pairs_clean"] < pairs]
+    stability["judged"] = not short
+    if short:
+        stability["not_judged_because"] = f"runs {short} have fewer than {pairs} clean pairs"
+    apy_medians = [rr["ratios"]["apytypes/ours"]["headline"].get("median", 0.0) for rr in run_results]
+    targets = {f"ours/numpy <= {TARGET} in every run": None if short else bool(max(run_medians) <= TARGET),
+               f"run-to-run spread <= {STABLE_SPREAD}": None if short else bool(stability["spread"] <= STABLE_SPREAD),
+               "apytypes/ours >= 3 in every run": None if short else bool(min(apy_medians) >= 3.0)}
 
     print(f"\n{N}x{N} @ {N}x{N} {DATA} -> {ACC} -> {OUT}; {runs} runs of {pairs} clean pairs, {args.reps} calls "
           f"per turn (fxpmath 1), threads {args.threads}")
@@ -280,7 +298,7 @@ def main() -> None:
     print(f"{'fxpmath/ours':14s} per pair {fmt(fxp_ratio['headline'])}")
     print(f"ours/numpy run medians {[round(m, 3) for m in run_medians]}, spread {stability['spread']:.3f}")
     for k, ok in targets.items():
-        print(f"target {k}: {'met' if ok else 'MISSED'}")
+        print(f"target {k}: {'not judged: ' + stability['not_judged_because'] if ok is None else 'met' if ok else 'MISSED'}")
 
     payload = {"benchmark": "fpga_matmul",
                "target": f"ours/numpy float64 <= {TARGET} in every run, run medians within {STABLE_SPREAD} "

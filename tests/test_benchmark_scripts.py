@@ -91,3 +91,21 @@ def test_feature_cache_quick(tmp_path):
     assert set(result["step"]["includes"]) == {"device_head", "torch_part", "device_whole", "torch_frozen_trunk"}
     assert result["step"]["all_device_steps_accepted"] and result["step"]["all_losses_finite"]
     assert set(result["verdict"]) >= {"epoch_ratio_median", "epoch_met", "step_ratio_median", "step_met"}
+
+
+def test_run_all_reads_every_figure_from_the_committed_results_and_rewrites_only_its_table(tmp_path):
+    # --table-only runs no benchmark: the table from benchmarks/results/*.json (the full runs). A
+    # script whose JSON no longer has a key run_all's ROWS map reads shows "missing: KEY" and fails
+    # here, so the mapping and the scripts' schemas cannot drift apart unnoticed.
+    readme = tmp_path / "README.md"
+    readme.write_text("# before\n\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\n\n# after\n")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--full", "--table-only",
+                           "--readme", str(readme)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = readme.read_text()
+    assert text.startswith("# before\n\n<!-- bench:begin -->\nWritten by `benchmarks/run_all.py --full`")
+    assert text.endswith("<!-- bench:end -->\n\n# after\n") and "old table" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    # (anchor rows are new in issue 20: a results file from before it has none)
+    assert len(rows) >= 15 and not [r for r in rows if ("missing:" in r or "not run" in r) and "anchor" not in r], rows
+    assert all(r.split(" | ")[-1].rstrip(" |") in ("yes", "no", "-") for r in rows)

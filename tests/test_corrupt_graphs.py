@@ -59,8 +59,9 @@ def local_commands(bundle: Path, data: Path, tmp_path: Path) -> dict[str, tuple]
     }
 
 
-@pytest.mark.parametrize("damage, graph", [(truncated, "train_step.onnx"), (garbled, "infer.onnx")],
-                         ids=["train_step truncated", "infer random bytes"])
+# step_factors.onnx: the step graph the CPU engine runs (train_step.onnx is the GPU's and old runtimes')
+@pytest.mark.parametrize("damage, graph", [(truncated, "step_factors.onnx"), (garbled, "infer.onnx")],
+                         ids=["step graph truncated", "infer random bytes"])
 def test_every_local_command_on_a_rehashed_corrupt_graph_is_one_line_naming_it(
         tiny_bundle, digits_npz, tmp_path, damage, graph):
     bad = damage(tiny_bundle, graph)
@@ -78,10 +79,17 @@ def test_every_local_command_on_a_rehashed_corrupt_graph_is_one_line_naming_it(
 
 def test_the_engine_refuses_a_corrupt_graph_for_every_caller(tiny_bundle):
     """The library, not only the CLI: the one BundleError line a server's deploy and start use too."""
-    bad = truncated(tiny_bundle, "train_step.onnx")
+    bad = truncated(tiny_bundle, "step_factors.onnx")      # the step graph a CPU engine runs
     with pytest.raises(BundleError) as refused:
         OrtEngine(read_bundle(tiny_bundle), ("CPUExecutionProvider",))
     assert str(refused.value).startswith(f"{bad}: onnxruntime ") and "\n" not in str(refused.value)
+
+
+def test_verify_vouches_for_the_whole_step_graph_a_cpu_engine_does_not_run(tiny_bundle):
+    """A CPU engine steps with step_factors.onnx; a GPU device runs train_step.onnx: verify loads both."""
+    bad = truncated(tiny_bundle, "train_step.onnx")
+    OrtEngine(read_bundle(tiny_bundle), ("CPUExecutionProvider",))     # the CPU engine never opens it
+    assert_one_error_line(cli_in_process("device", "verify", tiny_bundle), str(bad), "onnxruntime")
 
 
 def test_a_rehashed_truncated_npz_is_one_line_naming_it(tiny_bundle):
@@ -92,7 +100,7 @@ def test_a_rehashed_truncated_npz_is_one_line_naming_it(tiny_bundle):
 def test_verify_says_what_state_holds_and_fails_when_no_checkpoint_is_usable(tiny_bundle, digits_npz):
     ok = cli_in_process("device", "verify", tiny_bundle)
     assert ok.returncode == 0, ok.stderr
-    assert "graphs: infer and train_step load" in ok.stdout
+    assert "graphs: infer.onnx, train_step.onnx, step_factors.onnx load" in ok.stdout
     assert "state/: no checkpoint (a fine-tune starts from the bundle's weights)" in ok.stdout
 
     tuned = cli_in_process("device", "finetune", tiny_bundle, "--data", digits_npz, "--steps", "4",

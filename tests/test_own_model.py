@@ -283,6 +283,21 @@ def test_bad_input_is_one_line_and_writes_nothing(model, args, fragments, cnn_on
 
 # --- e. the trunk is checked for TensorRT like every other graph ---------------------------------
 
+def test_from_onnx_tensorrt_carries_the_refit_graph_the_device_would_derive(own_bundle, cnn_onnx, tmp_path):
+    from edgefa.bundle import REFIT_GRAPH
+    from edgefa.runtime.refit_graph import refit_graph_bytes
+
+    default, _ = own_bundle
+    assert not (default / REFIT_GRAPH).exists() and read_bundle(default).manifest["tensorrt"]["refit_graph"] is None
+    out = tmp_path / "with_refit"
+    proc = cli_in_process("bundle", "from-onnx", cnn_onnx, "--features", FEATURES, "--head", "64,10", "--out", out,
+                          "--tensorrt")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    bundle = read_bundle(out)                     # a trunk bundle: trunk weights stay, head weights become constants
+    assert bundle.manifest["tensorrt"]["refit_graph"] == REFIT_GRAPH
+    assert refit_graph_bytes((out / "infer.onnx").read_bytes(), bundle.weights) == (out / REFIT_GRAPH).read_bytes()
+
+
 def test_the_trunks_ops_are_in_the_tensorrt_readiness(own_bundle, trained_cnn):
     bundle, _ = own_bundle
     readiness = json.loads((bundle / "tensorrt" / "readiness.json").read_text())

@@ -28,14 +28,15 @@ def verify_command(bundle):
     CPU) and show what it holds, its device state/ too."""
     from ..bundle import read_bundle
     from ..report.terminal import bundle_table
-    from ..runtime.backends import open_checked_engine
+    from ..runtime.backends import graphs_that_load, open_checked_engine
     from ..runtime.state import describe_state
 
     b = read_bundle(bundle)
     engine = open_checked_engine(b, "CPUExecutionProvider", threads=1)    # every check before any output
+    graphs = graphs_that_load(b)
     state = describe_state(b, engine.state_names)
     console.print(bundle_table(b))
-    console.print("graphs: infer and train_step load in onnxruntime (forward pass on a zero batch: finite)",
+    console.print(f"graphs: {', '.join(graphs)} load in onnxruntime (forward pass on a zero batch: finite)",
                   highlight=False, soft_wrap=True)
     console.print(f"state/: {escape(state)}", highlight=False, soft_wrap=True)
 

@@ -92,14 +92,16 @@ def export_command(run_dir, out, momentum, lr, trainable, trt_target, batch_prof
 def print_bundle(path) -> None:
     """The written bundle's table, then its TensorRT verdict: ready (and how to build the engines on
     the device), or a warning naming the first problem."""
-    from ..bundle import read_bundle
+    from ..bundle import HEAD_FACTORS_GRAPH, STEP_FACTORS_GRAPH, read_bundle
     from ..report.terminal import bundle_table
 
     b = read_bundle(path)
     console.print(bundle_table(b))
     manifest, trt = b.manifest, b.manifest["tensorrt"]
     if trt["ready"]:
-        graphs = ", ".join(name for key, name in manifest["graphs"].items() if key != "opset")  # trunk's too
+        # every graph TensorRT builds, the trunk's too (the in-place step's factor graphs run on the CPU only)
+        cpu_only = (STEP_FACTORS_GRAPH, HEAD_FACTORS_GRAPH)
+        graphs = ", ".join(name for key, name in manifest["graphs"].items() if key != "opset" and name not in cpu_only)
         console.print(f"tensorrt {trt['target']}: ready ({graphs}); build on the device: "
                       f"sh {escape(str(path / trt['trtexec']))}", highlight=False, soft_wrap=True)
     else:

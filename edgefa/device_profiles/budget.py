@@ -8,8 +8,10 @@ Memory is the peak resident set of the fine-tuning process, added up from what t
                  ones are bound as they are)
     optimizer    the momentum buffers of the trainable layers, side A
     ping-pong    side B: a second copy of trainable weights and momentum the step writes into
+                 (none where the CPU updates in place: a bundle with step_factors.onnx)
     feedback     the stored B_l matrices (trainable stages only)
-    update temp  one weight-sized temporary per trainable layer inside the step graph (lr * v', or delta^T h)
+    update temp  one weight-sized temporary per trainable layer inside the step graph (lr * v', or
+                 delta^T h); updating in place, one scratch the size of the largest trainable tensor
     checkpoint   a checkpoint copies trainable weights and momentum out of the engine before writing them
     activations  per layer and sample: a, h, f'(a), e B_l and delta (5 floats per unit), plus x,
                  and logits, log-softmax, exp, one-hot and e at the head (a resmlp: 5 per unit of
@@ -195,13 +197,19 @@ def budget(manifest: dict, profile, batch: int, provider: str | None = None, sam
     trainable = sum(_size(s) for s in trainable_params(model).values())   # all of them unless last:K
     feedback = sum(_size(s) for s in feedback_shapes(model).values())
     weight_bytes, trained_bytes = FLOAT * params, FLOAT * trainable
+    # as the runtime chooses: the first of its automatic choices that the device offers
+    provider = provider or next((p for p in AUTO_PROVIDERS if p in profile.providers), "CPUExecutionProvider")
+    # On the CPU a bundle with step_factors.onnx is updated in place (runtime/in_place.py): no
+    # second side, and one scratch the size of the largest trainable tensor instead of a temporary per layer.
+    in_place = provider == "CPUExecutionProvider" and "step_factors" in (manifest.get("graphs") or {})
+    largest = max((_size(s) for s in trainable_params(model).values()), default=0)
     memory = {
         "runtime": profile.runtime_overhead_bytes + EDGEFA_AND_SESSIONS_BYTES,
         "weights": weight_bytes,
         "optimizer": trained_bytes if momentum else 0,
-        "ping-pong": trained_bytes * (2 if momentum else 1),
+        "ping-pong": 0 if in_place else trained_bytes * (2 if momentum else 1),
         "feedback": FLOAT * feedback,
-        "update temp": trained_bytes,
+        "update temp": FLOAT * largest if in_place else trained_bytes,
         "checkpoint": trained_bytes * (2 if momentum else 1),
         "activations": FLOAT * activation_floats(model, 2 * batch if pairs else batch),
         "data": 2 * FLOAT * samples * model["in_features"] * (2 if pairs else 1),
@@ -216,8 +224,6 @@ def budget(manifest: dict, profile, batch: int, provider: str | None = None, sam
     else:
         basis = "memory available now (MemAvailable)"
 
-    # as the runtime chooses: the first of its automatic choices that the device offers
-    provider = provider or next((p for p in AUTO_PROVIDERS if p in profile.providers), "CPUExecutionProvider")
     on_gpu = provider != "CPUExecutionProvider" and profile.gpu_peak_flops
     peak_flops = profile.gpu_peak_flops if on_gpu else profile.cpu_peak_flops
     if provider != "CPUExecutionProvider" and not profile.gpu_peak_flops:

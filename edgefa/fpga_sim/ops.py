@@ -13,7 +13,8 @@ is provably exact:
 A saturating accumulator saturates at every addition, in the order k = 0, 1, ..., K-1 starting
 from 0, as a MAC unit would. Where the bound sum_k |a_ik| * max_k |b_kj| proves that no partial
 sum of an output can leave the range, that output is the exact sum; only the others are
-accumulated step by step.
+accumulated step by step. matmul_requantize's float64 route converts into per-thread scratch and
+rounds the GEMM result in place: fresh half-megabyte temporaries each cost page faults on every call.
 """
 
 from __future__ import annotations

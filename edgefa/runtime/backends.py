@@ -72,3 +72,15 @@ def open_checked_engine(bundle: Bundle, provider: str | None = None, threads: in
         raise BundleError(f"{bundle.path}: a forward pass on a zero batch gave logits of shape "
                           f"{list(logits.shape)}, finite: {bool(np.isfinite(logits).all())}")
     return engine
+
+
+def graphs_that_load(bundle: Bundle) -> list[str]:
+    """Load every graph the manifest lists in onnxruntime's CPU provider (the engine opens only
+    those it runs here: a GPU device runs train_step.onnx, the CPU its step-factors graph), so that
+    `device verify` vouches for all of them; a graph that does not load is one BundleError line."""
+    from .engine import load_session
+
+    names = [name for key, name in (bundle.manifest.get("graphs") or {}).items() if key != "opset"]
+    for name in names:
+        load_session(bundle.path / name, providers=["CPUExecutionProvider"])
+    return names

@@ -242,8 +242,11 @@ class DeviceEngine:
 
 
 class OrtEngine(DeviceEngine):
+    """`allow_in_place=False`: ping-pong on train_step.onnx even where the bundle could update in
+    place (the same arithmetic as a TensorRT engine, which runs the whole step graph)."""
+
     def __init__(self, bundle: Bundle, providers: tuple[str, ...] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, allow_in_place: bool = True):
         super().__init__(bundle)
         providers = providers or choose_providers()
         # On a GPU provider the weights, momentum and feedback live in GPU memory (OrtValues on
@@ -253,7 +256,7 @@ class OrtEngine(DeviceEngine):
         # In place on the CPU when the bundle carries the step-factors graph(s); on a GPU the
         # state stays in GPU memory, in ping-pong sides, as for bundles written before them.
         graphs = bundle.manifest.get("graphs") or {}
-        self.in_place = not self.on_gpu and "step_factors" in graphs and (
+        self.in_place = allow_in_place and not self.on_gpu and "step_factors" in graphs and (
             not self.caches_features or "head_factors" in graphs)
         step_graph = STEP_FACTORS_GRAPH if self.in_place else "train_step.onnx"
         self.train_session = _session(bundle, step_graph.removesuffix(".onnx"), providers, threads)
