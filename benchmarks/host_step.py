@@ -28,10 +28,13 @@ Writes benchmarks/results/host_step.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's edgefa first
@@ -77,7 +80,10 @@ def build_biotorch(like: MLP):
         copy.load_state_dict(lin.state_dict())
         layers += [copy, torch.nn.ReLU()]
     torch.manual_seed(SEED)   # biotorch draws its feedback matrices from torch's global RNG
-    model = BioModule(torch.nn.Sequential(*layers[:-1]), mode="dfa", output_dim=CLASSES)
+    with contextlib.redirect_stdout(io.StringIO()):     # it prints a conversion report
+        model = BioModule(torch.nn.Sequential(*layers[:-1]), mode="dfa", output_dim=CLASSES)
+    # its layers use Module.register_backward_hook, which torch 2.x warns about on every backward
+    warnings.filterwarnings("ignore", message="Using a non-full backward hook")
     converted = [m for m in model.module if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():       # its conversion re-initializes; put the shared initial weights back
         for new, lin in zip(converted, like.linears(), strict=True):

@@ -134,6 +134,21 @@ def result_path(name: str, quick: bool) -> Path:
     return suffixed if suffixed.is_file() and not plain.is_file() else plain
 
 
+BIOTORCH = "biotorch==0.0.16"   # the host benchmark's anchor (the `bench` extra in pyproject.toml)
+
+
+def ensure_biotorch() -> str:
+    """biotorch in this interpreter, installed with --no-deps where it is missing: its metadata
+    asks for torchvision (which pins its own torch), jupyter and tensorboard, none of which its DFA
+    needs. Returns what happened; host_step.py records the anchor as absent if this failed."""
+    probe = subprocess.run([sys.executable, "-c", "import biotorch"], capture_output=True)
+    if probe.returncode == 0:
+        return "present"
+    got = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", BIOTORCH],
+                         capture_output=True, text=True)
+    return "installed" if got.returncode == 0 else f"absent ({(got.stderr.strip().splitlines() or ['?'])[-1]})"
+
+
 def run_script(name: str, quick: bool) -> tuple[bool, float, str]:
     """One benchmark in its own process; (ok, seconds, last lines of its output)."""
     args = [sys.executable, str(BENCH / f"{name}.py")]
@@ -228,6 +243,8 @@ def main() -> None:
         raise SystemExit(f"run_all: {args.readme}: no such file")
     load_before, failed, start = os.getloadavg(), {}, time.perf_counter()
     if not args.table_only:
+        if "host_step" in names:
+            print(f"run_all: biotorch {ensure_biotorch()}", flush=True)
         for name in names:
             print(f"run_all: {name} ...", flush=True)
             ok, seconds, tail = run_script(name, args.quick)
