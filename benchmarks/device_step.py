@@ -243,6 +243,8 @@ def main() -> None:
         anchor_python, anchor_info = ort_anchor.ensure_venv()
         if anchor_python is None:
             print(f"ort-training anchor absent: {anchor_info['reason']}")
+    # the load before the run, not when the JSON is written
+    machine = machine_info({"ort_intra_op": THREADS, "ort_inter_op": 1, "torch_intra_op": THREADS})
     gc.collect()
     with tempfile.TemporaryDirectory(prefix="edgefa_bench_") as tmp:
         bundles = build_bundles(Path(tmp))
@@ -256,7 +258,7 @@ def main() -> None:
         "what": "edgefa runtime DFA step (OrtEngine.step, onnxruntime + numpy, no torch) vs torch BP "
                 "step (same model, same optimizer), each in its own process, alternated pair by pair",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info({"ort_intra_op": THREADS, "ort_inter_op": 1, "torch_intra_op": THREADS}),
+        "machine": machine,
         "config": {"in_features": IN, "hidden": HIDDEN, "n_classes": CLASSES, "batch": BATCH, "lr": LR,
                    "pairs": pairs, "warmup_pairs": warmup, "order": "shuffled within each pair (seeded)",
                    "timing": "each worker times its own step with perf_counter (no pipe latency)",
