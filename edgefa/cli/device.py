@@ -28,12 +28,12 @@ def verify_command(bundle):
     CPU) and show what it holds, its device state/ too."""
     from ..bundle import read_bundle
     from ..report.terminal import bundle_table
-    from ..runtime.backends import graphs_that_load, open_checked_engine
+    from ..runtime.backends import graph_names, open_checked_engine
     from ..runtime.state import describe_state
 
     b = read_bundle(bundle)
     engine = open_checked_engine(b, "CPUExecutionProvider", threads=1)    # every check before any output
-    graphs = graphs_that_load(b)
+    graphs = graph_names(b)                                                 # open_checked_engine loaded each
     state = describe_state(b, engine.state_names)
     console.print(bundle_table(b))
     console.print(f"graphs: {', '.join(graphs)} load in onnxruntime (forward pass on a zero batch: finite)",

@@ -63,6 +63,7 @@ def open_checked_engine(bundle: Bundle, provider: str | None = None, threads: in
     try:
         engine = open_engine(bundle, provider, threads)
         logits = engine.predict_logits(np.zeros((1, bundle.model["in_features"]), np.float32))
+        load_every_graph(bundle)        # the ones this engine does not run too (a GPU runs train_step.onnx)
     except EdgefaError:
         raise
     except Exception as exc:     # onnxruntime's own errors: the bundle's graphs do not bind or run
@@ -74,13 +75,16 @@ def open_checked_engine(bundle: Bundle, provider: str | None = None, threads: in
     return engine
 
 
-def graphs_that_load(bundle: Bundle) -> list[str]:
-    """Load every graph the manifest lists in onnxruntime's CPU provider (the engine opens only
-    those it runs here: a GPU device runs train_step.onnx, the CPU its step-factors graph), so that
-    `device verify` vouches for all of them; a graph that does not load is one BundleError line."""
+def graph_names(bundle: Bundle) -> list[str]:
+    """Every graph file the manifest lists (infer, train_step, and the optional ones)."""
+    return [name for key, name in (bundle.manifest.get("graphs") or {}).items() if key != "opset"]
+
+
+def load_every_graph(bundle: Bundle) -> None:
+    """Load every graph the manifest lists in onnxruntime's CPU provider: an engine opens only those
+    it runs (a GPU device runs train_step.onnx, the CPU its step-factors graph), and a deploy, a
+    server's start and `device verify` vouch for all of them. One BundleError line naming the graph."""
     from .engine import load_session
 
-    names = [name for key, name in (bundle.manifest.get("graphs") or {}).items() if key != "opset"]
-    for name in names:
+    for name in graph_names(bundle):
         load_session(bundle.path / name, providers=["CPUExecutionProvider"])
-    return names
